@@ -1,0 +1,33 @@
+# nano: set-up, tests, lint, demo. Everything lives in .venv/ in the repo root.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that this machine has on disk; pinning it first keeps pip away from CUDA builds.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo clean bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+demo: install
+	$(BIN)/nano demo
+
+bench: install
+	$(BIN)/python benchmarks/forward_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,260 @@
+"""Hugging Face NemotronH checkpoints: load and save, strictly, memory-mapped, atomically.
+
+A model directory is ``config.json`` plus ``model.safetensors`` or shards with
+``model.safetensors.index.json`` (and usually ``tokenizer.json`` / ``tokenizer_config.json``).
+Tensor names are the released ones (``backbone.*``; transformers' in-memory ``model.*`` is accepted).
+``mtp.*`` (multi-token-prediction) tensors are ignored with a note. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import NanoConfig
+from .errors import CheckpointError, ConfigError
+from .model import NanoForCausalLM
+
+log = logging.getLogger("nanocli_model")
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).replace("torch.", "")]
+    except KeyError:
+        raise ConfigError(f"dtype: unknown {dtype!r}; use one of fp32, bf16, fp16") from None
+
+
+# ---------------------------------------------------------------------------- reading
+def weight_files(path: Path) -> dict[str, Path]:
+    """Map each stored tensor name to the file that holds it, from the index or the single file."""
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e}); re-save the checkpoint") from None
+        files = {name: path / str(fname) for name, fname in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {INDEX_NAME} but missing; the checkpoint is incomplete")
+        return files
+    single = path / SINGLE_NAME
+    if single.is_file():
+        return {name: single for name in read_header(single)}
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise CheckpointError(f"{path}: only pickle weights (*.bin/*.pt) found; nano never unpickles, "
+                              "convert them to safetensors first")
+    raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}; is this a model directory?")
+
+
+def read_header(file: Path) -> dict[str, tuple[list[int], str]]:
+    """{name: (shape, dtype)} from a safetensors header, without reading the data."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); re-download or re-save it") from None
+
+
+def _canonical(name: str) -> str | None:
+    """Stored name -> nano's name; None for tensors that are deliberately ignored."""
+    if name.startswith("mtp."):
+        return None
+    if name.startswith("model."):  # transformers' in-memory prefix
+        return "backbone." + name[len("model."):]
+    return name
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> NanoForCausalLM:
+    """Load a NemotronH directory. ``dtype=None`` keeps the stored dtype of the weights.
+
+    The model is built on the meta device and the memory-mapped tensors are assigned into it, so a
+    checkpoint needs about one copy of its weights in memory. Strict: any missing, unexpected or
+    wrongly shaped tensor is a ``CheckpointError`` naming it and its file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass a model directory (config.json + safetensors)")
+    config = NanoConfig.from_json_file(path / "config.json")
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = NanoForCausalLM(config)
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+
+    stored: dict[str, tuple[str, Path]] = {}  # canonical -> (stored name, file)
+    headers = {f: read_header(f) for f in sorted(set(files.values()))}
+    ignored = []
+    for name, file in files.items():
+        canon = _canonical(name)
+        if canon is None:
+            ignored.append(name)
+            continue
+        if name not in headers[file]:
+            raise CheckpointError(f"{file}: tensor {name} is listed in the index but not in the file")
+        if canon in stored:
+            raise CheckpointError(f"{file}: tensor {canon} is stored twice (as {stored[canon][0]} and {name})")
+        stored[canon] = (name, file)
+    if ignored:
+        log.warning("ignoring %d multi-token-prediction tensors (mtp.*) in %s", len(ignored), path)
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]}{_more(missing)}; the weights do not match "
+                              "config.json")
+    if unexpected:
+        name, file = stored[unexpected[0]]
+        raise CheckpointError(f"{file}: unexpected tensor {name}{_more(unexpected)}; the weights do not match "
+                              "config.json")
+    for canon, (name, file) in stored.items():
+        shape, st_dtype = headers[file][name]
+        if shape != expected[canon]:
+            raise CheckpointError(f"{file}: tensor {name} has shape {shape}, config.json implies {expected[canon]}")
+        if st_dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has dtype {st_dtype}; expected a float type (F32/BF16/F16)")
+
+    emb_name, emb_file = stored["backbone.embeddings.weight"]
+    target = resolve_dtype(dtype) or _SAFETENSORS_DTYPES[headers[emb_file][emb_name][1]]
+    device = torch.device(device)
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for canon, (name, file) in stored.items():
+        by_file.setdefault(file, []).append((canon, name))
+    for file, names in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt", device=str(device) if device.type != "cpu" else "cpu") as f:
+                for canon, name in names:
+                    state[canon] = f.get_tensor(name).to(target)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor data ({e}); the file is truncated or corrupt") from None
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- writing
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def parse_size(size: int | str) -> int:
+    """``5GB`` / ``500MB`` / ``2GiB`` / bytes -> bytes."""
+    if isinstance(size, int):
+        return size
+    s = str(size).strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+_MODEL_FILES = ("config.json", INDEX_NAME)
+
+
+def save_pretrained(model: NanoForCausalLM, path: str | Path, max_shard_size: int | str = "5GB",
+                    extra_files: Iterable[str | Path] = ()) -> Path:
+    """Write ``model`` as a NemotronH directory, atomically.
+
+    Everything is written into a temporary sibling directory and renamed into place, so ``path`` is
+    always either the previous complete checkpoint or the new complete one. Files of an existing
+    ``path`` that are not model files (training state, tokenizer) are carried over unless
+    ``extra_files`` replaces them.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory; choose another output path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    max_bytes = parse_size(max_shard_size)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        config = model.config.replace(torch_dtype=str(model.dtype).replace("torch.", ""))
+        (tmp / "config.json").write_text(config.to_json_string(), encoding="utf-8")
+        shards = _shards(state, max_bytes)
+        names = ([SINGLE_NAME] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for shard, fname in zip(shards, names):
+            save_file({k: v.cpu().contiguous() for k, v in shard.items()}, str(tmp / fname), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                     "weight_map": {k: fname for shard, fname in zip(shards, names) for k in shard}}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / Path(extra).name)
+        if path.is_dir():  # keep what lives beside the weights (tokenizer, training state)
+            for old in path.iterdir():
+                if (old.name in _MODEL_FILES or old.suffix == ".safetensors" or (tmp / old.name).exists()
+                        or not old.is_file()):
+                    continue
+                shutil.copy2(old, tmp / old.name)
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    for f in directory.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` is moved aside first and removed after."""
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.rmdir(old)
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""The NemotronH mixers: Mamba-2, GQA attention (no positional encoding), relu^2 MLP, and RMSNorm.
+
+Parameter names and shapes are the released checkpoints' (``mixer.in_proj.weight``, ``mixer.conv1d.weight``
+[conv_dim, 1, K], ``mixer.A_log``, ...), so a state dict maps one to one onto HF NemotronH files.
+Shapes: b batch, T new tokens, h hidden, I Mamba inner width, H Mamba heads, P head_dim, G groups,
+N state size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .cache import AttentionCache, MambaCache
+from .config import NanoConfig
+
+
+class RMSNorm(nn.Module):
+    """y = weight * x / rms(x), computed in float32, returned in the input dtype."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)
+
+
+class GatedGroupRMSNorm(nn.Module):
+    """Mamba-2's output norm: ``rmsnorm_per_group(y * silu(z)) * weight`` with G groups of I/G channels."""
+
+    def __init__(self, size: int, groups: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.groups, self.eps = groups, eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        b, T, inner = y.shape
+        g = (y.float() * F.silu(z.float())).view(b, T, self.groups, inner // self.groups)  # (b, T, G, I/G)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.float() * g.view(b, T, inner)  # float32
+
+
+class MLP(nn.Module):
+    """down_proj(relu(up_proj(x))^2): no gate."""
+
+    def __init__(self, c: NanoConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention, scale 1/sqrt(head_dim), no positional encoding."""
+
+    def __init__(self, c: NanoConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, q, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, kv, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, kv, bias=c.attention_bias)
+        self.o_proj = nn.Linear(q, c.hidden_size, bias=c.attention_bias)
+
+    def forward(self, x: torch.Tensor, cache: AttentionCache | None = None, start: int = 0) -> torch.Tensor:
+        b, T, _ = x.shape
+        q = self.q_proj(x).view(b, T, self.n_heads, self.head_dim).transpose(1, 2)  # (b, nh, T, d)
+        k = self.k_proj(x).view(b, T, self.n_kv, self.head_dim).transpose(1, 2)  # (b, kv, T, d)
+        v = self.v_proj(x).view(b, T, self.n_kv, self.head_dim).transpose(1, 2)  # (b, kv, T, d)
+        mask, causal = None, True
+        if cache is not None:
+            cache.k[:, :, start:start + T] = k
+            cache.v[:, :, start:start + T] = v
+            k, v = cache.k[:, :, :start + T], cache.v[:, :, :start + T]  # (b, kv, start+T, d)
+            if start > 0:
+                causal = False
+                if T > 1:  # query i (absolute start+i) sees keys 0..start+i
+                    pos = torch.arange(start + T, device=x.device)
+                    mask = pos[None, :] <= (start + torch.arange(T, device=x.device))[:, None]  # (T, start+T)
+        if self.n_kv != self.n_heads:  # GQA: each KV head serves n_heads / n_kv query heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)  # (b, nh, L, d)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)
+        return self.o_proj(out.transpose(1, 2).reshape(b, T, self.n_heads * self.head_dim))
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 as the released checkpoints compute it.
+
+    in_proj -> [z (I) | x (I) | B (G*N) | C (G*N) | dt (H)]; depthwise causal conv1d + SiLU over x|B|C;
+    dt = softplus(dt + dt_bias) within time_step_limit; A = -exp(A_log); SSD scan + D*x;
+    gated grouped RMSNorm; out_proj.
+    """
+
+    def __init__(self, c: NanoConfig):
+        super().__init__()
+        self.H, self.P, self.G, self.N = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
+        self.inner, self.conv_dim, self.chunk_size = c.mamba_intermediate_size, c.mamba_conv_dim, c.chunk_size
+        self.dt_limit = c.time_step_limit
+        self.in_proj = nn.Linear(c.hidden_size, c.mamba_in_proj_dim, bias=c.use_bias)
+        # Only a parameter holder ([conv_dim, 1, K], the checkpoint layout); kernels.causal_conv computes.
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, c.conv_kernel, groups=self.conv_dim,
+                                bias=c.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.H))
+        self.A_log = nn.Parameter(torch.zeros(self.H))
+        self.D = nn.Parameter(torch.ones(self.H))
+        self.norm = GatedGroupRMSNorm(self.inner, self.G, c.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.inner, c.hidden_size, bias=c.use_bias)
+
+    def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None, start: int = 0) -> torch.Tensor:
+        b, T, _ = hidden.shape
+        H, P, G, N, inner = self.H, self.P, self.G, self.N, self.inner
+        z, xBC, dt_raw = self.in_proj(hidden).split([inner, self.conv_dim, H], dim=-1)  # (b, T, .)
+        xBC = kernels.causal_conv(xBC.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias,
+                                  None if cache is None else cache.conv).transpose(1, 2)  # (b, T, conv_dim)
+        x, B, C = xBC.split([inner, G * N, G * N], dim=-1)
+        A = -torch.exp(self.A_log.float())  # (H,)
+        if cache is not None and T == 1:
+            y = kernels.ssd_step(cache.ssm, x.reshape(b, H, P), dt_raw.reshape(b, H), self.dt_bias, A,
+                                 B.reshape(b, G, N), C.reshape(b, G, N), self.D, self.dt_limit)  # (b, H, P)
+        else:
+            y, final = kernels.ssd_scan(x.reshape(b, T, H, P), dt_raw, self.dt_bias, A, B.reshape(b, T, G, N),
+                                        C.reshape(b, T, G, N), self.D, self.chunk_size, self.dt_limit,
+                                        initial_state=None if cache is None else cache.ssm)  # (b, T, H, P)
+            if cache is not None:
+                cache.ssm.copy_(final)
+        y = self.norm(y.reshape(b, T, inner), z)  # (b, T, I) float32
+        return self.out_proj(y.to(hidden.dtype))
+
+
+MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "mlp": MLP}
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h + mixer(RMSNorm(h))."""
+
+    def __init__(self, c: NanoConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
+        self.mixer = MIXERS[kind](c)
+
+    def forward(self, h: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        return h + self.mixer(self.norm(h), cache, start)

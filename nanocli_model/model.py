@@ -1,0 +1,124 @@
+"""NanoForCausalLM: embeddings -> hybrid blocks (Mamba-2 / attention / MLP) -> norm_f -> lm_head.
+
+Module names give the released tensor names directly: ``backbone.embeddings.weight``,
+``backbone.layers.{i}.norm.weight``, ``backbone.layers.{i}.mixer.*``, ``backbone.norm_f.weight``,
+``lm_head.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .cache import HybridCache
+from .config import NanoConfig
+from .layers import Block, Mamba2Mixer, RMSNorm
+
+
+class Backbone(nn.Module):
+    def __init__(self, c: NanoConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, kind) for kind in c.layer_types)
+        self.norm_f = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+        h = self.embeddings(input_ids)  # (b, T, hidden)
+        if cache is None:
+            for layer in self.layers:
+                h = layer(h)
+            return self.norm_f(h)
+        start = cache.begin(input_ids.shape[1], input_ids.shape[0])
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            h = layer(h, layer_cache, start)
+        cache.commit()
+        return self.norm_f(h)
+
+
+class NanoForCausalLM(nn.Module):
+    """The NemotronH hybrid language model.
+
+    ``model(input_ids, cache=None)`` returns float32 logits (batch, seq, vocab). With a
+    ``HybridCache`` it continues from the cached position: prefill of any length, then single- or
+    multi-token steps. ``logits_to_keep=k`` computes logits for the last k positions only.
+    """
+
+    def __init__(self, config: NanoConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        h = self.backbone(input_ids, cache)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(h).float()
+
+    def allocate_cache(self, batch: int, max_len: int, ssm_dtype: torch.dtype | None = None) -> HybridCache:
+        """A cache on this model's device, in its dtype (SSM state in ``mamba_ssm_cache_dtype``)."""
+        p = self.lm_head.weight
+        return HybridCache.allocate(self.config, batch, max_len, dtype=p.dtype, device=p.device,
+                                    ssm_dtype=ssm_dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> NanoForCausalLM:
+        """Initialise for training from scratch (transformers' NemotronH rules).
+
+        N(0, initializer_range) for linear and embedding weights, zero biases; Mamba: A_log = log(1..H),
+        D = 1, dt_bias = softplus^-1(dt) with dt log-uniform in [time_step_min, time_step_max] floored at
+        time_step_floor; residual-output projections (Mamba out_proj, attention o_proj, MLP down_proj)
+        scaled by 1/sqrt(n_layers) when ``rescale_prenorm_residual``.
+        """
+        c, std = self.config, self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Conv1d):
+                bound = 1.0 / math.sqrt(module.kernel_size[0])  # PyTorch's default for a depthwise conv
+                module.weight.uniform_(-bound, bound, generator=generator)
+                if module.bias is not None:
+                    module.bias.uniform_(-bound, bound, generator=generator)
+            elif isinstance(module, RMSNorm) or type(module).__name__ == "GatedGroupRMSNorm":
+                module.weight.fill_(1.0)
+        for module in self.modules():
+            if isinstance(module, Mamba2Mixer):
+                H = module.H
+                module.A_log.copy_(torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
+                module.D.fill_(1.0)
+                lo, hi = math.log(c.time_step_min), math.log(c.time_step_max)
+                u = torch.rand(H, generator=generator)
+                dt = torch.exp(u * (hi - lo) + lo).clamp(min=c.time_step_floor)
+                module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        if c.rescale_prenorm_residual:
+            scale = 1.0 / math.sqrt(c.num_hidden_layers)
+            for name, p in self.named_parameters():
+                if name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight")):
+                    p.mul_(scale)
+        return self
+
+
+def build_model(config: NanoConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                seed: int | None = None) -> NanoForCausalLM:
+    """A freshly initialised model (for training from scratch and tests)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    model = NanoForCausalLM(config).init_weights(gen)
+    return model.to(device=device, dtype=dtype)

@@ -1,0 +1,49 @@
+"""Shared helpers for the model tests: small configs and weights randomised away from their defaults."""
+
+from __future__ import annotations
+
+import torch
+
+from nanocli_model import NanoConfig
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, hybrid_override_pattern="M-M*-M",
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, mamba_num_heads=8, mamba_head_dim=4,
+            n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=8, max_position_embeddings=512)
+
+
+def tiny_config(**overrides) -> NanoConfig:
+    return NanoConfig(**{**TINY, **overrides})
+
+
+@torch.no_grad()
+def randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Move every parameter away from its default so parity tests can fail.
+
+    Norm weights around 1 (not 1), D and conv bias varied, A_log in [-1, 1.5] (A in [-4.5, -0.4]),
+    dt_bias in [-1, 1] so that dt = softplus(dt + dt_bias) stays well above time_step_min (1e-3).
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 2)
+        if name.endswith("A_log"):
+            new = torch.rand(p.shape, generator=g) * 2.5 - 1.0
+        elif name.endswith("dt_bias"):
+            new = torch.rand(p.shape, generator=g) * 2.0 - 1.0
+        elif name.endswith(".D"):
+            new = torch.randn(p.shape, generator=g)
+        elif "norm" in leaf[-2] or name.endswith("norm_f.weight"):
+            new = 1.0 + 0.3 * torch.randn(p.shape, generator=g)
+        elif name.endswith("conv1d.weight") or name.endswith("conv1d.bias"):
+            new = 0.4 * torch.randn(p.shape, generator=g)
+        else:  # projections, embeddings: std ~ 1/sqrt(fan_in) keeps activations O(1)
+            fan_in = p.shape[-1] if p.dim() > 1 else 1
+            new = torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5
+            if name.endswith("embeddings.weight"):
+                new = torch.randn(p.shape, generator=g)
+        p.copy_(new.to(p.dtype))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
