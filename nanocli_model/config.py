@@ -108,6 +108,8 @@ class NanoConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name))
         self.time_step_limit = tuple(float(v) for v in _as_pair(self.time_step_limit))
         self.validate()
 
@@ -204,11 +206,12 @@ class NanoConfig:
             raise ConfigError(f"{source}: num_hidden_layers is {n_layers} but the layer pattern has "
                               f"{len(data['hybrid_override_pattern'])} letters; make them agree")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs = {k: _decode_floats(v) for k, v in data.items() if k in known}
+        try:
+            kwargs = {k: _decode_floats(v) for k, v in data.items() if k in known}
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
         extra = {k: v for k, v in raw.items()
                  if ALIASES.get(k, k) not in known and k not in _DERIVED_KEYS and k != "extra"}
-        for name, value in kwargs.items():
-            _check_type(name, value, source)
         try:
             return cls(**kwargs, extra=extra)
         except ConfigError as e:
@@ -298,15 +301,23 @@ def _as_pair(value: Any) -> tuple[Any, Any]:
     return value[0], value[1]
 
 
-_BOOL_FIELDS = {f.name for f in dataclasses.fields(NanoConfig) if f.type in ("bool",)}
-_FLOAT_FIELDS = {f.name for f in dataclasses.fields(NanoConfig) if f.type in ("float",)}
-_STR_FIELDS = {"hybrid_override_pattern", "mlp_hidden_act", "mamba_hidden_act", "mamba_ssm_cache_dtype"}
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(NanoConfig)}
 
 
-def _check_type(name: str, value: Any, source: str) -> None:
-    if name in _BOOL_FIELDS and not isinstance(value, bool):
-        raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
-    if name in _FLOAT_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
-    if name in _STR_FIELDS and not isinstance(value, str):
-        raise ConfigError(f"{source}: {name} must be a string, got {value!r}")
+def _check_type(name: str, value: Any) -> None:
+    """Fields are JSON scalars of one type; the message names the field (``from_dict`` adds the file)."""
+    kind = _FIELD_TYPES.get(name)
+    if kind == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if kind == "str" and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    if kind in ("int", "int | None") and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if kind == "str | None" and value is not None and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string or null, got {value!r}")
+    if kind == "int | list[int] | None" and value is not None and not (
+            (isinstance(value, int) and not isinstance(value, bool))
+            or (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))):
+        raise ConfigError(f"{name} must be an integer or a list of integers, got {value!r}")

@@ -18,6 +18,14 @@ from . import reference
 
 _forced: str | None = None
 
+# The SSD block decomposition is exact for any block length; ``chunk_size`` in the config is the
+# CUDA kernels' tile. On CPU the reference picks its own block: every block computes a full (Q, Q)
+# decay matrix of which half is masked (cost grows with Q), while the state-passing matmuls have
+# inner dimension Q (too small a Q starves them). Measured on this CPU (docs/BENCHMARKS.md): Q = 32
+# is fastest for state size <= 64, Q = 64 for state size 128 (the released models).
+def cpu_ssd_block(state_size: int) -> int:
+    return 32 if state_size <= 64 else 64
+
 
 @contextlib.contextmanager
 def use(backend: str) -> Iterator[None]:
@@ -62,7 +70,8 @@ def ssd_scan(x, dt_raw, dt_bias, A, B, C, D, chunk_size, dt_limit, initial_state
             dt_softplus=True, dt_limit=tuple(dt_limit), return_final_states=True)
         return y.float(), final.float()
     dt = reference.discretize_dt(dt_raw, dt_bias, dt_limit)
-    return reference.ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
+    block = min(chunk_size, cpu_ssd_block(B.shape[-1])) if x.device.type == "cpu" else chunk_size
+    return reference.ssd_chunked(x, dt, A, B, C, block, D=D, initial_state=initial_state)
 
 
 def ssd_step(state, x, dt_raw, dt_bias, A, B, C, D, dt_limit):
@@ -80,15 +89,16 @@ def ssd_step(state, x, dt_raw, dt_bias, A, B, C, D, dt_limit):
 
 
 def causal_conv(x, weight, bias, conv_state=None):
-    """Depthwise causal conv + SiLU. x (b,C,T); weight (C,K); conv_state (b,C,K-1) updated in place."""
+    """Depthwise causal conv + SiLU. x (b,T,C) channels last; weight (C,K); conv_state (b,C,K-1) updated
+    in place. Returns (b,T,C)."""
     if backend_for(x) == "cuda":
-        ops = _cuda_ops()
-        if conv_state is not None and x.shape[-1] == 1:
-            return ops["conv_update"](x, conv_state, weight, bias, activation="silu")
-        K = weight.shape[-1]
+        ops, K = _cuda_ops(), weight.shape[-1]
+        xt = x.transpose(1, 2)  # (b, C, T) channel-last view, which causal-conv1d accepts
+        if conv_state is not None and x.shape[1] == 1:
+            return ops["conv_update"](xt, conv_state, weight, bias, activation="silu").transpose(1, 2)
         if conv_state is None or not conv_state.any():
-            out = ops["conv"](x, weight, bias, activation="silu")
+            out = ops["conv"](xt, weight, bias, activation="silu").transpose(1, 2)
             if conv_state is not None:  # the last K-1 inputs (zero-padded when T < K-1)
-                conv_state.copy_(torch.nn.functional.pad(x, (K - 1, 0))[:, :, -(K - 1):])
+                conv_state.copy_(torch.nn.functional.pad(xt, (K - 1, 0))[:, :, -(K - 1):])
             return out
     return reference.causal_conv1d(x, weight, bias, conv_state)

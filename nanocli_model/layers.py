@@ -26,9 +26,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x32).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 class GatedGroupRMSNorm(nn.Module):
@@ -41,9 +39,9 @@ class GatedGroupRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         b, T, inner = y.shape
-        g = (y.float() * F.silu(z.float())).view(b, T, self.groups, inner // self.groups)  # (b, T, G, I/G)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.float() * g.view(b, T, inner)  # float32
+        g = (F.silu(z.float()) * y.float()).view(b, T, self.groups, inner // self.groups)  # (b, T, G, I/G)
+        g = F.rms_norm(g, (inner // self.groups,), eps=self.eps)
+        return g.view(b, T, inner) * self.weight.float()  # float32
 
 
 class MLP(nn.Module):
@@ -55,7 +53,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
-        return self.down_proj(F.relu(self.up_proj(x)).square())
+        u = self.up_proj(x)
+        if torch.is_grad_enabled():
+            return self.down_proj(F.relu(u).square())
+        return self.down_proj(u.relu_().square_())  # same math, no extra buffers at inference
 
 
 class Attention(nn.Module):
@@ -85,10 +86,9 @@ class Attention(nn.Module):
                 if T > 1:  # query i (absolute start+i) sees keys 0..start+i
                     pos = torch.arange(start + T, device=x.device)
                     mask = pos[None, :] <= (start + torch.arange(T, device=x.device))[:, None]  # (T, start+T)
-        if self.n_kv != self.n_heads:  # GQA: each KV head serves n_heads / n_kv query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)  # (b, nh, L, d)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)
+        # GQA: query head i reads KV head i // (n_heads / n_kv)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                                             enable_gqa=self.n_kv != self.n_heads)  # (b, nh, T, d)
         return self.o_proj(out.transpose(1, 2).reshape(b, T, self.n_heads * self.head_dim))
 
 
@@ -119,8 +119,8 @@ class Mamba2Mixer(nn.Module):
         b, T, _ = hidden.shape
         H, P, G, N, inner = self.H, self.P, self.G, self.N, self.inner
         z, xBC, dt_raw = self.in_proj(hidden).split([inner, self.conv_dim, H], dim=-1)  # (b, T, .)
-        xBC = kernels.causal_conv(xBC.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias,
-                                  None if cache is None else cache.conv).transpose(1, 2)  # (b, T, conv_dim)
+        xBC = kernels.causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                  None if cache is None else cache.conv)  # (b, T, conv_dim)
         x, B, C = xBC.split([inner, G * N, G * N], dim=-1)
         A = -torch.exp(self.A_log.float())  # (H,)
         if cache is not None and T == 1:

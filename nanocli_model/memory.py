@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ATTENTION, MAMBA, MLP, NanoConfig
+from .errors import ConfigError
 
 DTYPE_BYTES = {
     "float64": 8, "fp64": 8,
@@ -25,7 +26,7 @@ def dtype_bytes(name: str) -> int:
     try:
         return DTYPE_BYTES[str(name).replace("torch.", "")]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPE_BYTES))}") from None
+        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPE_BYTES))}") from None
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -124,19 +125,22 @@ def cache_bytes(c: NanoConfig, batch: int, max_len: int, dtype: str = "bf16",
 
 # ---------------------------------------------------------------------------- compute
 def forward_flops(c: NanoConfig, seq_len: int, batch: int = 1) -> int:
-    """Multiply-add FLOPs (2 per MAC) of one full forward over ``seq_len`` tokens, logits included.
+    """FLOPs (2 per multiply-add) of one full forward over ``seq_len`` tokens, logits included.
 
-    Counts the matmuls (projections, lm_head), causal attention scores and values (half the square),
-    and the SSD scan's matmul work at the config's ``chunk_size``; elementwise work is left out.
+    Counts the useful work, independent of how it is computed: every projection weight once per
+    token (in/out, q/k/v/o, up/down, lm_head); causal attention's QK^T and PV over the lower
+    triangle; and the SSD recurrence's state update and read-out (4 * H * P * N per token).
+    Elementwise work (norms, conv, activations) is left out.
     """
     T, h = seq_len * batch, c.hidden_size
-    proj = 0
-    for kind in c.layer_types:
-        proj += LAYER_PARAMS[kind](c) - h  # every weight of a layer is one MAC per token (norms aside)
-    flops = 2 * T * proj + 2 * T * h * c.vocab_size
-    # attention: QK^T and PV over the causal half
-    flops += c.count(ATTENTION) * batch * 2 * 2 * c.num_attention_heads * c.head_dim * seq_len * (seq_len + 1) // 2
-    # SSD with chunk Q: CB per group (T*Q*N*G), intra-chunk values (T*Q*P*H), states and outputs (2*T*P*N*H)
-    Q, N, P, H, G = min(c.chunk_size, seq_len), c.ssm_state_size, c.mamba_head_dim, c.mamba_num_heads, c.n_groups
-    flops += c.count(MAMBA) * 2 * T * (Q * N * G + Q * P * H + 2 * P * N * H)
+    matmul_weights = {  # weights used once per token each
+        MAMBA: h * c.mamba_in_proj_dim + c.mamba_intermediate_size * h,
+        ATTENTION: h * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+        + c.num_attention_heads * c.head_dim * h,
+        MLP: 2 * h * c.intermediate_size,
+    }
+    flops = 2 * T * (sum(matmul_weights[k] for k in c.layer_types) + h * c.vocab_size)
+    pairs = batch * seq_len * (seq_len + 1) // 2  # causal (query, key) pairs
+    flops += c.count(ATTENTION) * 2 * 2 * c.num_attention_heads * c.head_dim * pairs
+    flops += c.count(MAMBA) * 4 * T * c.mamba_num_heads * c.mamba_head_dim * c.ssm_state_size
     return flops

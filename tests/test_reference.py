@@ -39,13 +39,17 @@ def test_chunked_float32_close_to_float64_definition():
     assert (s.double() - s_ref).abs().max() / s_ref.abs().max() < 1e-5
 
 
-def test_strong_decay_stays_finite():
-    # Large dt * |A| over a long chunk: the cumulative sums reach -1e4; no inf/nan may appear.
+def test_strong_decay_stays_finite_and_close():
+    # Far past realistic decay (dt * |A| up to 500 per step, cumulative sums near -1e5 within one chunk):
+    # no inf/nan may appear (the future is masked before exp), and the float32 result stays within the
+    # cancellation error of the cumulative-sum differences that mamba-ssm's kernels share (~|sum| * 1e-7).
     x, dt, A, B, C, D, _ = _inputs(1, 256, 4, 4, 1, 4, seed=5, dtype=torch.float32)
     y, s = R.ssd_chunked(x, dt * 20, A * 10, B, C, 256, D)
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
     y_ref, _ = R.ssd_sequential(x.double(), dt.double() * 20, A.double() * 10, B.double(), C.double(), D.double())
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    assert (y.double() - y_ref).abs().max() / y_ref.abs().max() < 1e-3
+    y64, _ = R.ssd_chunked(x.double(), dt.double() * 20, A.double() * 10, B.double(), C.double(), 256, D.double())
+    torch.testing.assert_close(y64, y_ref, rtol=1e-9, atol=1e-9)
 
 
 def test_split_sequence_carries_state():
@@ -81,16 +85,22 @@ def test_discretize_dt_follows_time_step_limit():
 @pytest.mark.parametrize("split", [1, 2, 3, 9])
 def test_causal_conv_with_state_equals_full(split):
     g = torch.Generator().manual_seed(split)
-    x = torch.randn(2, 6, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 12, 6, generator=g, dtype=torch.float64)  # (b, T, C)
     w = torch.randn(6, 4, generator=g, dtype=torch.float64)
     b = torch.randn(6, generator=g, dtype=torch.float64)
     full = R.causal_conv1d(x, w, b)
-    # definition: out[t] = silu(b + sum_k w[k] * x[t - (K-1) + k]), zeros before the start
-    xp = F.pad(x, (3, 0))
-    expected = F.silu(b[:, None] + sum(w[:, k, None] * xp[:, :, k:k + 12] for k in range(4)))
+    # the definition, through torch's own grouped conv: zeros before the start, then silu
+    expected = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), w[:, None, :], b, groups=6)).transpose(1, 2)
     torch.testing.assert_close(full, expected)
     state = torch.zeros(2, 6, 3, dtype=torch.float64)
-    parts = [R.causal_conv1d(x[:, :, :split], w, b, state)]
-    parts += [R.causal_conv1d(x[:, :, t:t + 1], w, b, state) for t in range(split, 12)]
-    torch.testing.assert_close(torch.cat(parts, -1), full)
-    torch.testing.assert_close(state, x[:, :, -3:])
+    parts = [R.causal_conv1d(x[:, :split], w, b, state)]
+    parts += [R.causal_conv1d(x[:, t:t + 1], w, b, state) for t in range(split, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1), full)
+    torch.testing.assert_close(state, x[:, -3:].transpose(1, 2))
+
+
+def test_causal_conv_shorter_than_kernel():
+    x = torch.randn(1, 2, 5, dtype=torch.float64)
+    w = torch.randn(5, 4, dtype=torch.float64)
+    expected = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), w[:, None, :], None, groups=5)).transpose(1, 2)
+    torch.testing.assert_close(R.causal_conv1d(x, w, None), expected)

@@ -1,0 +1,122 @@
+"""The ``nano`` command: thin typer commands; logic lives in the modules they call, rendering in ``ui.py``.
+
+Errors: every ``NanoError`` raised by a command is caught in ``main()`` and printed as one line,
+``error: <message>``, on stderr, with the error's exit code (2; 3 for a stage that is not built
+yet) and no traceback. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from nanocli_model.errors import NanoError
+
+from .roadmap import STAGES, Stage, not_built_message
+
+
+class NotBuiltError(NanoError):
+    """A pipeline command whose issue has not landed yet."""
+
+    exit_code = 3
+
+
+app = typer.Typer(
+    name="nano",
+    help="nano: pretrain, align, prune, distill and serve hybrid Mamba-Transformer (NemotronH) models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nano {_package_version()}")
+        raise typer.Exit()
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nano")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """nano: pretrain, align, prune, distill and serve hybrid Mamba-Transformer (NemotronH) models."""
+
+
+def _add_placeholder(st: Stage) -> None:
+    """Register ``nano <command>`` for a stage not built yet: it says so and exits with code 3."""
+
+    def command(ctx: typer.Context) -> None:
+        raise NotBuiltError(not_built_message(st.command))
+
+    help_text = (f"{st.summary}\n\nNot built yet: issue #{st.issue} will build it. "
+                 "Until then this command exits with code 3.")
+    app.command(st.command, help=help_text, short_help=f"{st.short} (not built yet, #{st.issue}).",
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
+
+
+for _stage in STAGES:
+    if not _stage.built:
+        _add_placeholder(_stage)
+
+
+@app.command("profiles")
+def profiles_command() -> None:
+    """List the shipped model profiles (layers, parameters, bf16 weights, KV cache at 128k) and GPU profiles.
+
+    Profiles live in profiles/models and profiles/gpus (or $NANO_PROFILES_DIR).
+    """
+    from . import ui
+    from .profiles import list_gpu_profiles, list_model_profiles
+    from .summary import summarize
+
+    models = [summarize(p.name, p.config, p.description) for p in list_model_profiles()]
+    ui.show_profiles(models, list_gpu_profiles())
+
+
+@app.command("info")
+def info_command(
+    target: Annotated[str, typer.Argument(help="A model directory (with config.json), a config.json or "
+                                                "profile .yaml file, or a model profile name.")],
+) -> None:
+    """Show a model's architecture, its parameters per layer kind and its memory at 128k context."""
+    from . import ui
+    from .summary import resolve_model
+
+    ui.show_model_info(resolve_model(target))
+
+
+@app.command("demo")
+def demo_command() -> None:
+    """Show what nano can do today (`make demo`); grows into the tiny end-to-end pipeline run."""
+    from . import demo, ui
+
+    report = demo.run()
+    ui.show_demo(report.models, report.gpus, report.stages)
+
+
+def main() -> None:
+    """Console-script entry point: runs the app; a ``NanoError`` becomes one ``error:`` line and an exit code."""
+    try:
+        app(prog_name="nano")
+    except NanoError as e:
+        message = " ".join(str(e).split("\n")).strip() or type(e).__name__
+        typer.echo(f"error: {message}", err=True)
+        raise SystemExit(getattr(e, "exit_code", 2)) from None
+
+
+if __name__ == "__main__":
+    main()

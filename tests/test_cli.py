@@ -1,0 +1,108 @@
+"""The ``nano`` command, run as a real process: help, placeholders, profiles, info, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nanocli.roadmap import STAGES
+
+# The shipped profiles, a fixed terminal width (rich wraps tables at the width it finds).
+ENV = {**{k: v for k, v in os.environ.items() if k != "NANO_PROFILES_DIR"}, "COLUMNS": "100"}
+STAGE_COMMANDS = ["pretrain", "align", "prune", "distill", "fit-check", "generate"]
+
+
+def nano(*args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m nanocli.cli ARGS`` (the same ``main()`` as the ``nano`` console script)."""
+    return subprocess.run([sys.executable, "-m", "nanocli.cli", *args], capture_output=True, text=True,
+                          timeout=60, env=ENV)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_help_lists_the_six_stage_commands():
+    result = nano("--help")
+    assert result.returncode == 0, result.stderr
+    for command in [*STAGE_COMMANDS, "profiles", "info", "demo"]:
+        assert command in result.stdout
+    assert sorted(s.command for s in STAGES) == sorted(STAGE_COMMANDS)
+
+
+def test_version():
+    result = nano("--version")
+    assert result.returncode == 0 and result.stdout.startswith("nano 0.")
+
+
+@pytest.mark.parametrize("command", STAGE_COMMANDS)
+def test_unbuilt_commands_say_so_and_fail(command):
+    issue = next(s.issue for s in STAGES if s.command == command)
+    line = assert_one_line_error(nano(command, "--some-flag", "x"), code=3)
+    assert "not built yet" in line and f"#{issue}" in line
+
+
+def test_unbuilt_command_help_still_works():
+    result = nano("prune", "--help")
+    assert result.returncode == 0 and "Minitron" in result.stdout
+
+
+def test_profiles_table():
+    result = nano("profiles")
+    assert result.returncode == 0, result.stderr
+    for text in ["nemotron-nano-9b-v2", "nemotron-nano-12b-v2-base", "tiny", "27/25/4", "8.89B", "16.56 GiB",
+                 "a10g", "19.66 GiB"]:
+        assert text in result.stdout
+
+
+def test_info_profile_shows_exact_params():
+    result = nano("info", "nemotron-nano-9b-v2")
+    assert result.returncode == 0, result.stderr
+    assert "8,888,227,328" in result.stdout
+    assert "147,450,624" in result.stdout  # one Mamba layer (REFERENCE.md)
+    assert "2.00 GiB" in result.stdout  # KV cache at 128k
+
+
+def test_info_model_directory(tmp_path):
+    from nanocli.profiles import load_model_profile
+
+    (tmp_path / "config.json").write_text(load_model_profile("tiny").config.to_json_string())
+    result = nano("info", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "330,720" in result.stdout
+
+
+def test_info_missing_path_is_one_line_error():
+    line = assert_one_line_error(nano("info", "/nonexistent"))
+    assert "/nonexistent" in line
+
+
+def test_info_unknown_profile_lists_profiles():
+    assert "nemotron-nano-9b-v2" in assert_one_line_error(nano("info", "no-such-model"))
+
+
+def test_info_malformed_config_is_one_line_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 64,\n  oops }\n')
+    line = assert_one_line_error(nano("info", str(tmp_path)))
+    assert "config.json" in line and "not valid JSON" in line
+
+
+def test_info_invalid_config_value_is_one_line_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": -1, "hybrid_override_pattern": "M-*"}')
+    assert "hidden_size" in assert_one_line_error(nano("info", str(tmp_path)))
+
+
+def test_demo_lists_what_is_not_built():
+    result = nano("demo")
+    assert result.returncode == 0, result.stderr
+    assert "tiny" in result.stdout
+    for command in STAGE_COMMANDS:
+        assert f"nano {command}" in result.stdout
+    assert "not built yet" in result.stdout

@@ -1,0 +1,147 @@
+"""Every shipped profile loads, the released ones match REFERENCE.md, and bad YAML fails loudly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nanocli.profiles import (
+    ProfileError,
+    list_gpu_profiles,
+    list_model_profiles,
+    load_gpu_profile,
+    load_model_profile,
+    profiles_dir,
+)
+from nanocli_model import memory
+from nanocli_model.config import ATTENTION, MAMBA, MLP
+
+PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+PATTERN_12B = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
+PATTERN_9B = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
+RELEASED = {  # name: (params, layers, (Mamba, MLP, attention), pattern) from REFERENCE.md section 1
+    "nemotron-nano-12b-v2-base": (12_310_001_152, 62, (28, 28, 6), PATTERN_12B),
+    "nemotron-nano-9b-v2-base": (8_888_227_328, 56, (27, 25, 4), PATTERN_9B),
+    "nemotron-nano-9b-v2": (8_888_227_328, 56, (27, 25, 4), PATTERN_9B),
+}
+GPU_YAML = {"name": "x", "description": "test GPU", "memory_gib": 24, "framework_overhead": 0.05,
+            "reserved_gib": 0, "bandwidth_gbs": 600, "bf16_tflops": 125}
+MODEL_YAML = {"name": "x", "description": "test model",
+              "config": {"hidden_size": 32, "intermediate_size": 64, "vocab_size": 64,
+                         "hybrid_override_pattern": "M-*", "num_attention_heads": 2, "num_key_value_heads": 1,
+                         "head_dim": 16, "mamba_num_heads": 4, "mamba_head_dim": 8, "n_groups": 2,
+                         "ssm_state_size": 8}}
+
+
+@pytest.fixture(autouse=True)
+def shipped_profiles(monkeypatch):
+    """Every test here reads the repo's profiles/, whatever the environment says."""
+    monkeypatch.delenv("NANO_PROFILES_DIR", raising=False)
+
+
+def test_profiles_dir_is_the_repo_folder():
+    assert profiles_dir().resolve() == PROFILES
+
+
+@pytest.mark.parametrize("path", sorted(PROFILES.glob("models/*.yaml")), ids=lambda p: p.stem)
+def test_every_model_profile_loads(path):
+    profile = load_model_profile(path)
+    assert profile.name == path.stem and profile.description
+    if profile.params is not None:
+        assert profile.params == memory.param_count(profile.config).total
+
+
+@pytest.mark.parametrize("path", sorted(PROFILES.glob("gpus/*.yaml")), ids=lambda p: p.stem)
+def test_every_gpu_profile_loads(path):
+    gpu = load_gpu_profile(path)
+    assert gpu.name == path.stem and 0 < gpu.budget_gib < gpu.memory_gib
+
+
+def test_every_recipe_is_a_yaml_mapping():
+    # Recipes get a typed loader with the pipeline issues; until then each must at least parse.
+    for path in sorted(PROFILES.glob("recipes/*.yaml")):
+        assert isinstance(yaml.safe_load(path.read_text()), dict), path
+
+
+def test_listings_cover_every_file():
+    assert [p.name for p in list_model_profiles()] == sorted(p.stem for p in PROFILES.glob("models/*.yaml"))
+    assert [g.name for g in list_gpu_profiles()] == sorted(p.stem for p in PROFILES.glob("gpus/*.yaml"))
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_profiles_match_reference(name):
+    params, layers, (n_mamba, n_mlp, n_attn), pattern = RELEASED[name]
+    profile = load_model_profile(name)
+    cfg = profile.config
+    assert profile.params == params
+    assert memory.param_count(cfg).total == params
+    assert cfg.hybrid_override_pattern == pattern
+    assert cfg.num_hidden_layers == layers
+    assert (cfg.count(MAMBA), cfg.count(MLP), cfg.count(ATTENTION)) == (n_mamba, n_mlp, n_attn)
+
+
+def test_a10g_budget_is_the_reports():
+    assert load_gpu_profile("a10g").budget_gib == pytest.approx(19.66, abs=0.01)
+
+
+@pytest.mark.parametrize("name, low, high", [("tiny", 1e5, 1e6), ("small", 10e6, 20e6), ("medium", 80e6, 130e6)])
+def test_debug_profile_sizes(name, low, high):
+    assert low <= memory.param_count(load_model_profile(name).config).total <= high
+
+
+# ---------------------------------------------------------------------------- bad input
+def _write(tmp_path: Path, data, name: str = "x") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_good_test_fixtures_load(tmp_path):
+    assert load_model_profile(_write(tmp_path, MODEL_YAML)).config.num_hidden_layers == 3
+    assert load_gpu_profile(_write(tmp_path, GPU_YAML)).budget_gib == pytest.approx(22.8)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = _write(tmp_path, "name: x\ndescription: [unclosed\nmemory_gib: 3\n")
+    with pytest.raises(ProfileError, match=r"x\.yaml: not valid YAML \(line \d+"):
+        load_gpu_profile(path)
+
+
+@pytest.mark.parametrize("loader, data, match", [
+    (load_gpu_profile, {k: v for k, v in GPU_YAML.items() if k != "memory_gib"}, "missing field 'memory_gib'"),
+    (load_gpu_profile, {**GPU_YAML, "memory_gib": "24 GiB"}, "'memory_gib' must be a number"),
+    (load_gpu_profile, {**GPU_YAML, "framework_overhead": 5}, "framework_overhead is a share"),
+    (load_gpu_profile, {**GPU_YAML, "reserved_gib": 30}, "leaves -7.20 GiB"),
+    (load_gpu_profile, {**GPU_YAML, "memory": 24}, "unknown key"),
+    (load_gpu_profile, {**GPU_YAML, "name": "y"}, "differs from the file name"),
+    (load_model_profile, {k: v for k, v in MODEL_YAML.items() if k != "config"}, "missing field 'config'"),
+    (load_model_profile, {**MODEL_YAML, "params": "1M"}, "'params' must be an integer"),
+    (load_model_profile, {**MODEL_YAML, "params": 123}, "declared count must match"),
+    (load_model_profile, {**MODEL_YAML, "config": {**MODEL_YAML["config"], "hidden_size": 0}}, "hidden_size"),
+    (load_model_profile, {**MODEL_YAML, "config": {**MODEL_YAML["config"], "use_conv_bias": "yes"}},
+     "use_conv_bias"),
+    (load_model_profile, {**MODEL_YAML, "config": {**MODEL_YAML["config"], "layer_norm_epsilon": "1e-5"}},
+     "write it like 1.0e-5"),
+    (load_model_profile, ["not", "a", "mapping"], "expected a mapping"),
+    (load_model_profile, "", "got an empty file"),
+])
+def test_bad_fields_name_file_and_field(tmp_path, loader, data, match):
+    path = _write(tmp_path, data)
+    with pytest.raises(ProfileError, match=match) as err:
+        loader(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_name_lists_the_available_ones(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    _write(tmp_path / "models", MODEL_YAML, name="x")
+    monkeypatch.setenv("NANO_PROFILES_DIR", str(tmp_path))
+    assert profiles_dir() == tmp_path
+    with pytest.raises(ProfileError, match=r"unknown model profile 'nope'; available: x"):
+        load_model_profile("nope")
+    with pytest.raises(ProfileError, match=r"unknown gpu profile 'a10g'; available: none"):
+        load_gpu_profile("a10g")
+    with pytest.raises(ProfileError, match="no such profile file"):
+        load_model_profile(tmp_path / "missing.yaml")
