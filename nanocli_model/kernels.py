@@ -93,7 +93,7 @@ def causal_conv(x, weight, bias, conv_state=None):
     in place. Returns (b,T,C)."""
     if backend_for(x) == "cuda":
         ops, K = _cuda_ops(), weight.shape[-1]
-        xt = x.transpose(1, 2)  # (b, C, T) channel-last view, which causal-conv1d accepts
+        xt = x.transpose(1, 2).contiguous()  # (b, C, T): the layout every causal-conv1d version takes
         if conv_state is not None and x.shape[1] == 1:
             return ops["conv_update"](xt, conv_state, weight, bias, activation="silu").transpose(1, 2)
         if conv_state is None or not conv_state.any():

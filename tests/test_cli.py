@@ -99,10 +99,15 @@ def test_info_invalid_config_value_is_one_line_error(tmp_path):
     assert "hidden_size" in assert_one_line_error(nano("info", str(tmp_path)))
 
 
-def test_demo_lists_what_is_not_built():
-    result = nano("demo")
+def test_demo_runs_the_model_library_and_lists_what_is_not_built(tmp_path):
+    out = tmp_path / "demo-model"
+    result = nano("demo", "--profile", "tiny", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "tiny" in result.stdout
+    for text in ["330,720", "bit-exact", "max rel err", "tok/s", "= memory.cache_bytes"]:
+        assert text in result.stdout
+    assert "FAILED" not in result.stdout
+    assert (out / "config.json").is_file()
     for command in STAGE_COMMANDS:
         assert f"nano {command}" in result.stdout
     assert "not built yet" in result.stdout
