@@ -180,3 +180,26 @@ def test_meta_build_keeps_one_copy(tmp_path, model):
     loaded = load_pretrained(tmp_path / "m")
     assert all(p.device.type == "cpu" for p in loaded.parameters())
     assert not loaded.training
+
+
+def test_load_holds_one_copy_of_the_weights(tmp_path):
+    # Peak resident memory of a fresh process loading (and touching) a ~100 MB checkpoint stays
+    # near one copy: meta-device build + memory-mapped tensors assigned in place, no second copy.
+    import subprocess
+    import sys
+
+    c = tiny_config(vocab_size=16384, hidden_size=512, intermediate_size=2048, hybrid_override_pattern="M-M*-M-")
+    m = NanoForCausalLM(c)
+    save_pretrained(m, tmp_path / "m")
+    size_mib = sum(p.numel() for p in m.parameters()) * 4 / 2**20
+    code = (
+        "import resource, torch, nanocli_model, nanocli_model.model;"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        f"m = nanocli_model.load_pretrained({str(tmp_path / 'm')!r});"
+        "s = sum(float(p.sum()) for p in m.parameters());"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown = float(out.stdout.strip())
+    assert size_mib > 80
+    assert grown < 1.4 * size_mib, f"loading {size_mib:.0f} MiB grew the peak RSS by {grown:.0f} MiB"
