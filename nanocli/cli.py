@@ -122,6 +122,81 @@ def demo_command(
     demo.check(result)
 
 
+@app.command("fit-check")
+def fit_check_command(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="A checkpoint directory (config.json; "
+                                              "safetensors headers when present), a config.json, or a model "
+                                              "profile name such as nemotron-nano-9b-v2.")] = None,
+    gpu: Annotated[str, typer.Option("--gpu", help="A GPU profile (a10g, l4, h100-80gb, ...) or 'auto': the "
+                                     "local GPU's free memory through NVML.")] = "auto",
+    device_index: Annotated[str, typer.Option("--device-index", help="Which local GPU --gpu auto reads.")] = "0",
+    context: Annotated[str, typer.Option("--context", help="Tokens per sequence (prompt + output), e.g. "
+                                         "131072 or 128k.")] = "131072",
+    batch: Annotated[str, typer.Option("--batch", help="Sequences served at once.")] = "1",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Weights: bf16, fp16, fp8 or fp32 "
+                                              "(default: the checkpoint's stored dtype, else bf16).")] = None,
+    ssm_cache_dtype: Annotated[str | None, typer.Option("--ssm-cache-dtype", help="Mamba SSM state: fp32 or "
+                                                        "bf16 (default: the config's, fp32).")] = None,
+    prefill_chunk: Annotated[str, typer.Option("--prefill-chunk", help="Tokens per prefill forward (capped "
+                                               "at the context); sets the activation peak.")] = "2048",
+    attention: Annotated[str, typer.Option("--attention", help="flash: a fused kernel, no score matrix; "
+                                           "eager: the (chunk x context) scores are materialised.")] = "flash",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (bytes) for CI.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write memory vs context (hybrid vs "
+                                              "all-attention, GPU limit) to this .png.")] = None,
+    measure: Annotated[bool, typer.Option("--measure", help="CUDA only: build the model with random weights "
+                                          "on the GPU, prefill + decode, report measured peak memory.")] = False,
+) -> None:
+    """Check whether a model fits a GPU at a context and batch, before loading anything.
+
+    Adds up the weights (exact from safetensors headers when present), the attention KV cache,
+    the Mamba conv and SSM state, and the activation peak of a chunked prefill.
+    Judges them against a GPU profile's budget or the local GPU's free memory (NVML).
+    Shows every term, the verdict, the largest context, batch and prefill chunk that fit,
+    and what the same model would need if every Mamba layer were attention.
+    Never loads weights or imports torch (except --measure).
+    Exit codes: 0 fits, 1 does not fit, 2 bad input.
+    """
+    from .stages import fit_check
+
+    if model is None:
+        raise fit_check.FitCheckError("--model is required: a checkpoint directory, a config.json or a model "
+                                      "profile name (see `nano profiles`)")
+    options = fit_check.FitCheckOptions(
+        model=model, gpu=gpu, device_index=fit_check.parse_count(device_index, "--device-index", minimum=0),
+        context=context, batch=fit_check.parse_count(batch, "--batch"), dtype=dtype,
+        ssm_cache_dtype=ssm_cache_dtype, prefill_chunk=prefill_chunk, attention=attention)
+    if measure:
+        from . import measure as measure_mod
+
+        measure_mod.require_cuda()  # before NVML / profile questions: say the real obstacle first
+    result = fit_check.run(options)
+    measured = None
+    if measure:
+        e = result.estimate
+        measured = measure_mod.run(result.model.config, context=e.context, batch=e.batch, dtype=e.dtype,
+                                   ssm_dtype=e.ssm_dtype, prefill_chunk=result.prefill_chunk,
+                                   device_index=options.device_index)
+    plot_path = None
+    if plot is not None:
+        from .plot import plot_fit
+
+        plot_path = str(plot_fit(result, plot))
+    if json_out:
+        import json
+        from dataclasses import asdict
+
+        data = result.to_json()
+        data["plot"] = plot_path
+        data["measured"] = None if measured is None else asdict(measured)
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        from . import ui  # rich, only when rendering for people
+
+        ui.show_fit_check(result, measured, plot_path)
+    raise typer.Exit(result.exit_code)
+
+
 def main() -> None:
     """Console-script entry point: runs the app; a ``NanoError`` becomes one ``error:`` line and an exit code."""
     try:

@@ -33,8 +33,9 @@ STAGES: tuple[Stage, ...] = (
           "Distill a teacher into a (pruned) student with logit-only forward KL over the "
           "full vocabulary."),
     Stage("fit-check", 4, "Check a model fits a GPU",
-          "Check whether a model's bf16 weights + KV cache + Mamba state fit a GPU profile "
-          "at a given context length and batch size."),
+          "Check whether a model's weights + KV cache + Mamba state + prefill activations fit a GPU "
+          "(a profile, or the local GPU through NVML) at a given context length and batch size.",
+          built=True),
     Stage("generate", 3, "Generate text, reasoning on or off",
           "Generate text from a checkpoint with the hybrid KV + Mamba-state cache, reasoning "
           "on or off, with an optional thinking budget."),

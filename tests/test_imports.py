@@ -35,12 +35,13 @@ def test_model_library_never_imports_the_cli_side(path):
     assert not imported_modules(path) & CLI_SIDE, f"{path.name} imports {imported_modules(path) & CLI_SIDE}"
 
 
-@pytest.mark.parametrize("name", ["config.py", "memory.py", "errors.py"])
+@pytest.mark.parametrize("name", ["config.py", "memory.py", "errors.py", "fit.py", "headers.py"])
 def test_pure_modules_import_no_torch(name):
     assert "torch" not in imported_modules(ROOT / "nanocli_model" / name)
 
 
-@pytest.mark.parametrize("module", ["nanocli.cli", "nanocli.profiles", "nanocli.demo", "nanocli_model"])
+@pytest.mark.parametrize("module", ["nanocli.cli", "nanocli.profiles", "nanocli.demo", "nanocli_model",
+                                    "nanocli.stages.fit_check", "nanocli.nvml", "nanocli.plot", "nanocli_model.fit"])
 def test_importing_does_not_load_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -1,0 +1,100 @@
+"""``nano fit-check --plot FILE.png``: memory vs context length, hybrid vs all-attention, with the GPU limit.
+
+matplotlib is imported here, lazily (Agg backend, no display), only when a plot is asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nanocli_model import fit
+from nanocli_model.errors import NanoError
+
+from .stages.fit_check import FitCheckResult
+
+GIB = 2**30
+
+
+class PlotError(NanoError):
+    """The plot cannot be written (bad path, matplotlib missing)."""
+
+
+def _contexts(lo: int, hi: int, n: int = 160) -> list[int]:
+    """``n`` context lengths spread evenly on a log scale from lo to hi."""
+    ratio = (hi / lo) ** (1 / (n - 1))
+    return sorted({max(1, round(lo * ratio**i)) for i in range(n)})
+
+
+def _tick_label(n: int) -> str:
+    return f"{n // 2**20}M" if n >= 2**20 else f"{n // 1024}k" if n >= 1024 else str(n)
+
+
+def plot_fit(r: FitCheckResult, path: str | Path) -> Path:
+    """Draw the model's memory vs context (hybrid and all-attention) against the GPU budget; save a PNG."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise PlotError(f"--plot {path}: give a .png file name")
+    if not path.parent.is_dir():
+        raise PlotError(f"--plot {path}: folder {path.parent} does not exist")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, NullLocator
+    except ImportError:
+        raise PlotError("--plot needs matplotlib (pip install 'matplotlib>=3.7')") from None
+
+    c, e = r.model.config, r.estimate
+    kw = dict(batch=e.batch, dtype=e.dtype, ssm_cache_dtype=e.ssm_dtype, prefill_chunk=r.prefill_chunk,
+              attention=e.attention, weights=e.weights)
+    top = max(4 * e.context, 2 * (r.max_context or 0), 2**15)
+    xs = _contexts(1024, min(top, 2**24))
+    hybrid = [fit.estimate(c, context=n, **kw) for n in xs]
+    budget = r.gpu.budget / GIB
+
+    fig, ax = plt.subplots(figsize=(8.5, 5.0), dpi=120)
+    ax.axhspan(0, e.weights / GIB, color="#d9d9d9", alpha=0.6, lw=0, label=f"weights ({e.weights / GIB:.2f} GiB)")
+    ax.plot(xs, [h.total / GIB for h in hybrid], color="#1f77b4", lw=2.4,
+            label="hybrid (this model): weights + KV + Mamba state + activations")
+    counterfactual = fit.all_attention(c)
+    cf = [fit.all_attention_total(c, h, counterfactual) for h in hybrid]
+    if cf[0] is not None:
+        n_layers = c.count("attention") + c.count("mamba")
+        ax.plot(xs, [v / GIB for v in cf], color="#d62728", lw=2.0, ls="--",
+                label=f"all-attention counterfactual ({n_layers} attention layers, KV in each)")
+    gpu_label = (f"{r.gpu.name} profile budget" if r.gpu.source == "profile" else f"{r.gpu.name} (free, NVML)")
+    ax.axhline(budget, color="black", lw=1.6, label=f"{gpu_label}: {budget:.2f} GiB")
+    mark = "#2ca02c" if r.fits else "#ff7f0e"
+    ax.axvline(e.context, color=mark, lw=1.2, ls=":")
+    ax.plot([e.context], [e.total / GIB], "o", color=mark, ms=8, zorder=5,
+            label=f"chosen: {e.context:,} tokens, batch {e.batch} -> {e.total / GIB:.2f} GiB ({r.verdict})")
+    if r.max_context:
+        ax.plot([r.max_context], [budget], "v", color="black", ms=7, zorder=5,
+                label=f"largest context that fits: {r.max_context:,}")
+    if r.all_attention_max_context:
+        ax.plot([r.all_attention_max_context], [budget], "v", color="#d62728", ms=7, zorder=5,
+                label=f"all-attention would fit: {r.all_attention_max_context:,}")
+
+    ax.set_xscale("log", base=2)
+    ticks = [2**k for k in range(10, 25) if xs[0] <= 2**k <= xs[-1]]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([_tick_label(t) for t in ticks])
+    ax.set_xlim(xs[0], xs[-1])
+    ymax = max(budget * 1.35, e.total / GIB * 1.15)
+    ax.set_ylim(0, ymax)
+    ax.set_xlabel(f"context length (tokens per sequence; batch {e.batch})")
+    ax.set_ylabel("GPU memory (GiB)")
+    ax.set_title(f"{r.model.name}: memory vs context ({e.dtype} weights, SSM state {e.ssm_dtype}, "
+                 f"prefill chunk {r.prefill_chunk:,})", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.95)
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except OSError as err:
+        raise PlotError(f"--plot {path}: cannot write ({err.strerror or err})") from None
+    finally:
+        plt.close(fig)
+    return path

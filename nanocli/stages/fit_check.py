@@ -1,0 +1,360 @@
+"""``nano fit-check``: will this model, at this context and batch, fit this GPU? Answered before loading anything.
+
+Steps (``run``):
+
+1. resolve the model: a checkpoint directory (``config.json``, plus the safetensors *headers* when
+   present: exact parameter bytes and stored dtypes), a ``config.json`` file, or a model profile;
+2. estimate every term in bytes (``nanocli_model.fit``): weights, KV cache, conv state, SSM state and
+   the activation peak of a chunked prefill;
+3. find the limit: a GPU profile (memory, framework share, reserved) or the local GPU through NVML
+   (judged against its *free* memory, minus the same 5% framework share);
+4. the verdict, and the exact inverse solves: largest context, largest batch, largest prefill chunk;
+   plus the all-attention counterfactual (every Mamba layer an attention layer holding KV).
+
+No torch, no weights: the whole path is file headers and arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanocli_model import fit
+from nanocli_model.config import ATTENTION, MAMBA, MLP, NanoConfig
+from nanocli_model.errors import CheckpointError, ConfigError, NanoError
+from nanocli_model.headers import CheckpointTensors, read_checkpoint_tensors
+from nanocli_model.memory import param_count
+
+from .. import nvml
+from ..profiles import GpuProfile, ProfileError, load_gpu_profile, load_model_profile, profile_names
+
+GIB = 2**30
+DEFAULT_CONTEXT = 131072
+# With --gpu auto there is no profile: keep the same share for the framework + CUDA context as every
+# shipped GPU profile (the report's 5%).
+NVML_FRAMEWORK_OVERHEAD = 0.05
+# config.json fields that set the memory; without them NanoConfig would fall back to the 9B's values.
+REQUIRED_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "all": (("vocab_size",), ("hidden_size",)),
+    MAMBA: (("mamba_num_heads",), ("mamba_head_dim",), ("ssm_state_size", "mamba_d_state"),
+            ("n_groups", "mamba_n_groups")),
+    ATTENTION: (("num_attention_heads",), ("num_key_value_heads",)),
+    MLP: (("intermediate_size",),),
+}
+
+
+class FitCheckError(NanoError):
+    """A fit-check request that cannot be answered as given (bad value, no GPU to ask)."""
+
+
+@dataclass
+class FitCheckOptions:
+    """What ``nano fit-check`` is asked."""
+
+    model: str
+    """Checkpoint directory, config.json path, or model profile name."""
+    gpu: str = "auto"
+    """A GPU profile name, or ``auto``: the local GPU through NVML."""
+    device_index: int = 0
+    """Which local GPU NVML reads with ``--gpu auto``."""
+    context: int = DEFAULT_CONTEXT
+    """Tokens per sequence held in the cache (prompt + generated)."""
+    batch: int = 1
+    """Sequences served at once."""
+    dtype: str | None = None
+    """Weight dtype (bf16, fp16, fp8, fp32); None: the checkpoint's stored dtype, else config torch_dtype, else bf16."""
+    ssm_cache_dtype: str | None = None
+    """SSM state dtype; None: the config's ``mamba_ssm_cache_dtype`` (float32 for the released models)."""
+    prefill_chunk: int = fit.DEFAULT_PREFILL_CHUNK
+    """Tokens per prefill forward (capped at context): sets the activation peak."""
+    attention: str = "flash"
+    """``flash`` (fused kernel, no score matrix) or ``eager`` (the (chunk x context) scores are materialised)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model being checked and where its numbers come from."""
+
+    name: str
+    kind: str  # "profile" | "config" | "checkpoint"
+    config: NanoConfig
+    path: Path | None = None
+    tensors: CheckpointTensors | None = None  # safetensors headers, when the directory has weights
+
+
+@dataclass(frozen=True)
+class GpuLimit:
+    """What the estimate is judged against, in bytes."""
+
+    source: str  # "profile" | "nvml"
+    name: str
+    total: int  # the GPU's memory
+    available: int  # profile: total; NVML: free memory now
+    framework: int  # kept for the serving framework + CUDA context
+    reserved: int  # kept for other models on the same GPU (profile)
+    framework_share: float
+    device_index: int | None = None
+    nvml_api: str | None = None
+
+    @property
+    def budget(self) -> int:
+        """Bytes left for the model: available - framework - reserved (A10G profile: 19.66 GiB)."""
+        return self.available - self.framework - self.reserved
+
+
+@dataclass(frozen=True)
+class FitCheckResult:
+    model: ModelSource
+    estimate: fit.Estimate
+    gpu: GpuLimit
+    prefill_chunk: int  # as asked (the estimate's activations hold the capped value)
+    max_context: int | None  # None: memory sets no limit
+    max_batch: int | None
+    max_prefill_chunk: int
+    all_attention: int | None  # bytes the all-attention counterfactual needs (None: no attention layers)
+    all_attention_max_context: int | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate.total <= self.gpu.budget
+
+    @property
+    def verdict(self) -> str:
+        return "FITS" if self.fits else "DOES NOT FIT"
+
+    @property
+    def headroom(self) -> int:
+        """Budget minus what the model needs (negative: the shortfall)."""
+        return self.gpu.budget - self.estimate.total
+
+    @property
+    def headroom_pct(self) -> float:
+        return 100.0 * self.headroom / self.gpu.budget if self.gpu.budget > 0 else float("-inf")
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.fits else 1
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything in bytes, for CI pipelines (``--json``)."""
+        e, g, a = self.estimate, self.gpu, self.estimate.activations
+        t = self.model.tensors
+        return {
+            "model": self.model.name, "model_source": self.model.kind,
+            "weights_source": "safetensors headers" if t else "config",
+            "context": e.context, "batch": e.batch, "dtype": e.dtype, "ssm_cache_dtype": e.ssm_dtype,
+            "prefill_chunk": self.prefill_chunk, "attention": e.attention,
+            "terms": {"weights": e.weights, "kv_cache": e.kv, "conv_state": e.conv, "ssm_state": e.ssm,
+                      "activations": a.total, "framework_overhead": g.framework, "reserved": g.reserved},
+            "activations": {"chunk": a.chunk, "hidden_states": a.hidden, "peak_layer": a.peak_kind,
+                            "layers": a.layers},
+            "model_bytes": e.total, "needed_bytes": e.total + g.framework + g.reserved,
+            "budget_bytes": g.budget, "headroom_bytes": self.headroom, "headroom_pct": round(self.headroom_pct, 2),
+            "verdict": self.verdict, "fits": self.fits,
+            "max_context": self.max_context, "max_batch": self.max_batch,
+            "max_prefill_chunk": self.max_prefill_chunk,
+            "all_attention": {"bytes": self.all_attention, "max_context": self.all_attention_max_context,
+                              "saving_bytes": None if self.all_attention is None else self.all_attention - e.total},
+            "gpu": {"source": g.source, "name": g.name, "total_bytes": g.total, "available_bytes": g.available,
+                    "framework_share": g.framework_share, "device_index": g.device_index, "nvml_api": g.nvml_api},
+            "checkpoint": None if t is None else {
+                "files": len(t.files), "params": t.params, "stored_bytes": t.stored_bytes, "stored_dtypes": t.dtypes,
+                "mtp_tensors_not_counted": len(t.mtp), "mtp_params_not_counted": sum(x.numel for x in t.mtp)},
+            "notes": self.notes,
+        }
+
+
+# ---------------------------------------------------------------------------- step 1: the model
+def _check_required(raw: dict[str, Any], config: NanoConfig, source: Path) -> None:
+    groups = list(REQUIRED_FIELDS["all"])
+    for kind in (MAMBA, ATTENTION, MLP):
+        if config.count(kind):
+            groups += REQUIRED_FIELDS[kind]
+    missing = [names[0] for names in groups if not any(n in raw for n in names)]
+    if missing:
+        raise ConfigError(f"{source}: missing {', '.join(missing)}; fit-check needs every field that sets "
+                          "the memory (a NemotronH config.json from transformers or NVIDIA has them)")
+
+
+def _read_config(path: Path) -> NanoConfig:
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; a model directory needs a config.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    config = NanoConfig.from_dict(raw, source=str(path))
+    _check_required(raw, config, path)
+    return config
+
+
+def resolve_model(target: str) -> ModelSource:
+    """A checkpoint directory, a config.json, or a model profile name / .yaml path."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        config = _read_config(path / "config.json")
+        tensors = read_checkpoint_tensors(path)
+        if tensors is not None:
+            tensors = _check_tensors(tensors, config, path)
+        return ModelSource(name=str(path), kind="checkpoint" if tensors else "config", config=config,
+                           path=path, tensors=tensors)
+    if path.suffix == ".json":
+        return ModelSource(name=str(path), kind="config", config=_read_config(path), path=path)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or target in profile_names("models"):
+        profile = load_model_profile(target)
+        return ModelSource(name=profile.name, kind="profile", config=profile.config, path=profile.path)
+    known = ", ".join(profile_names("models")) or "none"
+    if os.sep in target or target.startswith("."):
+        raise CheckpointError(f"{target}: no such model directory or config.json")
+    raise ProfileError(f"{target}: no such model directory, config.json or model profile; "
+                       f"known profiles: {known}")
+
+
+def _check_tensors(tensors: CheckpointTensors, config: NanoConfig, path: Path) -> CheckpointTensors:
+    """The headers must hold the config's parameters, as ``load_pretrained`` will insist."""
+    if config.tie_word_embeddings:  # one copy in memory; a stored lm_head is the same tensor
+        tensors = dataclasses.replace(tensors, tensors=[t for t in tensors.tensors if t.name != "lm_head.weight"])
+    expected = param_count(config).total
+    if tensors.params != expected:
+        raise CheckpointError(f"{path}: the safetensors headers hold {tensors.params:,} parameters but "
+                              f"config.json implies {expected:,}; the weights do not match config.json")
+    return tensors
+
+
+def _default_dtype(source: ModelSource) -> str:
+    """The checkpoint's stored dtype (of the embeddings, as load_pretrained keeps it), else torch_dtype, else bf16."""
+    if source.tensors:
+        for t in source.tensors.tensors:
+            if t.name.endswith("embeddings.weight"):
+                name = fit.stored_dtype_name(t.dtype)
+                if name in fit.WEIGHT_DTYPES:
+                    return fit.weight_dtype(name)
+    torch_dtype = source.config.torch_dtype
+    if torch_dtype and str(torch_dtype).replace("torch.", "") in fit.WEIGHT_DTYPES:
+        return fit.weight_dtype(torch_dtype)
+    return "bf16"
+
+
+# ---------------------------------------------------------------------------- step 3: the limit
+def profile_limit(profile: GpuProfile) -> GpuLimit:
+    total = round(profile.memory_gib * GIB)
+    return GpuLimit(source="profile", name=profile.name, total=total, available=total,
+                    framework=round(total * profile.framework_overhead), reserved=round(profile.reserved_gib * GIB),
+                    framework_share=profile.framework_overhead)
+
+
+def nvml_limit(device: nvml.DeviceMemory) -> GpuLimit:
+    return GpuLimit(source="nvml", name=device.name, total=device.total, available=device.free,
+                    framework=round(device.total * NVML_FRAMEWORK_OVERHEAD), reserved=0,
+                    framework_share=NVML_FRAMEWORK_OVERHEAD, device_index=device.index, nvml_api=device.api)
+
+
+def resolve_gpu(gpu: str, device_index: int, query: Callable[[int], nvml.DeviceMemory] | None = None) -> GpuLimit:
+    """``auto``: the local GPU through NVML (``query``, replaceable in tests); else a GPU profile."""
+    if gpu != "auto":
+        return profile_limit(load_gpu_profile(gpu))
+    query = query or nvml.query_device
+    try:
+        return nvml_limit(query(device_index))
+    except nvml.NvmlUnavailable as e:
+        known = ", ".join(profile_names("gpus")) or "none"
+        raise FitCheckError(f"--gpu auto found no GPU to read: {e}. Pass --gpu PROFILE, one of: {known}") from None
+
+
+# ---------------------------------------------------------------------------- run
+_TOKENS = re.compile(r"(\d+)([kKmM]?)")
+
+
+def parse_tokens(text: str | int, flag: str) -> int:
+    """``131072``, ``131_072``, ``128k`` (x1024) or ``1m`` (x1048576) -> a positive int."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _TOKENS.fullmatch(str(text).strip().replace("_", "").replace(",", ""))
+        if not m:
+            raise FitCheckError(f"{flag}: expected a positive number of tokens such as 131072 or 128k, got {text!r}")
+        value = int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[m.group(2).lower()]
+    if value <= 0:
+        raise FitCheckError(f"{flag}: must be at least 1, got {text!r}")
+    return value
+
+
+def parse_count(text: str | int, flag: str, minimum: int = 1) -> int:
+    """A whole number >= ``minimum`` from the command line; a one-line error otherwise."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise FitCheckError(f"{flag}: expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise FitCheckError(f"{flag}: must be at least {minimum}, got {text!r}")
+    return value
+
+
+def _validate(o: FitCheckOptions) -> tuple[str | None, str | None]:
+    if isinstance(o.batch, bool) or not isinstance(o.batch, int) or o.batch <= 0:
+        raise FitCheckError(f"--batch: must be at least 1, got {o.batch!r}")
+    if o.device_index < 0:
+        raise FitCheckError(f"--device-index: must be >= 0, got {o.device_index}")
+    for flag, value in (("--context", o.context), ("--prefill-chunk", o.prefill_chunk)):
+        parse_tokens(value, flag)
+    if o.attention not in fit.ATTENTION_KERNELS:
+        raise FitCheckError(f"--attention: use one of {', '.join(fit.ATTENTION_KERNELS)}, got {o.attention!r}")
+    try:
+        dtype = None if o.dtype is None else fit.weight_dtype(o.dtype)
+        ssm = None if o.ssm_cache_dtype is None else fit.ssm_dtype(o.ssm_cache_dtype)
+    except ConfigError as e:
+        flag = "--dtype" if "SSM" not in str(e) else "--ssm-cache-dtype"
+        raise FitCheckError(f"{flag}: {e}") from None
+    return dtype, ssm
+
+
+def run(o: FitCheckOptions, nvml_query: Callable[[int], nvml.DeviceMemory] | None = None) -> FitCheckResult:
+    """Resolve, estimate, judge, solve. Raises NanoError (exit 2) for anything that cannot be answered."""
+    dtype, ssm = _validate(o)
+    context, chunk = parse_tokens(o.context, "--context"), parse_tokens(o.prefill_chunk, "--prefill-chunk")
+    source = resolve_model(o.model)
+    gpu = resolve_gpu(o.gpu, o.device_index, nvml_query)
+    c = source.config
+    dtype = dtype or _default_dtype(source)
+    weights = (fit.tensor_weights_bytes(((t.name, t.numel) for t in source.tensors.tensors), dtype)
+               if source.tensors else fit.weights_bytes(c, dtype))
+    kw = dict(dtype=dtype, ssm_cache_dtype=ssm, attention=o.attention, weights=weights)
+    e = fit.estimate(c, context=context, batch=o.batch, prefill_chunk=chunk, **kw)
+    budget = gpu.budget
+    result = FitCheckResult(
+        model=source, estimate=e, gpu=gpu, prefill_chunk=chunk,
+        max_context=fit.max_context(c, budget, batch=o.batch, prefill_chunk=chunk, **kw),
+        max_batch=fit.max_batch(c, budget, context=context, prefill_chunk=chunk, **kw),
+        max_prefill_chunk=fit.max_prefill_chunk(c, budget, context=context, batch=o.batch, **kw),
+        all_attention=fit.all_attention_total(c, e),
+        all_attention_max_context=fit.max_context_all_attention(c, budget, batch=o.batch, prefill_chunk=chunk, **kw),
+    )
+    result.notes.extend(_notes(result))
+    return result
+
+
+def _notes(r: FitCheckResult) -> list[str]:
+    c, e, notes = r.model.config, r.estimate, []
+    if e.context > c.max_position_embeddings:
+        notes.append(f"context {e.context:,} is beyond the model's max_position_embeddings "
+                     f"({c.max_position_embeddings:,})")
+    if r.max_context and r.max_context > c.max_position_embeddings:
+        notes.append(f"the largest context that fits in memory ({r.max_context:,}) is beyond the model's "
+                     f"max_position_embeddings ({c.max_position_embeddings:,})")
+    if r.model.tensors and r.model.tensors.mtp:
+        n = sum(t.numel for t in r.model.tensors.mtp)
+        notes.append(f"{len(r.model.tensors.mtp)} mtp.* tensors ({n:,} parameters) are not counted: "
+                     "nano does not load multi-token-prediction heads")
+    if e.dtype == "fp8":
+        notes.append("fp8: projection weights 1 byte each, embeddings / lm_head / norms / conv / SSM "
+                     "parameters 2 bytes (bf16); activations, KV and conv state bf16; scales not counted")
+    return notes
