@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
 from .cache import AttentionCache, MambaCache
@@ -83,9 +84,10 @@ class Attention(nn.Module):
             k, v = cache.k[:, :, :start + T], cache.v[:, :, :start + T]  # (b, kv, start+T, d)
             if start > 0:
                 causal = False
-                if T > 1:  # query i (absolute start+i) sees keys 0..start+i
-                    pos = torch.arange(start + T, device=x.device)
-                    mask = pos[None, :] <= (start + torch.arange(T, device=x.device))[:, None]  # (T, start+T)
+                if T > 1:  # query i (absolute start+i) sees keys 0..start+i: causal, aligned bottom-right.
+                    # A CausalBias (not a boolean tensor) keeps SDPA on its fused kernels, so a chunked
+                    # prefill never materialises a (T, start+T) score matrix.
+                    mask = causal_lower_right(T, start + T)
         # GQA: query head i reads KV head i // (n_heads / n_kv)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
                                              enable_gqa=self.n_kv != self.n_heads)  # (b, nh, T, d)
