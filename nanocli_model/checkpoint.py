@@ -22,12 +22,11 @@ from safetensors.torch import save_file
 
 from .config import NanoConfig
 from .errors import CheckpointError, ConfigError
+from .headers import INDEX_NAME, SINGLE_NAME, read_safetensors_header, weight_file_list
 from .model import NanoForCausalLM
 
 log = logging.getLogger("nanocli_model")
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -44,36 +43,21 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 # ---------------------------------------------------------------------------- reading
 def weight_files(path: Path) -> dict[str, Path]:
-    """Map each stored tensor name to the file that holds it, from the index or the single file."""
-    index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e}); re-save the checkpoint") from None
-        files = {name: path / str(fname) for name, fname in weight_map.items()}
-        for f in sorted(set(files.values())):
-            if not f.is_file():
-                raise CheckpointError(f"{f}: listed in {INDEX_NAME} but missing; the checkpoint is incomplete")
-        return files
-    single = path / SINGLE_NAME
-    if single.is_file():
-        return {name: single for name in read_header(single)}
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise CheckpointError(f"{path}: only pickle weights (*.bin/*.pt) found; nano never unpickles, "
-                              "convert them to safetensors first")
-    raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}; is this a model directory?")
-
-
-def read_header(file: Path) -> dict[str, tuple[list[int], str]]:
-    """{name: (shape, dtype)} from a safetensors header, without reading the data."""
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); re-download or re-save it") from None
+    """Map each stored tensor name to the file that holds it (from the headers, validated up front)."""
+    files = weight_file_list(path)
+    if not files:
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise CheckpointError(f"{path}: only pickle weights (*.bin/*.pt) found; nano never unpickles, "
+                                  "convert them to safetensors first")
+        raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}; is this a model directory?")
+    out: dict[str, Path] = {}
+    for f in files:
+        for name in read_safetensors_header(f):
+            if name in out:
+                raise CheckpointError(f"{f}: tensor {name} is also stored in {out[name]}; the checkpoint is "
+                                      "inconsistent")
+            out[name] = f
+    return out
 
 
 def _canonical(name: str) -> str | None:
@@ -109,15 +93,13 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
         expected.pop("lm_head.weight", None)
 
     stored: dict[str, tuple[str, Path]] = {}  # canonical -> (stored name, file)
-    headers = {f: read_header(f) for f in sorted(set(files.values()))}
+    headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
     ignored = []
     for name, file in files.items():
         canon = _canonical(name)
         if canon is None:
             ignored.append(name)
             continue
-        if name not in headers[file]:
-            raise CheckpointError(f"{file}: tensor {name} is listed in the index but not in the file")
         if canon in stored:
             raise CheckpointError(f"{file}: tensor {canon} is stored twice (as {stored[canon][0]} and {name})")
         stored[canon] = (name, file)
@@ -133,14 +115,14 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
         raise CheckpointError(f"{file}: unexpected tensor {name}{_more(unexpected)}; the weights do not match "
                               "config.json")
     for canon, (name, file) in stored.items():
-        shape, st_dtype = headers[file][name]
+        shape, st_dtype = list(headers[file][name].shape), headers[file][name].dtype
         if shape != expected[canon]:
             raise CheckpointError(f"{file}: tensor {name} has shape {shape}, config.json implies {expected[canon]}")
         if st_dtype not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{file}: tensor {name} has dtype {st_dtype}; expected a float type (F32/BF16/F16)")
 
     emb_name, emb_file = stored["backbone.embeddings.weight"]
-    target = resolve_dtype(dtype) or _SAFETENSORS_DTYPES[headers[emb_file][emb_name][1]]
+    target = resolve_dtype(dtype) or _SAFETENSORS_DTYPES[headers[emb_file][emb_name].dtype]
     device = torch.device(device)
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[tuple[str, str]]] = {}

@@ -118,7 +118,7 @@ def test_truncated_file_is_named(tmp_path, model):
 def test_corrupt_header_is_named(tmp_path, model, payload):
     save_pretrained(model, tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").write_bytes(payload)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file"):
         load_pretrained(tmp_path / "m")
 
 
