@@ -34,6 +34,7 @@ class HybridCache:
     max_len: int
     layers: list[AttentionCache | MambaCache | None]
     seq_len: int = 0  # positions already consumed
+    pad_len: torch.Tensor | None = None  # (batch,) left-padding lengths of the prompts, None if unpadded
     _pending: int = field(default=0, repr=False)
 
     @classmethod
@@ -75,15 +76,20 @@ class HybridCache:
         """Forget every sequence (zero the states) so the cache can be reused."""
         for t in self.tensors():
             t.zero_()
-        self.seq_len = 0
+        self.seq_len, self.pad_len = 0, None
 
     # The model brackets each forward with begin/commit so every layer sees the same start position.
-    def begin(self, n_new: int, batch: int) -> int:
+    def begin(self, n_new: int, batch: int, pad: torch.Tensor | None = None) -> int:
         if batch != self.batch:
             raise CacheError(f"cache was allocated for batch {self.batch}, got input batch {batch}")
+        if pad is not None and self.seq_len > 0:
+            raise CacheError("attention_mask with padding is accepted only at the first call (the prompt); "
+                             "later calls continue every row")
         if self.seq_len + n_new > self.max_len:
             raise CacheError(f"cache full: {self.seq_len} + {n_new} tokens exceed max_len {self.max_len}; "
                              "allocate a larger cache")
+        if pad is not None:
+            self.pad_len = pad
         self._pending = n_new
         return self.seq_len
 

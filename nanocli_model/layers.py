@@ -53,11 +53,31 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
-    def forward(self, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, start: int = 0, pad: torch.Tensor | None = None) -> torch.Tensor:
         u = self.up_proj(x)
         if torch.is_grad_enabled():
             return self.down_proj(F.relu(u).square())
         return self.down_proj(u.relu_().square_())  # same math, no extra buffers at inference
+
+
+def padded_causal_mask(pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """(b, 1, T, start+T) boolean: query start+i sees key j iff j <= start+i and j is not padding.
+
+    A padding query also sees itself, so no row is empty (its output is never read by a real token).
+    """
+    keys = torch.arange(start + T, device=pad.device)  # (L,)
+    queries = start + torch.arange(T, device=pad.device)  # (T,)
+    causal = keys[None, :] <= queries[:, None]  # (T, L)
+    real_key = keys[None, :] >= pad[:, None]  # (b, L)
+    self_key = keys[None, :] == queries[:, None]  # (T, L)
+    return ((causal[None] & real_key[:, None, :]) | self_key[None])[:, None]
+
+
+def padding_mask(pad: torch.Tensor | None, start: int, T: int) -> torch.Tensor | None:
+    """(b, T, 1) float mask, 0 at left-padding positions among start..start+T-1; None when there are none."""
+    if pad is None or start >= int(pad.max()):
+        return None
+    return (start + torch.arange(T, device=pad.device)[None, :] >= pad[:, None])[..., None]
 
 
 class Attention(nn.Module):
@@ -72,7 +92,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, kv, bias=c.attention_bias)
         self.o_proj = nn.Linear(q, c.hidden_size, bias=c.attention_bias)
 
-    def forward(self, x: torch.Tensor, cache: AttentionCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: AttentionCache | None = None, start: int = 0,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
         b, T, _ = x.shape
         q = self.q_proj(x).view(b, T, self.n_heads, self.head_dim).transpose(1, 2)  # (b, nh, T, d)
         k = self.k_proj(x).view(b, T, self.n_kv, self.head_dim).transpose(1, 2)  # (b, kv, T, d)
@@ -88,6 +109,8 @@ class Attention(nn.Module):
                     # A CausalBias (not a boolean tensor) keeps SDPA on its fused kernels, so a chunked
                     # prefill never materialises a (T, start+T) score matrix.
                     mask = causal_lower_right(T, start + T)
+        if pad is not None:  # left padding: the first pad[i] positions of row i are no keys for anyone
+            mask, causal = padded_causal_mask(pad, start, T), False  # (b, 1, T, start+T)
         # GQA: query head i reads KV head i // (n_heads / n_kv)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
                                              enable_gqa=self.n_kv != self.n_heads)  # (b, nh, T, d)
@@ -117,12 +140,18 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedGroupRMSNorm(self.inner, self.G, c.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.inner, c.hidden_size, bias=c.use_bias)
 
-    def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None, start: int = 0,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
         b, T, _ = hidden.shape
         H, P, G, N, inner = self.H, self.P, self.G, self.N, self.inner
         z, xBC, dt_raw = self.in_proj(hidden).split([inner, self.conv_dim, H], dim=-1)  # (b, T, .)
+        real = padding_mask(pad, start, T)  # (b, T, 1) or None
+        if real is not None:  # left padding: zero conv inputs (as before a sequence start) ...
+            xBC = xBC * real
         xBC = kernels.causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias,
                                   None if cache is None else cache.conv)  # (b, T, conv_dim)
+        if real is not None:  # ... and x, B, C, so padding adds nothing to the SSM state
+            xBC = xBC * real
         x, B, C = xBC.split([inner, G * N, G * N], dim=-1)
         A = -torch.exp(self.A_log.float())  # (H,)
         if cache is not None and T == 1:
@@ -150,5 +179,5 @@ class Block(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
         self.mixer = MIXERS[kind](c)
 
-    def forward(self, h: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
-        return h + self.mixer(self.norm(h), cache, start)
+    def forward(self, h: torch.Tensor, cache=None, start: int = 0, pad: torch.Tensor | None = None) -> torch.Tensor:
+        return h + self.mixer(self.norm(h), cache, start, pad)

@@ -14,6 +14,7 @@ from torch import nn
 
 from .cache import HybridCache
 from .config import NanoConfig
+from .errors import CacheError
 from .layers import Block, Mamba2Mixer, RMSNorm
 
 
@@ -24,17 +25,35 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(Block(c, kind) for kind in c.layer_types)
         self.norm_f = RMSNorm(c.hidden_size, c.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embeddings(input_ids)  # (b, T, hidden)
-        if cache is None:
-            for layer in self.layers:
-                h = layer(h)
-            return self.norm_f(h)
-        start = cache.begin(input_ids.shape[1], input_ids.shape[0])
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            h = layer(h, layer_cache, start)
-        cache.commit()
+        pad = left_padding(attention_mask, input_ids.shape)  # (b,) pad lengths, or None
+        start = 0
+        if cache is not None:
+            start = cache.begin(input_ids.shape[1], input_ids.shape[0], pad)
+            pad = cache.pad_len
+        layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
+        for layer, layer_cache in zip(self.layers, layer_caches):
+            h = layer(h, layer_cache, start, pad)
+        if cache is not None:
+            cache.commit()
         return self.norm_f(h)
+
+
+def left_padding(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """Pad lengths (b,) from a left-padded 0/1 ``attention_mask`` (b, T); None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise CacheError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(shape)}")
+    real = attention_mask.to(torch.bool)
+    if real.all():
+        return None
+    if (real.int().diff(dim=1) < 0).any() or not real[:, -1].all():
+        raise CacheError("attention_mask: only left padding is supported (each row: zeros, then ones, "
+                         "ending with a real token)")
+    return (~real).sum(dim=1)
 
 
 class NanoForCausalLM(nn.Module):
@@ -43,6 +62,9 @@ class NanoForCausalLM(nn.Module):
     ``model(input_ids, cache=None)`` returns float32 logits (batch, seq, vocab). With a
     ``HybridCache`` it continues from the cached position: prefill of any length, then single- or
     multi-token steps. ``logits_to_keep=k`` computes logits for the last k positions only.
+    ``attention_mask`` (batch, seq; 1 real, 0 padding) batches prompts of different lengths, left-padded:
+    padding adds nothing to any Mamba state and is no key for attention, so each row's logits equal
+    that prompt run alone. With a cache it is given once, at the first call.
     """
 
     def __init__(self, config: NanoConfig):
@@ -54,8 +76,8 @@ class NanoForCausalLM(nn.Module):
             self.lm_head.weight = self.backbone.embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
-        h = self.backbone(input_ids, cache)
+                logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.backbone(input_ids, cache, attention_mask)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h).float()

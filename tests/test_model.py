@@ -114,3 +114,71 @@ def test_backward_reaches_every_parameter():
     missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
     assert all(p.grad.abs().sum() > 0 for n, p in m.named_parameters() if "norm" not in n or "mixer" in n)
+
+
+def _left_pad(prompts, pad_id=0):
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("lengths", [(5, 21, 13), (1, 17), (16, 16, 3)])
+@torch.no_grad()
+def test_left_padded_batch_equals_each_prompt_alone(lengths):
+    m = _model(seed=sum(lengths))
+    g = torch.Generator().manual_seed(len(lengths))
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in lengths]
+    ids, mask = _left_pad(prompts)
+    batched = m(ids, attention_mask=mask)
+    for i, p in enumerate(prompts):
+        alone = m(torch.tensor([p]))
+        assert rel_err(batched[i, -len(p):], alone[0]) < 1e-5
+
+
+@torch.no_grad()
+def test_left_padded_prefill_then_decode_equals_each_prompt_alone():
+    m = _model(seed=5)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (3, 19, 11)]
+    steps = torch.randint(1, 96, (3, 6), generator=g)  # the same continuation tokens for every row
+    ids, mask = _left_pad(prompts)
+    cache = m.allocate_cache(3, 40)
+    outs = [m(ids, cache, attention_mask=mask)[:, -1:]]
+    outs += [m(steps[:, t:t + 1], cache) for t in range(6)]
+    batched = torch.cat(outs, 1)  # (3, 7, V): last prompt position, then 6 steps
+    for i, p in enumerate(prompts):
+        c1 = m.allocate_cache(1, 40)
+        alone = [m(torch.tensor([p]), c1)[:, -1:]] + [m(steps[i:i + 1, t:t + 1], c1) for t in range(6)]
+        assert rel_err(batched[i], torch.cat(alone, 1)[0]) < 1e-5
+    with pytest.raises(CacheError, match="first call"):
+        m(steps[:, :2], cache, attention_mask=torch.tensor([[0, 1], [1, 1], [1, 1]]))
+
+
+@torch.no_grad()
+def test_padding_matches_transformers_left_padding(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from nanocli_model import load_pretrained, save_pretrained
+
+    m = _model(seed=8)
+    save_pretrained(m, tmp_path)
+    hf = transformers.NemotronHForCausalLM.from_pretrained(tmp_path).eval()
+    ids, mask = _left_pad([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24]])
+    ours = load_pretrained(tmp_path)(ids, attention_mask=mask)
+    theirs = hf(ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    assert rel_err(ours[real], theirs[real]) < 1e-4
+
+
+def test_only_left_padding_is_accepted():
+    m = _model()
+    ids = torch.ones(2, 4, dtype=torch.long)
+    for bad in ([[1, 1, 0, 0], [1, 1, 1, 1]], [[0, 1, 0, 1], [1, 1, 1, 1]], [[0, 0, 0, 0], [1, 1, 1, 1]]):
+        with pytest.raises(CacheError, match="left padding"):
+            m(ids, attention_mask=torch.tensor(bad))
+    with pytest.raises(CacheError, match="shape"):
+        m(ids, attention_mask=torch.ones(2, 3))
+    assert torch.equal(m(ids, attention_mask=torch.ones(2, 4)), m(ids))
