@@ -24,3 +24,11 @@ class CheckpointError(NanoError, ValueError):
 
 class CacheError(NanoError, ValueError):
     """A generation cache used beyond what it was allocated for."""
+
+
+class GenerationError(NanoError, ValueError):
+    """An invalid generation request: a sampling value out of range, an empty prompt, too long a context."""
+
+
+class TokenizerError(NanoError, ValueError):
+    """A tokenizer directory, special token or chat template that cannot be used as it is."""
