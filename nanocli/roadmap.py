@@ -38,7 +38,8 @@ STAGES: tuple[Stage, ...] = (
           built=True),
     Stage("generate", 3, "Generate text, reasoning on or off",
           "Generate text from a checkpoint with the hybrid KV + Mamba-state cache, reasoning "
-          "on or off, with an optional thinking budget."),
+          "on or off, with an optional thinking budget.",
+          built=True),
 )
 
 

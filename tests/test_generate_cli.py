@@ -1,0 +1,162 @@
+"""``nano generate`` end to end on a tiny checkpoint with nano's own tokenizer and chat template."""
+
+import json
+import sys
+
+import pytest
+
+from model_utils import randomize, tiny_config
+from nanocli import cli
+from nanocli_model import NanoForCausalLM, save_pretrained
+from nanocli_model.tokenizer import build_test_tokenizer
+
+TEXTS = ["The answer is 42.\nLet me think step by step.\n", "Hello world! How are you today?\n"] * 50
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    tok = build_test_tokenizer(root / "tok", TEXTS, vocab_size=300)
+    m = NanoForCausalLM(tiny_config(vocab_size=tok.vocab_size))
+    randomize(m, 1)
+    files = [root / "tok" / f for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")]
+    save_pretrained(m, root / "model", extra_files=files)
+    return root / "model"
+
+
+def run(capsys, monkeypatch, *args, stdin=None):
+    """``nano generate ...`` in-process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["nano", "generate", *map(str, args)])
+    if stdin is not None:
+        import io
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def gen_json(capsys, monkeypatch, model_dir, *args):
+    code, out, err = run(capsys, monkeypatch, "-m", model_dir, "--json", *args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_greedy_is_deterministic_and_reports_timings(capsys, monkeypatch, model_dir):
+    a = gen_json(capsys, monkeypatch, model_dir, "What is 2+2?", "--greedy", "--max-new-tokens", "12")
+    b = gen_json(capsys, monkeypatch, model_dir, "What is 2+2?", "--greedy", "--max-new-tokens", "12")
+    assert a["outputs"][0]["generated_ids"] == b["outputs"][0]["generated_ids"]
+    assert a["generated_tokens"] >= 1 and a["prompt_tokens"] == len(a["outputs"][0]["prompt_ids"])
+    assert a["decode_tokens_per_s"] > 0 and a["peak_memory_bytes"] > 0
+
+
+def test_seeded_sampling_is_reproducible(capsys, monkeypatch, model_dir):
+    args = ("hello", "--temperature", "1.0", "--top-p", "1", "--max-new-tokens", "16", "--ignore-eos")
+    a = gen_json(capsys, monkeypatch, model_dir, *args, "--seed", "3")["outputs"][0]["generated_ids"]
+    b = gen_json(capsys, monkeypatch, model_dir, *args, "--seed", "3")["outputs"][0]["generated_ids"]
+    c = gen_json(capsys, monkeypatch, model_dir, *args, "--seed", "4")["outputs"][0]["generated_ids"]
+    assert a == b and a != c
+
+
+def test_think_and_no_think_templates(capsys, monkeypatch, model_dir):
+    from nanocli_model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(model_dir)
+    on = gen_json(capsys, monkeypatch, model_dir, "hi", "--greedy", "--max-new-tokens", "2")["outputs"][0]
+    off = gen_json(capsys, monkeypatch, model_dir, "hi", "--no-think", "--greedy", "--max-new-tokens", "2")
+    off = off["outputs"][0]
+    assert tok.decode(on["prompt_ids"]).endswith("<SPECIAL_11>Assistant\n<think>\n")
+    assert tok.decode(off["prompt_ids"]).endswith("<SPECIAL_11>Assistant\n<think></think>")
+    assert off["thinking"] == "" and off["answer"] == off["text"].strip()
+    raw = gen_json(capsys, monkeypatch, model_dir, "hi", "--raw", "--greedy", "--max-new-tokens", "2")
+    assert "<SPECIAL_11>" not in tok.decode(raw["outputs"][0]["prompt_ids"])
+
+
+@pytest.mark.parametrize("budget,grace", [(4, 3), (0, 0), (6, 0)])
+def test_thinking_budget_closes_the_span(capsys, monkeypatch, model_dir, budget, grace):
+    d = gen_json(capsys, monkeypatch, model_dir, "Why?", "--greedy", "--ignore-eos", "--max-new-tokens", "40",
+                 "--thinking-budget", budget, "--thinking-grace", grace)
+    o = d["outputs"][0]
+    assert o["thinking_tokens"] <= budget + grace
+    assert "</think>" in o["text"]
+    if o["budget_forced"]:
+        assert o["thinking_tokens"] >= budget
+
+
+def test_stop_string_cuts_the_text(capsys, monkeypatch, model_dir):
+    base = gen_json(capsys, monkeypatch, model_dir, "Tell me", "--no-think", "--greedy", "--ignore-eos",
+                    "--max-new-tokens", "30")["outputs"][0]["text"]
+    stop = next(base[i:i + 2] for i in range(3, len(base) - 2) if base[i:i + 2].strip() and "\ufffd" not in base[i:i + 2])
+    d = gen_json(capsys, monkeypatch, model_dir, "Tell me", "--no-think", "--greedy", "--ignore-eos",
+                 "--max-new-tokens", "30", "--stop", stop)["outputs"][0]
+    assert d["finish_reason"] == "stop" and stop not in d["text"] and base.startswith(d["text"])
+    assert d["text"] == base[:base.index(stop)]
+
+
+def test_batch_mode_equals_single_prompts(capsys, monkeypatch, model_dir, tmp_path):
+    prompts = ["a", "a much longer prompt than the first one", "medium prompt"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts[:2]) + "\n"
+                   + json.dumps({"messages": [{"role": "user", "content": prompts[2]}]}) + "\n")
+    code, _, err = run(capsys, monkeypatch, "-m", model_dir, "--input", src, "--output", tmp_path / "out.jsonl",
+                       "--greedy", "--max-new-tokens", "8", "--ignore-eos")
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for p, row in zip(prompts, rows):
+        alone = gen_json(capsys, monkeypatch, model_dir, p, "--greedy", "--max-new-tokens", "8", "--ignore-eos")
+        assert row["text"] == alone["outputs"][0]["text"]
+
+
+def test_stdin_and_streaming_output(capsys, monkeypatch, model_dir):
+    code, out, err = run(capsys, monkeypatch, "-m", model_dir, "--greedy", "--max-new-tokens", "6", stdin="hello\n")
+    assert code == 0 and out.startswith("<think>")
+    assert "prompt" in err and "decode" in err and "tok/s" in err
+    code, out, _ = run(capsys, monkeypatch, "-m", model_dir, "--greedy", "--max-new-tokens", "6", "--hide-thinking",
+                       "--thinking-budget", "0", "--thinking-grace", "0", stdin="hello\n")
+    assert code == 0 and "<think>" not in out
+
+
+def test_interactive_chat(capsys, monkeypatch, model_dir):
+    code, out, _ = run(capsys, monkeypatch, "-m", model_dir, "-i", "--greedy", "--max-new-tokens", "4",
+                       stdin="hello\n/no_think\nagain\n/budget 2\n/budget x\n/reset\n/exit\n")
+    assert code == 0
+    assert "reasoning off" in out and "thinking budget: 2" in out and "history cleared" in out
+    assert "/budget takes a number" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("-m", "/nonexistent", "hi"), "not a model directory"),
+    (("hi",), "--model is required"),
+    (("-m", "{model}", "--temperature", "-1", "hi"), "temperature"),
+    (("-m", "{model}", "--top-p", "0", "hi"), "top_p"),
+    (("-m", "{model}", "   "), "empty"),
+    (("-m", "{model}", "--device", "tpu", "hi"), "--device"),
+    (("-m", "{model}", "--max-new-tokens", "5000", "hi"), "context limit"),
+    (("-m", "{model}", "--max-new-tokens", "0", "hi"), "max_new_tokens"),
+    (("-m", "{model}", "--truncate", "right", "hi"), "--truncate"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, monkeypatch, model_dir, args, needle):
+    code, out, err = run(capsys, monkeypatch, *[a.replace("{model}", str(model_dir)) for a in args])
+    assert code == 2, err
+    assert needle in err and err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_tokenizer_is_one_line(capsys, monkeypatch, model_dir, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    (bare / "tokenizer.json").unlink()
+    code, _, err = run(capsys, monkeypatch, "-m", bare, "hi")
+    assert code == 2 and "tokenizer.json" in err and err.count("\n") == 1
+
+
+def test_truncate_left_keeps_the_end(capsys, monkeypatch, model_dir):
+    d = gen_json(capsys, monkeypatch, model_dir, "x " * 300, "--greedy", "--max-new-tokens", "4",
+                 "--max-context", "64", "--truncate", "left")
+    assert len(d["outputs"][0]["prompt_ids"]) == 60
