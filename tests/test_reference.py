@@ -104,3 +104,15 @@ def test_causal_conv_shorter_than_kernel():
     w = torch.randn(5, 4, dtype=torch.float64)
     expected = F.silu(F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), w[:, None, :], None, groups=5)).transpose(1, 2)
     torch.testing.assert_close(R.causal_conv1d(x, w, None), expected)
+
+
+def test_cached_masks_work_with_autograd_after_inference_mode():
+    # The (Q, Q) mask is cached per Q; built first under inference_mode, it must still serve autograd.
+    R._upper_mask_cpu.cache_clear()
+    x, dt, A, B, C, D, _ = _inputs(1, 16, 4, 2, 2, 3, dtype=torch.float32)
+    with torch.inference_mode():
+        R.ssd_chunked(x, dt, A, B, C, 8, D)
+    x.requires_grad_(True)
+    y, _ = R.ssd_chunked(x, dt, A, B, C, 8, D)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
