@@ -35,7 +35,8 @@ def discretize_dt(dt_raw: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[f
 
 @functools.lru_cache(maxsize=8)
 def _upper_mask_cpu(Q: int) -> torch.Tensor:
-    return torch.ones(Q, Q, dtype=torch.bool).triu(1)
+    with torch.inference_mode(False):  # a normal tensor, usable with autograd even if first built in inference
+        return torch.ones(Q, Q, dtype=torch.bool).triu(1)
 
 
 def _upper_mask(Q: int, device: torch.device) -> torch.Tensor:
