@@ -27,6 +27,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no conversions: a decode step
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # runs ~30 of these per token
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -40,9 +42,14 @@ class GatedGroupRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         b, T, inner = y.shape
-        g = (F.silu(z.float()) * y.float()).view(b, T, self.groups, inner // self.groups)  # (b, T, G, I/G)
-        g = F.rms_norm(g, (inner // self.groups,), eps=self.eps)
-        return g.view(b, T, inner) * self.weight.float()  # float32
+        w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        if torch.is_grad_enabled():
+            g = F.silu(z.float()) * y.float()
+        else:  # same math, written into one buffer
+            g = F.silu(z if z.dtype == torch.float32 else z.float()).mul_(y)
+        g = F.rms_norm(g.view(b, T, self.groups, inner // self.groups), (inner // self.groups,), eps=self.eps)
+        g = g.view(b, T, inner)  # (b, T, I) float32
+        return g * w if torch.is_grad_enabled() else g.mul_(w)
 
 
 class MLP(nn.Module):
@@ -95,6 +102,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache: AttentionCache | None = None, start: int = 0,
                 pad: torch.Tensor | None = None) -> torch.Tensor:
         b, T, _ = x.shape
+        if cache is not None and T == 1:
+            return self._decode(x, cache, start, pad)
         q = self.q_proj(x).view(b, T, self.n_heads, self.head_dim).transpose(1, 2)  # (b, nh, T, d)
         k = self.k_proj(x).view(b, T, self.n_kv, self.head_dim).transpose(1, 2)  # (b, kv, T, d)
         v = self.v_proj(x).view(b, T, self.n_kv, self.head_dim).transpose(1, 2)  # (b, kv, T, d)
@@ -115,6 +124,22 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
                                              enable_gqa=self.n_kv != self.n_heads)  # (b, nh, T, d)
         return self.o_proj(out.transpose(1, 2).reshape(b, T, self.n_heads * self.head_dim))
+
+    def _decode(self, x: torch.Tensor, cache: AttentionCache, start: int,
+                pad: torch.Tensor | None) -> torch.Tensor:
+        """One new token against the cached keys: no causal mask (it sees every key), no copies of K and V.
+
+        GQA without repeating K/V: the R = n_heads / n_kv query heads that read one KV head are laid out
+        as R query rows of that head, so SDPA runs on (b, kv, R, d) queries against (b, kv, L, d) keys.
+        """
+        b, d = x.shape[0], self.head_dim
+        q = self.q_proj(x).view(b, self.n_kv, self.n_heads // self.n_kv, d)  # (b, kv, R, d): head kv*R + r
+        cache.k.select(2, start).copy_(self.k_proj(x).view(b, self.n_kv, d))
+        cache.v.select(2, start).copy_(self.v_proj(x).view(b, self.n_kv, d))
+        k, v = cache.k.narrow(2, 0, start + 1), cache.v.narrow(2, 0, start + 1)  # (b, kv, L, d) views
+        mask = None if pad is None else padded_causal_mask(pad, start, 1)  # (b, 1, 1, L): padding is no key
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, kv, R, d)
+        return self.o_proj(out.reshape(b, 1, self.n_heads * d))
 
 
 class Mamba2Mixer(nn.Module):
@@ -145,7 +170,9 @@ class Mamba2Mixer(nn.Module):
         b, T, _ = hidden.shape
         H, P, G, N, inner = self.H, self.P, self.G, self.N, self.inner
         z, xBC, dt_raw = self.in_proj(hidden).split([inner, self.conv_dim, H], dim=-1)  # (b, T, .)
-        real = padding_mask(pad, start, T)  # (b, T, 1) or None
+        # (b, T, 1) or None. A single token is never padding: a padded prompt ends with a real token, and
+        # decode steps come after it (so the pad-length check, a host sync, is skipped on the decode path).
+        real = None if T == 1 else padding_mask(pad, start, T)
         if real is not None:  # left padding: zero conv inputs (as before a sequence start) ...
             xBC = xBC * real
         xBC = kernels.causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias,
@@ -164,7 +191,7 @@ class Mamba2Mixer(nn.Module):
             if cache is not None:
                 cache.ssm.copy_(final)
         y = self.norm(y.reshape(b, T, inner), z)  # (b, T, I) float32
-        return self.out_proj(y.to(hidden.dtype))
+        return self.out_proj(y if y.dtype == hidden.dtype else y.to(hidden.dtype))
 
 
 MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "mlp": MLP}
@@ -180,4 +207,5 @@ class Block(nn.Module):
         self.mixer = MIXERS[kind](c)
 
     def forward(self, h: torch.Tensor, cache=None, start: int = 0, pad: torch.Tensor | None = None) -> torch.Tensor:
-        return h + self.mixer(self.norm(h), cache, start, pad)
+        out = self.mixer(self.norm(h), cache, start, pad)
+        return h + out if torch.is_grad_enabled() else out.add_(h)  # (the mixer's output is a fresh tensor)

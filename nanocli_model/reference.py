@@ -20,8 +20,13 @@ import torch.nn.functional as F
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
-    """The accumulation dtype: float32, or float64 for float64 inputs."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    """The accumulation dtype: float32, or float64 for float64 inputs (no call at all when already there)."""
+    return t if t.dtype == torch.float32 or t.dtype == torch.float64 else t.float()
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is already there (a no-op ``.to`` still costs a dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def discretize_dt(dt_raw: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float]) -> torch.Tensor:
@@ -147,19 +152,30 @@ def ssd_step(
     """One token of the recurrence, updating ``state`` in place.
 
     state (b, H, P, N) any float dtype; x (b, H, P); dt (b, H) discretized; A (H,); B, C (b, G, N).
-    Returns y (b, H, P) float32.
+    Returns y (b, H, P) float32 (float64 for float64 inputs).
+
+    Head h reads group h // R (R = H/G heads per group), so the heads are viewed as (G, R) and B, C
+    broadcast per group: no per-head copies of B and C. The state is updated in place when it is
+    already in the accumulation dtype (the usual float32 cache), else in a float32 copy written back.
     """
     b, H, P = x.shape
-    R = H // B.shape[1]  # heads per group
+    G, N = B.shape[1], B.shape[2]
+    R = H // G  # heads per group
     x32, dt32 = _acc(x), _acc(dt)
-    Bh = B.to(x32.dtype).repeat_interleave(R, dim=1)  # (b, H, N)
-    Ch = C.to(x32.dtype).repeat_interleave(R, dim=1)  # (b, H, N)
-    decay = (dt32 * A.to(x32.dtype)).exp()  # (b, H)
-    new = state.to(x32.dtype) * decay[..., None, None] + (x32 * dt32[..., None])[..., None] * Bh[:, :, None, :]
-    state.copy_(new)
-    y = (new @ Ch[..., None]).squeeze(-1)  # (b, H, P)
+    acc = x32.dtype
+    h = state if state.dtype == acc and state.is_contiguous() else state.to(acc).contiguous()  # (b, H, P, N)
+    hg = h.view(b, G, R, P, N)
+    hg.mul_(torch.exp(dt32 * _acc(A)).view(b, G, R, 1, 1))  # decay exp(dt A) per head
+    xdt = (x32 * dt32[..., None]).view(b, G, R, P, 1)  # (b, G, R, P, 1)
+    hg.addcmul_(xdt, _acc(B).view(b, G, 1, 1, N))  # + dt x B^T, B shared by the group's R heads
+    if h is not state:
+        state.copy_(h)
+    # y = h C per group, C as the left operand: (1, N) @ (N, R*P) reads the state row by row (a fast GEMV;
+    # the (R*P, N) @ (N, 1) form is several times slower on CPU).
+    Cg = _acc(C).reshape(b * G, 1, N)  # (b*G, 1, N); a copy only when C is a strided slice of a batch
+    y = torch.bmm(Cg, h.view(b * G, R * P, N).transpose(1, 2)).view(b, H, P)  # (b, H, P)
     if D is not None:
-        y = y + D.to(x32.dtype)[:, None] * x32
+        y.addcmul_(x32, _acc(D)[:, None])  # + D x
     return y
 
 
@@ -181,6 +197,25 @@ def ssd_sequential(
     return torch.stack(ys, dim=1), state
 
 
+def causal_conv1d_step(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor
+) -> torch.Tensor:
+    """One decode step of ``causal_conv1d``: x (b, C) the new input; weight (C, K); conv_state (b, C, K-1)
+    updated in place to the last K-1 inputs. Returns silu(bias + sum_k weight[:, k] * window[:, k]) (b, C),
+    the window being the K-1 stored inputs followed by x.
+
+    The window is one small time-major (b, K, C) buffer: the state's K-1 columns and the new input, so the
+    tap sum reduces over an outer dimension (vectorised along channels; a sum over an inner dimension of
+    size K is several times slower on CPU), and the state shifts by one copy out of it.
+    """
+    window = torch.cat([_as(conv_state, x.dtype).transpose(1, 2), x[:, None]], dim=1)  # (b, K, C)
+    conv_state.copy_(window[:, 1:].transpose(1, 2))  # the last K-1 inputs
+    out = torch.linalg.vecdot(window, _as(weight, x.dtype).t(), dim=1)  # (b, C)
+    if bias is not None:
+        out.add_(_as(bias, x.dtype))
+    return F.silu(out, inplace=not torch.is_grad_enabled())
+
+
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -192,6 +227,8 @@ def causal_conv1d(
     """
     b, T, C = x.shape
     K = weight.shape[-1]
+    if conv_state is not None and T == 1:
+        return causal_conv1d_step(x.view(b, C), weight, bias, conv_state).view(b, 1, C)
     taps = weight.t().to(x.dtype).contiguous()  # (K, C): each tap a contiguous row (strided taps are ~8x slower)
     if conv_state is not None:
         x = torch.cat([conv_state.transpose(1, 2).to(x.dtype), x], dim=1)  # (b, K-1+T, C)

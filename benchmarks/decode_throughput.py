@@ -1,0 +1,211 @@
+"""Single-token decode throughput: nano vs transformers' NemotronH, same weights, same threads, fp32.
+
+    .venv/bin/python benchmarks/decode_throughput.py --threads 1
+    .venv/bin/python benchmarks/decode_throughput.py --settings small:256:128 --reps 5 --no-curve
+
+Each run prefills the prompt through the model's own cache, then decodes greedily one token at a time
+(``model(tok[:, None], cache)`` for nano; ``hf(tok[:, None], cache=out.cache, use_cache=True)`` for
+transformers) and times the decode steps only. Runs alternate A B A B so machine noise hits both alike;
+the table gives medians. Decode on a CPU streams every weight once per token, so the table also gives
+the weight-streaming limit: this machine's fp32 matrix-vector bandwidth (measured here, same thread
+count) divided by the fp32 weight bytes a token reads (every matrix; the embedding table is a row
+lookup, so it counts unless it is tied to lm_head). "GEMVs-only" times the model's own matrix-vector
+products back to back (each weight once, in its decode layout, nothing in between): what the BLAS reaches
+on these shapes, so the last column is the share of a step that is not per-token overhead. With --batch
+the limit columns compare decode steps/s (a step reads the weights once for the whole batch). The curve
+shows decode ms/token at growing context: flat for the Mamba layers, growing for attention (it reads the
+whole KV cache every token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forward_throughput import build_pair, load_profile  # noqa: E402
+
+from nanocli_model import NanoForCausalLM  # noqa: E402
+from nanocli_model.layers import Attention, Mamba2Mixer  # noqa: E402
+
+
+def gemv_bandwidth_gbs(rows: int = 4096, cols: int = 16384, reps: int = 15) -> float:
+    """Best-of fp32 ``W @ x`` rate in GB/s of W streamed (W much larger than the caches)."""
+    W, x = torch.randn(rows, cols), torch.randn(cols)
+    W @ x
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        W @ x
+        best = min(best, time.perf_counter() - t)
+    return W.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model: NanoForCausalLM) -> int:
+    """Bytes of parameters a decode step reads: everything but an untied embedding table (a row lookup)."""
+    emb = model.backbone.embeddings.weight
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (p is emb and model.lm_head.weight is not emb):
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def nano_decoder(model, prompt: torch.Tensor, gen: int):
+    def run() -> float:
+        cache = model.allocate_cache(prompt.shape[0], prompt.shape[1] + gen)
+        tok = model(prompt, cache, logits_to_keep=1)[:, -1].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(gen - 1):
+            tok = model(tok[:, None], cache)[:, -1].argmax(-1)
+        return (time.perf_counter() - t) / (gen - 1)
+    return run
+
+
+def hf_decoder(hf, prompt: torch.Tensor, gen: int):
+    def run() -> float:
+        out = hf(prompt, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(gen - 1):
+            out = hf(tok[:, None], cache=out.cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1)
+        return (time.perf_counter() - t) / (gen - 1)
+    return run
+
+
+def alternate(runs: dict, reps: int) -> dict[str, float]:
+    """Median seconds/token of each runner, runs interleaved A B A B after one warm-up each."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode():
+        for f in runs.values():
+            f()
+        for _ in range(reps):
+            for name, f in runs.items():
+                times[name].append(f())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def context_curve_ms(model, context: int, steps: int = 32, reps: int = 5) -> tuple[float, float, float]:
+    """(Mamba mixers, attention mixers, whole model) decode ms/token with ``context`` tokens in the cache.
+
+    The cache position is set directly (its contents stay zeros: the cost does not depend on them), so a
+    16k context needs no 16k-token prefill. Mixer times sum their forward calls (timed through hooks, in a
+    separate pass from the whole-model time, which runs without hooks)."""
+    kinds = {"mamba": Mamba2Mixer, "attention": Attention}
+    spent = {k: 0.0 for k in kinds}
+    starts: dict[int, float] = {}
+
+    def pre(mod, args):
+        starts[id(mod)] = time.perf_counter()
+
+    def post_for(kind):
+        def post(mod, args, out):
+            spent[kind] += time.perf_counter() - starts[id(mod)]
+        return post
+
+    def run(n: int) -> float:
+        cache.seq_len = context
+        tok = torch.zeros(1, dtype=torch.long)
+        t = time.perf_counter()
+        for _ in range(n):
+            tok = model(tok[:, None], cache)[:, -1].argmax(-1)
+        return (time.perf_counter() - t) / n
+
+    cache = model.allocate_cache(1, context + steps + 1)
+    best = {"mamba": float("inf"), "attention": float("inf"), "all": float("inf")}
+    with torch.inference_mode():
+        run(4)
+        for _ in range(reps):
+            best["all"] = min(best["all"], run(steps))
+        hooks = [h for m in model.modules() for kind, cls in kinds.items() if isinstance(m, cls)
+                 for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post_for(kind)))]
+        try:
+            for _ in range(reps):
+                spent.update(mamba=0.0, attention=0.0)
+                run(steps)
+                for kind in kinds:
+                    best[kind] = min(best[kind], spent[kind] / steps)
+        finally:
+            for h in hooks:
+                h.remove()
+    return 1e3 * best["mamba"], 1e3 * best["attention"], 1e3 * best["all"]
+
+
+def model_gemv_s(model, reps: int = 7) -> float:
+    """Seconds per token of the model's matrix-vector products alone (each Linear weight once, in order, in
+    the layout decode uses): what the BLAS reaches on these shapes, with no other work in between."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, m.in_features) for m in linears]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(reps):
+            t = time.perf_counter()
+            for m, x in zip(linears, xs):
+                torch.nn.functional.linear(x, m.weight)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", nargs="+", default=["small:256:128", "small:2048:512", "medium:256:128"],
+                    help="profile:prompt:generate triples")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3, help="alternating timed runs per setting (medians)")
+    ap.add_argument("--curve-profile", default="small")
+    ap.add_argument("--contexts", nargs="+", type=int, default=[256, 1024, 4096, 16384])
+    ap.add_argument("--no-curve", action="store_true")
+    ap.add_argument("--no-hf", action="store_true", help="time nano only")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    bw = gemv_bandwidth_gbs()
+    print(f"threads={args.threads}  batch={args.batch}  fp32 GEMV bandwidth (4096x16384 W @ x, best of 15)="
+          f"{bw:.1f} GB/s  load average={os.getloadavg()[0]:.2f}  torch={torch.__version__}")
+    print("| profile | prompt | generate | nano tok/s | transformers tok/s | speed-up | weight MB/token "
+          "| streaming limit tok/s | nano % of limit | GEMVs-only tok/s | nano % of GEMVs-only |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    pairs: dict[str, tuple] = {}
+    for setting in args.settings:
+        name, prompt_len, gen = setting.split(":")
+        prompt_len, gen = int(prompt_len), int(gen)
+        if name not in pairs:
+            pairs[name] = build_pair(load_profile(name))
+        nano, hf = pairs[name]
+        prompt = torch.randint(0, nano.config.vocab_size, (args.batch, prompt_len),
+                               generator=torch.Generator().manual_seed(0))
+        runs = {"nano": nano_decoder(nano, prompt, gen)}
+        if not args.no_hf:
+            runs["hf"] = hf_decoder(hf, prompt, gen)
+        med = alternate(runs, args.reps)  # the warm-up also puts nano's weights in their decode layout
+        wbytes = weight_bytes_per_token(nano)
+        limit = bw * 1e9 / wbytes
+        gemv_limit = 1 / model_gemv_s(nano)
+        nano_tps = args.batch / med["nano"]
+        hf_tps = args.batch / med["hf"] if "hf" in med else float("nan")
+        print(f"| {name} | {prompt_len} | {gen} | {nano_tps:.0f} | {hf_tps:.0f} | {nano_tps / hf_tps:.2f}x | "
+              f"{wbytes / 1e6:.1f} | {limit:.0f} | {100 / med['nano'] / limit:.0f}% | {gemv_limit:.0f} | "
+              f"{100 / med['nano'] / gemv_limit:.0f}% |", flush=True)
+    if args.no_curve:
+        return
+    name = args.curve_profile
+    nano = pairs[name][0] if name in pairs else build_pair(load_profile(name))[0]
+    print(f"\ncontext curve ({name}, batch 1): decode ms/token with the context already cached")
+    print("| context | Mamba layers ms/token | attention layers ms/token | whole model ms/token |")
+    print("|---:|---:|---:|---:|")
+    for ctx in args.contexts:
+        m, a, w = context_curve_ms(nano, ctx)
+        print(f"| {ctx} | {m:.2f} | {a:.2f} | {w:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
