@@ -21,24 +21,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import NanoConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .headers import INDEX_NAME, SINGLE_NAME, read_safetensors_header, weight_file_list
+from .memory import canonical_dtype
 from .model import NanoForCausalLM
 
 log = logging.getLogger("nanocli_model")
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    try:
-        return _DTYPES[str(dtype).replace("torch.", "")]
-    except KeyError:
-        raise ConfigError(f"dtype: unknown {dtype!r}; use one of fp32, bf16, fp16") from None
+    return _TORCH[canonical_dtype(dtype, ("fp32", "bf16", "fp16"))]
 
 
 # ---------------------------------------------------------------------------- reading

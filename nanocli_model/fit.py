@@ -34,14 +34,19 @@ from dataclasses import dataclass, field
 
 from .config import ATTENTION, MAMBA, MLP, NanoConfig
 from .errors import ConfigError
-from .memory import conv_state_bytes, dtype_bytes, kv_cache_bytes, param_count, ssm_state_bytes
+from .memory import (
+    canonical_dtype,
+    conv_state_bytes,
+    dtype_bytes,
+    kv_cache_bytes,
+    param_count,
+    ssm_state_bytes,
+)
 
 GIB = 2**30
 DEFAULT_PREFILL_CHUNK = 2048
-WEIGHT_DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "fp32": "fp32",
-                 "float32": "fp32", "fp8": "fp8", "float8_e4m3fn": "fp8"}
-SSM_DTYPES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
-              "float16": "fp16"}
+WEIGHT_DTYPES = ("bf16", "fp16", "fp8", "fp32")
+SSM_DTYPES = ("fp32", "bf16", "fp16")
 ATTENTION_KERNELS = ("flash", "eager")
 # Projection weights: stored in 1 byte under fp8; embeddings, lm_head, norms, conv1d, A_log/D/dt_bias stay bf16.
 MATMUL_SUFFIXES = ("in_proj.weight", "out_proj.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
@@ -51,17 +56,11 @@ _ST_TO_NAME = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "float64", "
 
 def weight_dtype(name: str) -> str:
     """``bf16`` / ``fp16`` / ``fp8`` / ``fp32`` from any spelling; ConfigError otherwise."""
-    try:
-        return WEIGHT_DTYPES[str(name).lower().replace("torch.", "")]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}; use one of bf16, fp16, fp8, fp32") from None
+    return canonical_dtype(name, WEIGHT_DTYPES)
 
 
 def ssm_dtype(name: str) -> str:
-    try:
-        return SSM_DTYPES[str(name).lower().replace("torch.", "")]
-    except KeyError:
-        raise ConfigError(f"unknown SSM cache dtype {name!r}; use one of fp32, bf16, fp16") from None
+    return canonical_dtype(name, SSM_DTYPES, what="SSM cache dtype")
 
 
 def stored_dtype_name(st_dtype: str) -> str | None:

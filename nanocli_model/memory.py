@@ -12,21 +12,30 @@ from dataclasses import dataclass
 from .config import ATTENTION, MAMBA, MLP, NanoConfig
 from .errors import ConfigError
 
-DTYPE_BYTES = {
-    "float64": 8, "fp64": 8,
-    "float32": 4, "fp32": 4,
-    "bfloat16": 2, "bf16": 2,
-    "float16": 2, "fp16": 2,
-    "float8_e4m3fn": 1, "fp8": 1, "float8_e5m2": 1,
+# Every spelling nano accepts -> its short name; the one table behind dtype names everywhere.
+DTYPE_ALIASES = {
+    "float64": "fp64", "fp64": "fp64",
+    "float32": "fp32", "fp32": "fp32",
+    "bfloat16": "bf16", "bf16": "bf16",
+    "float16": "fp16", "fp16": "fp16",
+    "float8_e4m3fn": "fp8", "fp8": "fp8", "float8_e5m2": "fp8",
 }
+SHORT_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+DTYPE_BYTES = {name: SHORT_BYTES[short] for name, short in DTYPE_ALIASES.items()}
+
+
+def canonical_dtype(name, allowed: tuple[str, ...] | None = None, what: str = "dtype") -> str:
+    """``torch.bfloat16`` / ``bfloat16`` / ``bf16`` -> ``bf16``; ConfigError for unknown or disallowed names."""
+    short = DTYPE_ALIASES.get(str(name).lower().replace("torch.", ""))
+    choices = allowed or tuple(SHORT_BYTES)
+    if short is None or short not in choices:
+        raise ConfigError(f"unknown {what} {name!r}; use one of {', '.join(choices)}")
+    return short
 
 
 def dtype_bytes(name: str) -> int:
     """Bytes per element for a dtype name such as ``bf16`` or ``float32``."""
-    try:
-        return DTYPE_BYTES[str(name).replace("torch.", "")]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPE_BYTES))}") from None
+    return SHORT_BYTES[canonical_dtype(name)]
 
 
 # ---------------------------------------------------------------------------- parameters

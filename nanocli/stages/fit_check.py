@@ -237,11 +237,12 @@ def _default_dtype(source: ModelSource) -> str:
             if t.name.endswith("embeddings.weight"):
                 name = fit.stored_dtype_name(t.dtype)
                 if name in fit.WEIGHT_DTYPES:
-                    return fit.weight_dtype(name)
+                    return name
     torch_dtype = source.config.torch_dtype
-    if torch_dtype and str(torch_dtype).replace("torch.", "") in fit.WEIGHT_DTYPES:
-        return fit.weight_dtype(torch_dtype)
-    return "bf16"
+    try:
+        return fit.weight_dtype(torch_dtype) if torch_dtype else "bf16"
+    except ConfigError:
+        return "bf16"
 
 
 # ---------------------------------------------------------------------------- step 3: the limit
