@@ -152,7 +152,12 @@ def prompt_ids(tokenizer, prompt: str | list[dict], options: GenerateOptions) ->
 
 
 def _newline_ids(tokenizer) -> set[int]:
-    return {i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([i])}
+    """Ids whose text holds a newline; a scan of the vocabulary, done once per tokenizer (chat turns reuse it)."""
+    cached = getattr(tokenizer, "_nano_newline_ids", None)
+    if cached is None:
+        cached = {i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([i])}
+        tokenizer._nano_newline_ids = cached
+    return cached
 
 
 def split_thinking(text: str, in_thinking: bool) -> tuple[str, str]:
