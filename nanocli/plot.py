@@ -98,3 +98,51 @@ def plot_fit(r: FitCheckResult, path: str | Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotError("plots need matplotlib (pip install 'matplotlib>=3.7')") from None
+    return plt
+
+
+def plot_loss(metrics: list[dict], path: str | Path, title: str = "training loss") -> Path:
+    """Training loss per step (raw and smoothed), held-out loss where evaluated, and the LR on a second axis."""
+    plt = _pyplot()
+    path = Path(path)
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=120)
+    steps, losses = [m["step"] for m in train], [m["loss"] for m in train]
+    ax.plot(steps, losses, color="#1f77b4", lw=0.8, alpha=0.35, label="train loss (per step)")
+    if len(losses) >= 5:
+        k = max(len(losses) // 25, 2)
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, color="#1f77b4", lw=2.0, label=f"train loss ({k}-step mean)")
+    if evals:
+        ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", color="#d62728", lw=1.5,
+                label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if train and "lr" in train[0]:
+        ax2 = ax.twinx()
+        ax2.plot(steps, [m["lr"] for m in train], color="#7f7f7f", lw=1.0, ls="--", label="learning rate")
+        ax2.set_ylabel("learning rate", color="#7f7f7f")
+        ax2.tick_params(axis="y", colors="#7f7f7f")
+        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right", fontsize=8)
+    else:
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -22,7 +22,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("pretrain", 5, "Pretrain a model from scratch",
           "Pretrain a NemotronH model from scratch on text: warmup-stable-decay schedule, "
-          "checkpoint and resume, optional FP8."),
+          "checkpoint and resume, optional FP8.", built=True),
     Stage("align", 6, "SFT + preference alignment",
           "Align a base model: SFT on chat data with reasoning on and off (/think, /no_think), "
           "then preference optimisation."),

@@ -459,3 +459,115 @@ def chat(gen, options) -> None:
         stream.close()
         history.append({"role": "assistant", "content": result.outputs[0].answer})
         show_generation_stats(result)
+
+
+# ---------------------------------------------------------------------------------------- training
+class TrainProgress:
+    """A rich progress bar for a training run: step, loss, lr, tokens/s, ETA; status lines above it.
+
+    Used as the stage's hooks (``status``, ``progress`` for tokenization, ``start``, ``step``). On a
+    terminal that is not interactive (CI, a pipe) it prints a line every ``log_every`` steps instead.
+    """
+
+    def __init__(self, log_every: int = 10, quiet: bool = False):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.out = Console(stderr=True, highlight=False, quiet=quiet)
+        self.log_every = log_every
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                 TimeRemainingColumn(), console=self.out, transient=False)
+        self.task = None
+        self.tok_task = None
+        self.last_eval = ""
+
+    def __enter__(self) -> TrainProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def status(self, message: str) -> None:
+        self.progress.console.print(f"[dim]{message}[/]", markup=True)
+
+    def tokenize(self, description: str, done: int, total: int) -> None:
+        if self.tok_task is None:
+            self.tok_task = self.progress.add_task("tokenize", total=total or None, info=description)
+        self.progress.update(self.tok_task, completed=done, total=total or None, info=description)
+
+    def start(self, start: int, total: int, info: dict) -> None:
+        if self.tok_task is not None:
+            self.progress.remove_task(self.tok_task)
+            self.tok_task = None
+        self.status(f"training steps {start}..{total} on {info.get('device')} x {info.get('processes')}")
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+
+    def step(self, m: dict) -> None:
+        if "eval_loss" in m:
+            self.last_eval = f" | held-out {m['eval_loss']:.3f}"
+        if "loss" not in m:
+            self.progress.update(self.task, info=self.progress.tasks[-1].fields.get("info", "") + self.last_eval)
+            return
+        info = (f"loss {m['loss']:.4f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s"
+                + (f" | MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "") + self.last_eval)
+        self.progress.update(self.task, completed=m["step"], info=info)
+        if not self.out.is_terminal and (m["step"] % self.log_every == 0):
+            self.out.print(f"step {m['step']}: {info}", markup=False)
+
+
+def show_pretrain_plan(plan: dict) -> None:
+    """``nano pretrain --dry-run``: the resolved settings and the token/step plan."""
+    out = console()
+    t = Table(title="nano pretrain: plan (dry run)", box=box.SIMPLE_HEAVY, show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("model", f"{plan['model']} ({human_count(plan['parameters'])} parameters)")
+    for name, spec in plan["data"].items():
+        files = f", {spec['files']} files" if spec["kind"] == "files" else ""
+        t.add_row(f"data: {name}", f"{spec['source']} ({spec['kind']}{files})")
+    for i, p in enumerate(plan["phases"]):
+        blend = ", ".join(f"{k} {100 * v:.0f}%" for k, v in p["blend"].items())
+        t.add_row(f"phase {i + 1}", f"steps {p['steps'][0]}..{p['steps'][1]}: {blend}")
+    t.add_row("steps", f"{plan['steps']:,} x {plan['tokens_per_step']:,} tokens = {human_count(plan['tokens'])} tokens")
+    t.add_row("batch", f"{plan['global_batch']} sequences x {plan['seq_len']} tokens; micro-batch "
+              f"{plan['micro_batch']} x {plan['accumulation']} accumulation x {plan['processes']} processes")
+    s = plan["schedule"]
+    ranges = ", ".join(f"{k} {v[0]}..{v[1]}" for k, v in s.items() if isinstance(v, list))
+    t.add_row("schedule", f"{s['kind']}: lr {s['lr']:.2e} -> {s['min_lr']:.2e}; {ranges}")
+    t.add_row("precision", plan["precision"])
+    t.add_row("output", str(plan["out"]))
+    out.print(t)
+
+
+def show_pretrain_result(r) -> None:
+    """The end-of-run summary: tokens, time, tokens/s, losses, peak memory, MFU, where things are."""
+    out = console()
+    if r.already_done:
+        out.print(f"nothing to do: {r.final} already holds step {r.steps_done} of {r.resolved.steps}")
+        return
+    t = Table(title="nano pretrain: " + ("interrupted, checkpoint written" if r.interrupted else "done"),
+              box=box.SIMPLE_HEAVY, show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("steps", f"{r.start_step} -> {r.steps_done} of {r.resolved.steps}")
+    t.add_row("tokens", f"{human_count(r.tokens)} in {r.seconds:,.1f} s = {r.tokens_per_s:,.0f} tokens/s")
+    t.add_row("loss", f"{r.first_loss:.4f} -> {r.last_loss:.4f}")
+    if r.eval:
+        t.add_row("held-out", f"loss {r.eval['eval_loss']:.4f}, perplexity {r.eval['eval_ppl']:.2f}")
+    t.add_row("peak memory", human_bytes(r.peak_memory_bytes))
+    if r.mfu is not None:
+        t.add_row("MFU", f"{100 * r.mfu:.1f}%")
+    if r.fp8:
+        t.add_row("fp8", f"{len(r.fp8['fp8'])} linear layers in FP8, {len(r.fp8['high_precision'])} kept in bf16")
+    t.add_row("checkpoint", str(r.final))
+    if r.plot:
+        t.add_row("loss curve", str(r.plot))
+    out.print(t)

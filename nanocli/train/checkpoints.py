@@ -1,0 +1,124 @@
+"""Training checkpoints: a NemotronH model directory plus the training state beside it, written atomically.
+
+Layout of a run directory ``OUT/``::
+
+    OUT/checkpoint-00000100/   every --save-every steps (the newest --keep-last are kept)
+    OUT/final/                 at the end of the run
+        config.json model.safetensors tokenizer.json tokenizer_config.json ...   (loads in nano generate,
+                                                                                 transformers, vLLM)
+        trainer_state.pt       optimizer state (keyed by parameter name), step, RNG states, data position
+        hyperparameters.yaml   the resolved settings of the run
+
+Each directory is assembled under a temporary dot-name and renamed into place (``save_pretrained``), so
+a directory named ``checkpoint-*`` or ``final`` is always complete; a leftover ``.checkpoint-*.tmp-*``
+from a killed write is never taken for a checkpoint (and is removed by the next save). The training
+state is read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import yaml
+
+from nanocli_model.checkpoint import save_pretrained
+from nanocli_model.errors import CheckpointError
+
+TRAINER_STATE = "trainer_state.pt"
+HPARAMS = "hyperparameters.yaml"
+FINAL = "final"
+PREFIX = "checkpoint-"
+FORMAT = 1
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def rng_state() -> dict:
+    """Every RNG the training may touch: torch CPU, each CUDA device, Python's ``random``."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model, trainer_state: dict, hparams: dict, side_files: Iterable[Path] = ()) -> Path:
+    """Write model + tokenizer files + training state into ``path`` atomically; returns ``path``."""
+    path = Path(path)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.state-", dir=path.parent))
+    try:
+        torch.save({"format": FORMAT, **trainer_state}, scratch / TRAINER_STATE)
+        (scratch / HPARAMS).write_text(yaml.safe_dump(hparams, sort_keys=False), encoding="utf-8")
+        files = [scratch / TRAINER_STATE, scratch / HPARAMS, *[Path(f) for f in side_files]]
+        save_pretrained(model, path, extra_files=files)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def is_complete(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / TRAINER_STATE).is_file() and any(path.glob("*.safetensors"))
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``out`` as (step, path), oldest first (``final`` sorts by its step)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = []
+    for d in out.iterdir():
+        if d.is_dir() and (d.name == FINAL or d.name.startswith(PREFIX)) and is_complete(d):
+            found.append((read_step(d), d))
+    return sorted(found, key=lambda x: (x[0], x[1].name == FINAL))
+
+
+def read_step(path: Path) -> int:
+    return int(load_trainer_state(path)["step"])
+
+
+def load_trainer_state(path: Path) -> dict:
+    f = Path(path) / TRAINER_STATE
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no {TRAINER_STATE}; this is a model directory, not a training checkpoint "
+                              "(use --model to start a new run from it)")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same answer
+        raise CheckpointError(f"{f}: cannot be read ({type(e).__name__}); it is damaged, resume from an "
+                              "earlier checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "step" not in state:
+        raise CheckpointError(f"{f}: not a nano training state (format {FORMAT}); resume from another checkpoint")
+    return state
+
+
+def read_hparams(path: Path) -> dict:
+    f = Path(path) / HPARAMS
+    if not f.is_file():
+        return {}
+    data = yaml.safe_load(f.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def rotate(out: Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` ``checkpoint-*`` dirs and stale temporary dirs; returns what went."""
+    removed = []
+    ckpts = [p for _, p in list_checkpoints(out) if p.name != FINAL]
+    for _, p in [(0, p) for p in ckpts[: max(len(ckpts) - keep, 0)]]:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    for stale in Path(out).glob(f".{PREFIX}*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return removed

@@ -1,0 +1,103 @@
+"""Recipes: YAML files of stage settings (``profiles/recipes/*.yaml``) merged under the command-line flags.
+
+A recipe is a mapping whose keys are the fields of the stage's options dataclass (the same names as
+the flags, with ``_`` for ``-``), plus an optional ``stage:`` naming the stage it is for. Precedence:
+dataclass defaults < recipe < flags given on the command line. Unknown keys and wrong types are
+``ConfigError`` naming the file and the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nanocli_model.errors import ConfigError
+
+from ..profiles import profiles_dir
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe name in ``profiles/recipes/`` or a path to a YAML file."""
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such recipe file")
+        return p
+    found = profiles_dir() / "recipes" / f"{name_or_path}.yaml"
+    if not found.is_file():
+        names = sorted(f.stem for f in (profiles_dir() / "recipes").glob("*.yaml"))
+        raise ConfigError(f"unknown recipe {name_or_path!r}; available: {', '.join(names) or 'none'} "
+                          "(or give a path to a .yaml file)")
+    return found
+
+
+def read_recipe(name_or_path: str) -> tuple[Path, dict[str, Any]]:
+    path = recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of settings, got {type(raw).__name__}")
+    return path, raw
+
+
+def apply_recipe(options_cls: type, raw: dict[str, Any], path: Path, stage: str) -> dict[str, Any]:
+    """Validate ``raw`` against the fields of ``options_cls``; returns the settings as keyword arguments."""
+    declared = raw.get("stage")
+    if declared is not None and declared != stage:
+        raise ConfigError(f"{path}: this is a recipe for `nano {declared}`, not `nano {stage}`")
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    hints = typing.get_type_hints(options_cls)
+    out = {}
+    for key, value in raw.items():
+        if key in ("stage", "description"):
+            continue
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"{path}: unknown setting {key!r}; valid settings: {', '.join(sorted(fields))}")
+        out[name] = _check_type(value, hints[name], f"{path}: {key}")
+    return out
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Accept ``value`` for the annotation ``hint`` (int for float is fine); otherwise a ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a valid value ({_name(hint)})")
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    if origin in (list, tuple) and isinstance(value, list):
+        return value if origin is list else tuple(value)
+    if origin is dict and isinstance(value, dict):
+        return value
+    raise ConfigError(f"{where}: expected {_name(hint)}, got {value!r}")
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
