@@ -102,6 +102,15 @@ def test_wsd_lr_is_logged_per_step(tmp_path, cache, tokenizer_dir):
     assert lrs[9] == pytest.approx(1e-5)
 
 
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, cache, tokenizer_dir):
+    whole = pt.run(options(tmp_path / "a", cache, tokenizer_dir, steps=4, heldout_fraction=0.0))
+    accum = pt.run(options(tmp_path / "b", cache, tokenizer_dir, steps=4, heldout_fraction=0.0, micro_batch=2))
+    assert accum.resolved.accumulation == 4 and whole.resolved.accumulation == 1
+    a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert accum.last_loss == pytest.approx(whole.last_loss, rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------- resume
 def test_sigkill_then_resume_is_bit_identical(tmp_path, cache, tokenizer_dir):
     steps = 12
@@ -196,13 +205,15 @@ def test_fp8_loss_curve_tracks_bf16(tmp_path, cache, tokenizer_dir):
 
 
 # ------------------------------------------------------------------------------------------- processes
-def test_two_process_ddp_matches_one_process(tmp_path, cache, tokenizer_dir):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, cache, tokenizer_dir, parallel):
     steps = 4
     one = tmp_path / "one"
     pt.run(options(one, cache, tokenizer_dir, steps=steps, heldout_fraction=0.0))
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-           "-m", "nanocli", *cli_args(two, cache, tokenizer_dir, steps, save_every=2, heldout_fraction=0.0)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(29531 + (parallel == "fsdp")), "-m", "nanocli",
+           *cli_args(two, cache, tokenizer_dir, steps, save_every=2, heldout_fraction=0.0, parallel=parallel)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
@@ -279,3 +290,26 @@ def test_empty_data_file_is_an_error_and_nothing_is_written(tmp_path, cache, tok
     with pytest.raises(DataError):
         pt.run(options(tmp_path / "out", cache, tokenizer_dir, steps=3, data=str(data)))
     assert not list((tmp_path / "out").glob("checkpoint-*")) and not (tmp_path / "out" / "final").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stage: pretrain\nsteps: 10\nlearning_rate: 0.1\n", "unknown setting 'learning_rate'"),
+    ("stage: pretrain\nsteps: ten\n", "steps"),
+    ("stage: align\nsteps: 10\n", "recipe for `nano align`"),
+    ("stage: pretrain\nsteps: [10\n", "not valid YAML"),
+    ("- 1\n- 2\n", "mapping"),
+])
+def test_recipe_mistakes_are_named(tmp_path, text, message):
+    from nanocli_model.errors import ConfigError
+
+    f = tmp_path / "r.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("`", "`")):
+        pt.make_options(str(f), {})
+
+
+def test_flags_override_recipe_over_defaults(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("stage: pretrain\nsteps: 10\nlr: 0.01\nseq_len: 32\n")
+    o = pt.make_options(str(f), {"lr": 0.5, "seq_len": None})
+    assert (o.steps, o.lr, o.seq_len, o.global_batch) == (10, 0.5, 32, pt.PretrainOptions().global_batch)

@@ -59,10 +59,17 @@ def test_every_gpu_profile_loads(path):
     assert gpu.name == path.stem and 0 < gpu.budget_gib < gpu.memory_gib
 
 
-def test_every_recipe_is_a_yaml_mapping():
-    # Recipes get a typed loader with the pipeline issues; until then each must at least parse.
-    for path in sorted(PROFILES.glob("recipes/*.yaml")):
-        assert isinstance(yaml.safe_load(path.read_text()), dict), path
+@pytest.mark.parametrize("path", sorted(PROFILES.glob("recipes/*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_loads_into_its_stage_options(path):
+    from nanocli.train.recipe import apply_recipe, read_recipe
+
+    raw = yaml.safe_load(path.read_text())
+    assert isinstance(raw, dict) and "stage" in raw, path
+    stages = {"pretrain": "nanocli.stages.pretrain:PretrainOptions"}
+    module, cls = stages[raw["stage"]].split(":")
+    options_cls = getattr(__import__(module, fromlist=[cls]), cls)
+    settings = apply_recipe(options_cls, read_recipe(str(path))[1], path, raw["stage"])
+    options_cls(**settings)  # every key is a field of the stage's options, with the right type
 
 
 def test_listings_cover_every_file():

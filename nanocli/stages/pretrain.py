@@ -368,8 +368,9 @@ def _train(r: Resolved, dist, hooks: Hooks) -> PretrainResult:
                    "data": {"step": step, "seq_len": o.seq_len, "global_batch": o.global_batch},
                    "world": dist.world}
         path = out / (ckpt.FINAL if final else ckpt.checkpoint_name(step))
+        savable = _savable(model, wrapped, dist)  # a collective under FSDP: every rank takes part
         if dist.main:
-            ckpt.save_checkpoint(path, _savable(model, wrapped, dist), trainer, hparams, side)
+            ckpt.save_checkpoint(path, savable, trainer, hparams, side)
             ckpt.rotate(out, o.keep_last)
             hooks.status(f"saved {path}")
         dist.barrier()
@@ -578,6 +579,8 @@ def _savable(model, wrapped, dist):
     from nanocli_model import NanoForCausalLM
 
     full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.main:  # with cpu_offload only rank 0 receives the gathered tensors
+        return None
     with torch.device("meta"):
         copy = NanoForCausalLM(model.config)
     copy.load_state_dict(full, assign=True)
