@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import resource
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,6 @@ from ..train import ON_NAN, PARALLEL, PRECISIONS
 
 STAGE = "pretrain"
 TOKENIZER_DIR = "tokenizer"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 MAX_TRAINED_VOCAB = 65536  # larger vocabularies come with their tokenizer (--tokenizer), not trained here
 # Settings that fix the trajectory of a run: a resume must use the same ones to continue exactly.
 TRAJECTORY = ("data", "seq_len", "global_batch", "seed", "precision", "schedule", "lr", "min_lr", "warmup",
@@ -324,16 +321,17 @@ def _train(r: Resolved, dist, hooks: Hooks) -> PretrainResult:
 
     from ..train import checkpoints as ckpt
     from ..train import fp8 as fp8_mod
+    from ..train import session
     from ..train.distributed import wrap
-    from ..train.loop import LoopConfig, MetricsLog, StopFlag, run_loop
+    from ..train.loop import LoopConfig, StopFlag, run_loop
     from ..train.optim import OptimConfig, build_optimizer
 
     o = r.options
     out = Path(o.out)
-    resume_from = dist.broadcast_object(_resume_point(o, out) if dist.main else None)
+    resume_from = dist.broadcast_object(session.resume_point(out, o.resume, PretrainError) if dist.main else None)
     state = ckpt.load_trainer_state(resume_from) if resume_from is not None else None
     if state is not None:
-        _check_resumable(r, resume_from)
+        session.check_resumable(resume_from, r.config, _hparams(r), (*TRAJECTORY, "steps"), PretrainError)
     start = int(state["step"]) if state is not None else 0
     result = PretrainResult(resolved=r, out=out, start_step=start)
     if start >= r.steps:
@@ -353,28 +351,17 @@ def _train(r: Resolved, dist, hooks: Hooks) -> PretrainResult:
     optim_cfg = OptimConfig(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
     optimizer = build_optimizer(wrapped, optim_cfg, r.schedule.lr_at(start))
     if state is not None:
-        _load_optimizer(wrapped, optimizer, state["optimizer"])
+        session.load_optimizer(wrapped, optimizer, state["optimizer"], PretrainError)
         ckpt.set_rng_state(state["rng"])
     elif o.model is not None and (Path(o.model) / ckpt.TRAINER_STATE).is_file():
         hooks.status(f"continuing from {o.model}: weights and optimizer moments, a new schedule from step 0")
-        _load_optimizer(wrapped, optimizer, ckpt.load_trainer_state(Path(o.model))["optimizer"])
-    hparams = _hparams(r)
-    side = [tok_dir / f for f in TOKENIZER_FILES if (tok_dir / f).is_file()]
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start if state is not None else None) if dist.main else None
-
-    def save(step: int, final: bool) -> Path | None:
-        sd_optim = _optimizer_state(wrapped, optimizer)
-        trainer = {"step": step, "optimizer": sd_optim, "rng": ckpt.rng_state(),
-                   "data": {"step": step, "seq_len": o.seq_len, "global_batch": o.global_batch},
-                   "world": dist.world}
-        path = out / (ckpt.FINAL if final else ckpt.checkpoint_name(step))
-        savable = _savable(model, wrapped, dist)  # a collective under FSDP: every rank takes part
-        if dist.main:
-            ckpt.save_checkpoint(path, savable, trainer, hparams, side)
-            ckpt.rotate(out, o.keep_last)
-            hooks.status(f"saved {path}")
-        dist.barrier()
-        return path
+        session.load_optimizer(wrapped, optimizer, ckpt.load_trainer_state(Path(o.model))["optimizer"],
+                               PretrainError)
+    save = session.Checkpointer(out, model, wrapped, optimizer, dist, _hparams(r), session.side_files(tok_dir),
+                                o.keep_last, hooks.status,
+                                extra=lambda step: {"data": {"step": step, "seq_len": o.seq_len,
+                                                             "global_batch": o.global_batch}})
+    record = session.Recorder(out, dist, start if state is not None else None, hooks.step)
 
     def batch_fn(step: int) -> list[dict]:
         rows = plan.batch(step, dist.rank, dist.world).to(dist.device)  # (B_local, T + 1)
@@ -401,74 +388,25 @@ def _train(r: Resolved, dist, hooks: Hooks) -> PretrainResult:
         value = total.item() / count
         return {"eval_loss": value, "eval_ppl": math.exp(min(value, 50.0))}
 
-    first: list[float] = []
-
-    def on_step(m: dict) -> None:
-        if "loss" in m and not first:
-            first.append(m["loss"])
-        if log is not None:
-            log.write({**m, "time": time.time()})
-        if dist.main:
-            hooks.step(m)
-
     loop_cfg = LoopConfig(schedule=r.schedule, optim=optim_cfg, precision=o.precision, save_every=o.save_every,
                           eval_every=o.eval_every, on_nan=o.on_nan, flops_per_token=_train_flops_per_token(r),
-                          peak_flops=_peak_flops(o, dist))
+                          peak_flops=session.peak_flops(o.peak_tflops, dist))
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     hooks.start(start, r.steps, {"device": str(dist.device), "processes": dist.world})
     with StopFlag() as stop:
         loop = run_loop(wrapped, optimizer, loop_cfg, dist, start_step=start, batch_fn=batch_fn,
                         loss_fn=loss_fn, count_fn=lambda b: b["input_ids"][:, 1:].numel(), save_fn=save,
-                        eval_fn=eval_fn if o.heldout_fraction > 0 else None, on_step=on_step, stop=stop)
+                        eval_fn=eval_fn if o.heldout_fraction > 0 else None, on_step=record, stop=stop)
     result.steps_done, result.tokens, result.seconds = loop.step, loop.tokens, loop.seconds
-    result.first_loss = first[0] if first else float("nan")
+    result.first_loss = record.first_loss
     result.last_loss, result.eval, result.interrupted = loop.last_loss, loop.eval, loop.interrupted
     result.final = loop.checkpoint
-    result.peak_memory_bytes = _peak_memory(dist.device)
+    result.peak_memory_bytes = session.peak_memory(dist.device)
     if loop_cfg.peak_flops and loop.seconds:
         result.mfu = loop.tokens * loop_cfg.flops_per_token / loop.seconds / (loop_cfg.peak_flops * dist.world)
-    if dist.main and log is not None:
-        result.plot = _plot(log, out)
+    result.plot = record.plot(out, f"nano pretrain: {out.name}")
     return result
-
-
-def _resume_point(o: PretrainOptions, out: Path) -> Path | None:
-    from ..train import checkpoints as ckpt
-
-    existing = ckpt.list_checkpoints(out)
-    if o.resume is None:
-        if existing:
-            raise PretrainError(f"{out} already holds checkpoints (newest {existing[-1][1].name}); pass "
-                                "--resume auto to continue that run, or choose another --out")
-        return None
-    if o.resume == "auto":
-        return existing[-1][1] if existing else None
-    path = Path(o.resume)
-    if not ckpt.is_complete(path):
-        raise PretrainError(f"--resume {path}: not a complete training checkpoint (config.json, safetensors, "
-                            f"{ckpt.TRAINER_STATE})")
-    return path
-
-
-def _check_resumable(r: Resolved, path: Path) -> None:
-    from nanocli_model import NanoConfig
-
-    from ..train import checkpoints as ckpt
-
-    saved = NanoConfig.from_json_file(path / "config.json").to_dict()
-    mine = r.config.to_dict()
-    diff = sorted(k for k in set(saved) | set(mine) if k != "torch_dtype" and saved.get(k) != mine.get(k))
-    if diff:
-        raise PretrainError(f"{path}: its architecture differs from this run's ({diff[0]}: {saved.get(diff[0])!r} "
-                            f"vs {mine.get(diff[0])!r}); resume with the same model, or choose another --out")
-    old = ckpt.read_hparams(path)
-    now = _hparams(r)
-    changed = [k for k in (*TRAJECTORY, "steps") if k in old and old[k] != now.get(k)]
-    if changed:
-        k = changed[0]
-        raise PretrainError(f"{path}: --{k.replace('_', '-')} was {old[k]!r}, now {now.get(k)!r}; an exact resume "
-                            "needs the run's settings (start a new run with --model CHECKPOINT to change them)")
 
 
 def _hparams(r: Resolved) -> dict:
@@ -543,48 +481,10 @@ def _model(r: Resolved, resume_from: Path | None, dist):
     if source is None:
         model = build_model(r.config, dtype=torch.float32, seed=r.options.seed)
     else:
-        model = load_pretrained(source, dtype="fp32")
-        with torch.no_grad():  # own, writable memory for the optimizer (not the file's mapping)
-            for p in model.parameters():
-                p.data = p.data.clone()
+        from ..train.session import own_memory
+
+        model = own_memory(load_pretrained(source, dtype="fp32"))
     return model.to(dist.device).train()
-
-
-def _optimizer_state(wrapped, optimizer) -> dict:
-    """The optimizer state keyed by parameter name (full, unsharded): resumable with any process count."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(wrapped, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _load_optimizer(wrapped, optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    try:
-        set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise PretrainError(f"the checkpoint's optimizer state does not fit this model ({str(e)[:120]}); "
-                            "start a new run from its weights with --model") from None
-
-
-def _savable(model, wrapped, dist):
-    """The model to write: itself (one process / DDP), or a full CPU copy gathered from FSDP shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if not dist.initialized or hasattr(wrapped, "module"):
-        return model
-    import torch
-
-    from nanocli_model import NanoForCausalLM
-
-    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not dist.main:  # with cpu_offload only rank 0 receives the gathered tensors
-        return None
-    with torch.device("meta"):
-        copy = NanoForCausalLM(model.config)
-    copy.load_state_dict(full, assign=True)
-    return copy
 
 
 def _train_flops_per_token(r: Resolved) -> float:
@@ -593,34 +493,3 @@ def _train_flops_per_token(r: Resolved) -> float:
     return 3.0 * memory.forward_flops(r.config, r.options.seq_len) / r.options.seq_len
 
 
-def _peak_flops(o: PretrainOptions, dist) -> float:
-    if o.peak_tflops:
-        return o.peak_tflops * 1e12
-    if dist.device.type != "cuda":
-        return 0.0
-    import torch
-
-    from ..profiles import list_gpu_profiles
-
-    name = torch.cuda.get_device_name(dist.device).lower().replace(" ", "")
-    for gpu in list_gpu_profiles():
-        if gpu.name.split("-")[0] in name:
-            return gpu.bf16_tflops * 1e12
-    return 0.0
-
-
-def _peak_memory(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _plot(log, out: Path) -> Path | None:
-    from ..plot import plot_loss
-
-    rows = log.read()
-    if not any("loss" in m for m in rows):
-        return None
-    return plot_loss(rows, out / "loss.png", title=f"nano pretrain: {out.name}")
