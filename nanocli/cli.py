@@ -375,6 +375,94 @@ def pretrain_command(
         ui.show_pretrain_result(result)
 
 
+align_app = typer.Typer(help="Align a model: SFT with reasoning on/off and budget traces, DPO, GRPO; merge.",
+                        invoke_without_command=True, no_args_is_help=False)
+app.add_typer(align_app, name="align")
+
+
+@align_app.callback()
+def align_command(
+    ctx: typer.Context,
+    method: Annotated[str | None, typer.Option("--method", help="sft (default), dpo or grpo.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="The checkpoint to align (with its "
+                                              "tokenizer and chat template).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="A .jsonl (TRL formats: messages, prompt/"
+                                             "completion, prompt/chosen/rejected, prompt) or "
+                                             "synthetic:reasoning?....")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Run directory.")] = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", help="Settings YAML; flags override it.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the data (instead of --steps).")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Longest example in tokens.")] = None,
+    global_batch: Annotated[int | None, typer.Option("--global-batch", help="Examples / pairs / prompts per "
+                                                     "step.")] = None,
+    micro_batch: Annotated[int | None, typer.Option("--micro-batch", help="Per forward per process.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32, bf16 (default) or fp8.")] = None,
+    think_mix: Annotated[float | None, typer.Option("--think-mix", help="SFT: share with reasoning on.")] = None,
+    budget_fraction: Annotated[float | None, typer.Option("--budget-fraction", help="SFT: share of reasoning-on "
+                                                          "examples cut at a thinking budget.")] = None,
+    too_long: Annotated[str | None, typer.Option("--too-long", help="truncate (default) or drop.")] = None,
+    on_error: Annotated[str | None, typer.Option("--on-error", help="Malformed JSONL lines: stop or skip.")] = None,
+    beta: Annotated[float | None, typer.Option("--beta", help="DPO beta.")] = None,
+    group_size: Annotated[int | None, typer.Option("--group-size", help="GRPO completions per prompt.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="GRPO rollout length.")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="GRPO sampling temperature.")] = None,
+    kl_beta: Annotated[float | None, typer.Option("--kl-beta", help="GRPO KL weight (0: no reference).")] = None,
+    rewards: Annotated[str | None, typer.Option("--rewards", help="GRPO rewards: built-ins (exact, format) or "
+                                                "module:function, with :weight.")] = None,
+    eval_problems: Annotated[int | None, typer.Option("--eval-problems", help="Held-out synthetic problems "
+                                                      "scored before and after (0: off).")] = None,
+    save_every: Annotated[int | None, typer.Option("--save-every", help="Checkpoint every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="auto or a checkpoint directory.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Read the data, print the plan, exit.")] = False,
+) -> None:
+    """Align a model: SFT (assistant-only loss, /think and /no_think mix, thinking-budget cuts), DPO, GRPO.
+
+    `nano align merge A B --weights 0.5,0.5 --out DIR` averages checkpoints. Output as `nano pretrain`:
+    OUT/checkpoint-N, OUT/final, metrics.jsonl, loss.png, plus eval.json (held-out accuracy before/after).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    import os
+
+    from . import ui
+    from .stages import align as al
+
+    flags = dict(method=method, model=model, data=data, out=out, steps=steps, epochs=epochs, seq_len=seq_len,
+                 global_batch=global_batch, micro_batch=micro_batch, lr=lr, precision=precision, think_mix=think_mix,
+                 budget_fraction=budget_fraction, too_long=too_long, on_error=on_error, beta=beta,
+                 group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature, kl_beta=kl_beta,
+                 rewards=rewards, eval_problems=eval_problems, save_every=save_every, seed=seed, device=device,
+                 resume=resume, dry_run=dry_run or None)
+    options = al.make_options(recipe, flags)
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    with ui.TrainProgress(quiet=quiet) as bar:
+        result = al.run(options, al.Hooks(status=bar.status, start=bar.start, step=bar.step))
+    if not quiet:
+        ui.show_align_result(result)
+
+
+@align_app.command("merge")
+def align_merge_command(
+    checkpoints: Annotated[list[str], typer.Argument(help="Two or more checkpoint directories.")],
+    out: Annotated[str, typer.Option("--out", help="Where the merged checkpoint goes (must not exist).")],
+    weights: Annotated[str | None, typer.Option("--weights", help="Comma-separated, summing to 1 "
+                                                "(default: equal).")] = None,
+) -> None:
+    """Write the weighted average of same-architecture checkpoints, (1-a)*w1 + a*w2 as the report merged."""
+    from .stages import align as al
+
+    try:
+        w = None if weights is None else [float(x) for x in weights.split(",")]
+    except ValueError:
+        raise al.AlignError(f"--weights {weights!r}: give numbers separated by commas, e.g. 0.5,0.5") from None
+    path = al.merge(checkpoints, w, out)
+    typer.echo(f"merged {len(checkpoints)} checkpoints -> {path}")
+
+
 def main() -> None:
     """Console-script entry point: runs the app; a ``NanoError`` becomes one ``error:`` line and an exit code."""
     try:

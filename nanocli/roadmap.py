@@ -25,7 +25,7 @@ STAGES: tuple[Stage, ...] = (
           "checkpoint and resume, optional FP8.", built=True),
     Stage("align", 6, "SFT + preference alignment",
           "Align a base model: SFT on chat data with reasoning on and off (/think, /no_think), "
-          "then preference optimisation."),
+          "then preference optimisation.", built=True),
     Stage("prune", 7, "Prune a model to fit a GPU budget",
           "Prune a model Minitron-style (depth, hidden size, MLP width, group-aware Mamba heads) "
           "by activation importance, to fit a GPU budget."),

@@ -571,3 +571,39 @@ def show_pretrain_result(r) -> None:
     if r.plot:
         t.add_row("loss curve", str(r.plot))
     out.print(t)
+
+
+def show_align_result(r) -> None:
+    """``nano align``: the plan (dry run) or what the run did, with held-out accuracy before and after."""
+    out = console()
+    o = r.options
+    if r.dry_run:
+        t = Table(title=f"nano align ({o.method}): plan (dry run)", box=box.SIMPLE_HEAVY, show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        t.add_row("examples", f"{r.examples:,} ({', '.join(f'{k} {v}' for k, v in r.data_stats.items() if v and k != 'errors')})")
+        t.add_row("steps", f"{r.steps:,} x {o.global_batch}")
+        out.print(t)
+        return
+    if r.already_done:
+        out.print(f"nothing to do: {r.final} already holds step {r.steps_done} of {r.steps}")
+        return
+    t = Table(title=f"nano align ({o.method}): " + ("interrupted, checkpoint written" if r.interrupted else "done"),
+              box=box.SIMPLE_HEAVY, show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("steps", f"{r.start_step} -> {r.steps_done} of {r.steps} ({r.examples:,} examples, {r.seconds:,.1f} s)")
+    t.add_row("loss", f"{r.first_loss:.4f} -> {r.last_loss:.4f}")
+    for mode in ("think", "no_think"):
+        if mode in r.after:
+            a = r.after[mode]
+            before = f"{100 * r.before[mode]['accuracy']:.1f}% -> " if mode in r.before else ""
+            t.add_row(f"held-out accuracy ({mode})", f"{before}{100 * a['accuracy']:.1f}% of {a['n']}")
+    if "after" in r.preference:
+        b, a = r.preference.get("before", {}), r.preference["after"]
+        t.add_row("held-out pairs: chosen > rejected",
+                  (f"{100 * b['chosen_over_rejected']:.1f}% -> " if b else "") + f"{100 * a['chosen_over_rejected']:.1f}%")
+    t.add_row("checkpoint", str(r.final))
+    if r.plot:
+        t.add_row("loss curve", str(r.plot))
+    out.print(t)

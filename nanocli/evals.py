@@ -1,0 +1,58 @@
+"""Accuracy on held-out problems of the built-in reasoning tasks (exact answer after the thinking span).
+
+The problems come from ``synthetic.generate(split="heldout")``: their keys never occur in training
+data. Each is asked through the model's chat template with reasoning on or off (and an optional
+thinking budget), answered greedily with nano's cached generator, and scored by
+``synthetic.is_correct`` on the text after the last ``</think>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .data import synthetic
+
+
+@dataclass
+class Accuracy:
+    n: int
+    correct: int
+    formatted: int  # completions that closed the thinking span (think on) / answered in the form (off)
+    mean_tokens: float
+    think: bool
+    budget: int | None
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "accuracy": self.accuracy, "correct": self.correct, "formatted": self.formatted,
+                "mean_tokens": self.mean_tokens, "think": self.think, "budget": self.budget}
+
+
+def reasoning_accuracy(model, tokenizer, n: int = 64, think: bool = True, seed: int = 1234,
+                       budget: int | None = None, max_new_tokens: int = 160, batch: int = 32,
+                       tasks=None, difficulty=(1, 3)) -> Accuracy:
+    """Greedy accuracy on ``n`` held-out problems (deterministic for a given ``seed``)."""
+    from nanocli_model.generation import SamplingParams
+
+    from .train.grpo import rollout
+
+    problems = synthetic.generate(n, seed=seed, split="heldout", tasks=tasks, difficulty=difficulty)
+    prompts = [tokenizer.encode_chat(synthetic.as_grpo(p, think=think)["prompt"]) for p in problems]
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    correct = formatted = tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, n, batch):
+            r = rollout(model, tokenizer, prompts[i:i + batch], 1, params, seed=seed, thinking_budget=budget)
+            for p, text, ids in zip(problems[i:i + batch], r.texts, r.completion_ids):
+                correct += synthetic.is_correct(text, p.answer)
+                formatted += (synthetic.reward_format(text) > 0) if think else ("The answer is" in text)
+                tokens += len(ids)
+    finally:
+        model.train(was_training)
+    return Accuracy(n=n, correct=correct, formatted=formatted, mean_tokens=tokens / max(n, 1), think=think,
+                    budget=budget)
