@@ -513,13 +513,15 @@ class TrainProgress:
     def step(self, m: dict) -> None:
         if "eval_loss" in m:
             self.last_eval = f" | held-out {m['eval_loss']:.3f}"
-        if "loss" not in m:
-            self.progress.update(self.task, info=self.progress.tasks[-1].fields.get("info", "") + self.last_eval)
-            return
-        info = (f"loss {m['loss']:.4f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s"
-                + (f" | MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "") + self.last_eval)
-        self.progress.update(self.task, completed=m["step"], info=info)
-        if not self.out.is_terminal and (m["step"] % self.log_every == 0):
+        if "loss" in m:
+            self.last_info = (f"loss {m['loss']:.4f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s"
+                              + (f" | MFU {100 * m['mfu']:.1f}%" if "mfu" in m else ""))
+        info = getattr(self, "last_info", "") + self.last_eval
+        if "loss" in m:
+            self.progress.update(self.task, completed=m["step"], info=info)
+        else:
+            self.progress.update(self.task, info=info)
+        if not self.out.is_terminal and "loss" in m and m["step"] % self.log_every == 0:
             self.out.print(f"step {m['step']}: {info}", markup=False)
 
 

@@ -273,12 +273,23 @@ def _torchao_installed() -> bool:
 @functools.cache
 def _torchao_parts(emulate: bool, pow2: bool):
     """(torchao's matmul Function, an all-E4M3 tensorwise config, its GEMM config), or None without torchao."""
+    import logging
+
+    # torchao logs a warning per GPU-only extension it cannot load on import, and torch one per enum it
+    # registers: noise on a CPU; silenced for the import only.
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
         from torchao.float8.config import CastConfig, Float8LinearConfig, ScalingGranularity, ScalingType
         from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
         from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig
     except ImportError:
         return None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     e4m3 = CastConfig(ScalingType.DYNAMIC, ScalingGranularity.TENSORWISE, target_dtype=E4M3)  # grads too
     config = Float8LinearConfig(cast_config_input=e4m3, cast_config_weight=e4m3, cast_config_grad_output=e4m3,
                                 emulate=emulate, round_scales_to_power_of_2=pow2)
