@@ -8,6 +8,8 @@ N state size.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,37 @@ from torch.nn.attention.bias import causal_lower_right
 from . import kernels
 from .cache import AttentionCache, MambaCache
 from .config import NanoConfig
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """``F.rms_norm`` with its backward written out (a few passes instead of autograd's ~15 ops).
+
+    y = xhat * w with xhat = x * r, r = 1 / sqrt(mean(x^2) + eps) per row:
+    dw = sum_rows dy * xhat; dx = r * (dy w - xhat * mean(dy w * xhat)).
+    Computed in float32 (float64 for float64), returned in x's dtype; keeps xhat and r for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        x32 = x.to(acc)
+        r = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        xhat = x32 * r
+        ctx.save_for_backward(xhat, weight, r)
+        ctx.x_dtype = x.dtype
+        return (xhat * weight.to(acc)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xhat, weight, r = ctx.saved_tensors
+        dy = dy.to(xhat.dtype)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype)
+        dxhat = dy * weight.to(xhat.dtype)
+        m = torch.linalg.vecdot(dxhat, xhat).div_(xhat.shape[-1])[..., None]  # mean(dxhat * xhat)
+        dx = dxhat.addcmul_(xhat, m, value=-1.0).mul_(r)
+        return dx.to(ctx.x_dtype), dw, None
 
 
 class RMSNorm(nn.Module):
@@ -27,9 +60,49 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFn.apply(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no conversions: a decode step
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # runs ~30 of these per token
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class _GatedGroupRMSNormFn(torch.autograd.Function):
+    """``rmsnorm_per_group(y * silu(z)) * weight`` with its backward written out (float32 math).
+
+    g = y * silu(z); per group ghat = g * r, r = 1 / sqrt(mean(g^2) + eps); out = ghat * w:
+    dw = sum_rows dout * ghat; dg = r * (dout w - ghat * mean_group(dout w * ghat)); dy = dg * silu(z);
+    dz = dg * y * silu'(z). Keeps y, z, silu(z), ghat and r for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, y, z, weight, groups, eps):
+        acc = torch.promote_types(y.dtype, torch.float32)
+        b, T, inner = y.shape
+        s = F.silu(z.to(acc))  # (b, T, I)
+        ghat = (s * y).view(b, T, groups, inner // groups)  # (b, T, G, I/G), normalised in place below
+        r = torch.linalg.vector_norm(ghat, dim=-1, keepdim=True).square_().div_(inner // groups).add_(eps).rsqrt_()
+        ghat = ghat.mul_(r).view(b, T, inner)
+        ctx.save_for_backward(y, z, s, ghat, weight, r)
+        ctx.groups = groups
+        return ghat * weight.to(acc)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, z, s, ghat, weight, r = ctx.saved_tensors
+        b, T, inner = y.shape
+        G, acc = ctx.groups, r.dtype
+        dout = dout.to(acc)
+        dw = None
+        if ctx.needs_input_grad[2]:
+            dw = (dout * ghat).reshape(-1, inner).sum(0).to(weight.dtype)
+        dghat = (dout * weight.to(acc)).view(b, T, G, inner // G)
+        ghat = ghat.view(b, T, G, inner // G)
+        m = torch.linalg.vecdot(dghat, ghat).div_(inner // G)[..., None]  # (b, T, G, 1)
+        dg = dghat.addcmul_(ghat, m, value=-1.0).mul_(r).view(b, T, inner)  # d(y * silu(z))
+        dy = (dg * s).to(y.dtype)
+        dz = torch.ops.aten.silu_backward(dg.mul_(y.to(acc)), z.to(acc)).to(z.dtype)
+        return dy, dz, dw, None, None
 
 
 class GatedGroupRMSNorm(nn.Module):
@@ -41,15 +114,28 @@ class GatedGroupRMSNorm(nn.Module):
         self.groups, self.eps = groups, eps
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (y, z, self.weight)):
+            return _GatedGroupRMSNormFn.apply(y, z, self.weight, self.groups, self.eps)  # (b, T, I) float32
         b, T, inner = y.shape
         w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
-        if torch.is_grad_enabled():
-            g = F.silu(z.float()) * y.float()
-        else:  # same math, written into one buffer
-            g = F.silu(z if z.dtype == torch.float32 else z.float()).mul_(y)
+        g = F.silu(z if z.dtype == torch.float32 else z.float()).mul_(y)  # one buffer
         g = F.rms_norm(g.view(b, T, self.groups, inner // self.groups), (inner // self.groups,), eps=self.eps)
-        g = g.view(b, T, inner)  # (b, T, I) float32
-        return g * w if torch.is_grad_enabled() else g.mul_(w)
+        return g.view(b, T, inner).mul_(w)  # (b, T, I) float32
+
+
+class _ReluSquared(torch.autograd.Function):
+    """relu(u)^2 with one saved tensor and a one-pass backward: d/du = 2 relu(u)."""
+
+    @staticmethod
+    def forward(ctx, u):
+        r = F.relu(u)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, da):
+        (r,) = ctx.saved_tensors
+        return torch.addcmul(r.new_zeros(()), da, r, value=2.0)  # 2 r da, one pass
 
 
 class MLP(nn.Module):
@@ -63,7 +149,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, cache=None, start: int = 0, pad: torch.Tensor | None = None) -> torch.Tensor:
         u = self.up_proj(x)
         if torch.is_grad_enabled():
-            return self.down_proj(F.relu(u).square())
+            return self.down_proj(_ReluSquared.apply(u))
         return self.down_proj(u.relu_().square_())  # same math, no extra buffers at inference
 
 
@@ -87,6 +173,60 @@ def padding_mask(pad: torch.Tensor | None, start: int, T: int) -> torch.Tensor |
     return (start + torch.arange(T, device=pad.device)[None, :] >= pad[:, None])[..., None]
 
 
+ATTENTION_BLOCK = 64  # query rows per block of the training attention (measured best on CPU, T 256-1024)
+ATTENTION_SAVED_FLOATS = 1 << 24  # the training attention keeps its probabilities up to this size, else SDPA
+
+
+@functools.lru_cache(maxsize=16)
+def _block_mask(n: int, R: int) -> torch.Tensor:
+    """(n*R, n) boolean, True above the diagonal: row (t, r) of a diagonal block must not see key j > t."""
+    with torch.inference_mode(False):
+        return torch.ones(n, n, dtype=torch.bool).triu(1)[:, None, :].expand(n, R, n).reshape(n * R, n)
+
+
+class _CausalGQAttention(torch.autograd.Function):
+    """Causal GQA attention for training on CPU, blocked over queries; keeps the probabilities for the backward.
+
+    q (b, kv, T, R, d): the R query heads that read one KV head laid out as R rows per position, so one GEMM
+    serves them all; k (b, kv, T, d) already scaled by 1/sqrt(d) (the smaller operand); v (b, kv, T, d).
+    Query block [s, e) sees keys [0, e) (the diagonal block masked), so about half of the (T, T) scores are
+    never computed. Backward, per block: dv += P^T do; dS = P o (do v^T - rowsum(do o out)); dq = dS k;
+    dk += dS^T q. Returns (b, kv, T, R, d).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        b, kv, T, R, d = q.shape
+        out = torch.empty_like(q)
+        probs = []
+        for s in range(0, T, ATTENTION_BLOCK):
+            e = min(s + ATTENTION_BLOCK, T)
+            S = q[:, :, s:e].reshape(b, kv, (e - s) * R, d) @ k[:, :, :e].transpose(-1, -2)  # (b, kv, n*R, e)
+            S[..., s:e].masked_fill_(_block_mask(e - s, R), float("-inf"))
+            P = torch.softmax(S, dim=-1)
+            torch.matmul(P, v[:, :, :e], out=out[:, :, s:e].view(b, kv, (e - s) * R, d))
+            probs.append(P)
+        ctx.save_for_backward(q, k, v, out, *probs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, *probs = ctx.saved_tensors
+        b, kv, T, R, d = q.shape
+        dout = dout.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        rows = torch.linalg.vecdot(dout, out).view(b, kv, T * R, 1)  # rowsum(do o out)
+        for i, s in enumerate(range(0, T, ATTENTION_BLOCK)):
+            e, P = min(s + ATTENTION_BLOCK, T), probs[i]  # P (b, kv, n*R, e)
+            n = e - s
+            do = dout[:, :, s:e].view(b, kv, n * R, d)
+            dv[:, :, :e] += P.transpose(-1, -2) @ do
+            dS = (do @ v[:, :, :e].transpose(-1, -2)).sub_(rows[:, :, s * R:e * R]).mul_(P)  # (b, kv, n*R, e)
+            torch.matmul(dS, k[:, :, :e], out=dq[:, :, s:e].view(b, kv, n * R, d))
+            dk[:, :, :e] += dS.transpose(-1, -2) @ q[:, :, s:e].reshape(b, kv, n * R, d)
+        return dq, dk, dv
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention, scale 1/sqrt(head_dim), no positional encoding."""
 
@@ -104,6 +244,10 @@ class Attention(nn.Module):
         b, T, _ = x.shape
         if cache is not None and T == 1:
             return self._decode(x, cache, start, pad)
+        if (cache is None and pad is None and T > 1 and torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
+                and b * self.n_heads * T * (T + ATTENTION_BLOCK) // 2 <= ATTENTION_SAVED_FLOATS):
+            return self._train(x)  # CPU training: blocked causal attention (SDPA's backward is slower there)
         q = self.q_proj(x).view(b, T, self.n_heads, self.head_dim).transpose(1, 2)  # (b, nh, T, d)
         k = self.k_proj(x).view(b, T, self.n_kv, self.head_dim).transpose(1, 2)  # (b, kv, T, d)
         v = self.v_proj(x).view(b, T, self.n_kv, self.head_dim).transpose(1, 2)  # (b, kv, T, d)
@@ -124,6 +268,17 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
                                              enable_gqa=self.n_kv != self.n_heads)  # (b, nh, T, d)
         return self.o_proj(out.transpose(1, 2).reshape(b, T, self.n_heads * self.head_dim))
+
+    def _train(self, x: torch.Tensor) -> torch.Tensor:
+        """Training forward (no cache, no padding) through ``_CausalGQAttention``: with one KV head every
+        reshape here is a view."""
+        b, T, _ = x.shape
+        kv, R, d = self.n_kv, self.n_heads // self.n_kv, self.head_dim
+        q = self.q_proj(x).view(b, T, kv, R, d).transpose(1, 2)  # (b, kv, T, R, d)
+        k = (self.k_proj(x) * d**-0.5).view(b, T, kv, d).transpose(1, 2)  # (b, kv, T, d), carries the scale
+        v = self.v_proj(x).view(b, T, kv, d).transpose(1, 2)  # (b, kv, T, d)
+        out = _CausalGQAttention.apply(q.contiguous(), k.contiguous(), v.contiguous())  # (b, kv, T, R, d)
+        return self.o_proj(out.transpose(1, 2).reshape(b, T, self.n_heads * d))
 
     def _decode(self, x: torch.Tensor, cache: AttentionCache, start: int,
                 pad: torch.Tensor | None) -> torch.Tensor:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cache import HybridCache
 from .config import NanoConfig
 from .errors import CacheError
 from .layers import Block, Mamba2Mixer, RMSNorm
+from .losses import IGNORE_INDEX, linear_cross_entropy
 
 
 class Backbone(nn.Module):
@@ -59,7 +61,9 @@ def left_padding(attention_mask: torch.Tensor | None, shape: torch.Size) -> torc
 class NanoForCausalLM(nn.Module):
     """The NemotronH hybrid language model.
 
-    ``model(input_ids, cache=None)`` returns float32 logits (batch, seq, vocab). With a
+    ``model(input_ids, cache=None)`` returns float32 logits (batch, seq, vocab); with ``labels`` (batch, seq,
+    aligned with the logits, ``ignore_index`` not counted) it returns ``(sum of cross-entropies, count)`` through
+    a fused lm_head + cross-entropy that never holds the full logits (``losses.linear_cross_entropy``). With a
     ``HybridCache`` it continues from the cached position: prefill of any length, then single- or
     multi-token steps. ``logits_to_keep=k`` computes logits for the last k positions only.
     ``attention_mask`` (batch, seq; 1 real, 0 padding) batches prompts of different lengths, left-padded:
@@ -78,13 +82,25 @@ class NanoForCausalLM(nn.Module):
             self.lm_head.weight = self.backbone.embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX):
         if cache is not None and input_ids.shape[1] == 1 and not self._decode_layout_done:
             self._use_decode_layout()
         h = self.backbone(input_ids, cache, attention_mask)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        if labels is not None:
+            return self._loss(h, labels, ignore_index)
         return self.lm_head(h).float()
+
+    def _loss(self, h: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of cross-entropies, count of labels != ignore_index) of the logits at ``h`` against ``labels``."""
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:  # the fused, chunked head
+            return linear_cross_entropy(h, self.lm_head.weight, labels, ignore_index)
+        logits = self.lm_head(h).float()  # a replaced lm_head: its own forward, full logits
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
+                               reduction="sum")
+        return loss, (labels != ignore_index).sum()
 
     @torch.no_grad()
     def _use_decode_layout(self) -> None:
