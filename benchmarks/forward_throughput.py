@@ -27,9 +27,10 @@ sys.path.insert(0, str(ROOT))
 from nanocli_model import NanoConfig, NanoForCausalLM, memory  # noqa: E402
 
 
-def matmul_peak_gflops(threads: int, n: int = 2048, reps: int = 7) -> float:
-    """Best-of fp32 GEMM rate on square n x n matrices: the machine's practical matmul peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(threads: int, n: int = 2048, reps: int = 7, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of GEMM rate on square n x n matrices in ``dtype`` at the current thread count (``threads``
+    is for the record): the machine's practical matmul peak."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = 0.0
     for _ in range(reps):

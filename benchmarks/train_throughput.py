@@ -33,24 +33,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forward_throughput import build_pair, load_profile  # noqa: E402
+from forward_throughput import build_pair, load_profile, matmul_peak_gflops  # noqa: E402
 
 from nanocli_model import memory  # noqa: E402
 from nanocli_model.losses import IGNORE_INDEX, causal_lm_loss  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float:
-    """Best-of GEMM rate on square n x n matrices in ``dtype``: the machine's practical matmul peak."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def autocast(precision: str):
@@ -129,7 +117,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    peak = matmul_peak_gflops(DTYPES[args.precision])
+    peak = matmul_peak_gflops(args.threads, dtype=DTYPES[args.precision])
     load = os.getloadavg()[0]
     print(f"threads={args.threads}  precision={args.precision}  {args.precision} matmul peak={peak:.1f} GFLOP/s  "
           f"load average={load:.2f}  torch={torch.__version__}")

@@ -117,14 +117,10 @@ class AlignResult:
 
 
 def make_options(recipe: str | None, flags: dict[str, Any]) -> AlignOptions:
-    from ..train.recipe import apply_recipe, read_recipe
+    """Defaults < recipe < flags (``flags`` holds only what was given on the command line)."""
+    from ..train.recipe import make_options as merge
 
-    settings: dict[str, Any] = {}
-    if recipe is not None:
-        path, raw = read_recipe(recipe)
-        settings.update(apply_recipe(AlignOptions, raw, path, STAGE))
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    return AlignOptions(**settings)
+    return merge(AlignOptions, STAGE, recipe, flags)
 
 
 # ------------------------------------------------------------------------------------------ 1. resolve

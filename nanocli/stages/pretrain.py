@@ -159,14 +159,9 @@ class PretrainResult:
 # ------------------------------------------------------------------------------------------ 1. resolve
 def make_options(recipe: str | None, flags: dict[str, Any]) -> PretrainOptions:
     """Defaults < recipe < flags (``flags`` holds only what was given on the command line)."""
-    from ..train.recipe import apply_recipe, read_recipe
+    from ..train.recipe import make_options as merge
 
-    settings: dict[str, Any] = {}
-    if recipe is not None:
-        path, raw = read_recipe(recipe)
-        settings.update(apply_recipe(PretrainOptions, raw, path, STAGE))
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    return PretrainOptions(**settings)
+    return merge(PretrainOptions, STAGE, recipe, flags)
 
 
 def resolve(o: PretrainOptions, world: int | None = None) -> Resolved:

@@ -69,6 +69,16 @@ def apply_recipe(options_cls: type, raw: dict[str, Any], path: Path, stage: str)
     return out
 
 
+def make_options(options_cls: type, stage: str, recipe: str | None, flags: dict[str, Any]):
+    """Defaults < recipe < flags (``flags`` holds only what was given on the command line: None = not given)."""
+    settings: dict[str, Any] = {}
+    if recipe is not None:
+        path, raw = read_recipe(recipe)
+        settings.update(apply_recipe(options_cls, raw, path, stage))
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    return options_cls(**settings)
+
+
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     """Accept ``value`` for the annotation ``hint`` (int for float is fine); otherwise a ConfigError."""
     origin = typing.get_origin(hint)
