@@ -138,6 +138,10 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, cache, tokenizer_dir):
     steps_logged = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
                     if "loss" in json.loads(x)]
     assert steps_logged == list(range(1, steps + 1))
+    # --keep-last 2 (the default): the newest two checkpoint-* directories and final, nothing else
+    # and no temporary directory of the killed write is left behind
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-00000006", "checkpoint-00000009",
+                                                                   "final"]
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_0(tmp_path, cache, tokenizer_dir):

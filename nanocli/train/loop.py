@@ -60,13 +60,19 @@ class LoopResult:
 
 
 class StopFlag:
-    """Set by SIGINT / SIGTERM; the loop finishes the current step, saves and returns."""
+    """Set by SIGINT / SIGTERM; the loop finishes the current step, saves and returns.
+
+    A second signal while the first is being honoured stops at once (KeyboardInterrupt): the last
+    complete checkpoint is intact, as after any kill."""
 
     def __init__(self) -> None:
         self.requested = False
         self._old: dict = {}
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if self.requested:
+            self.__exit__()
+            raise KeyboardInterrupt
         self.requested = True
 
     def __enter__(self) -> StopFlag:
@@ -80,6 +86,7 @@ class StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        self._old = {}
 
 
 def autocast(precision: str, device: torch.device):
