@@ -317,3 +317,12 @@ def test_flags_override_recipe_over_defaults(tmp_path):
     f.write_text("stage: pretrain\nsteps: 10\nlr: 0.01\nseq_len: 32\n")
     o = pt.make_options(str(f), {"lr": 0.5, "seq_len": None})
     assert (o.steps, o.lr, o.seq_len, o.global_batch) == (10, 0.5, 32, pt.PretrainOptions().global_batch)
+
+
+def test_rotation_removes_leftovers_of_killed_writes(tmp_path, cache, tokenizer_dir):
+    for name in (".checkpoint-00000002.tmp-abc", ".checkpoint-00000002.state-xyz", ".final.tmp-q"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    pt.run(options(tmp_path, cache, tokenizer_dir, steps=4, save_every=1, keep_last=1, resume="auto"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000003", "final", "loss.png",
+                                                          "metrics.jsonl"]

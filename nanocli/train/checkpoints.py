@@ -116,9 +116,10 @@ def rotate(out: Path, keep: int) -> list[Path]:
     """Remove all but the newest ``keep`` ``checkpoint-*`` dirs and stale temporary dirs; returns what went."""
     removed = []
     ckpts = [p for _, p in list_checkpoints(out) if p.name != FINAL]
-    for _, p in [(0, p) for p in ckpts[: max(len(ckpts) - keep, 0)]]:
+    for p in ckpts[: max(len(ckpts) - keep, 0)]:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
-    for stale in Path(out).glob(f".{PREFIX}*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f".{PREFIX}*.tmp-*", f".{PREFIX}*.state-*", f".{PREFIX}*.old-*", f".{FINAL}.*-*"):
+        for stale in Path(out).glob(pattern):  # left by a write that was killed
+            shutil.rmtree(stale, ignore_errors=True)
     return removed
