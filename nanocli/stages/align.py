@@ -233,7 +233,7 @@ def _run(o: AlignOptions, dist, hooks: Hooks) -> AlignResult:
     optimizer = build_optimizer(wrapped, optim_cfg, schedule.lr_at(start))
     if state is not None:
         session.load_optimizer(wrapped, optimizer, state["optimizer"], AlignError)
-        ckpt.set_rng_state(state["rng"])
+        session.restore_rng(state, dist)
     save = session.Checkpointer(out, model, wrapped, optimizer, dist, hparams, session.side_files(Path(o.model)),
                                 o.keep_last, hooks.status)
     record = session.Recorder(out, dist, start if state is not None else None, hooks.step)

@@ -347,7 +347,7 @@ def _train(r: Resolved, dist, hooks: Hooks) -> PretrainResult:
     optimizer = build_optimizer(wrapped, optim_cfg, r.schedule.lr_at(start))
     if state is not None:
         session.load_optimizer(wrapped, optimizer, state["optimizer"], PretrainError)
-        ckpt.set_rng_state(state["rng"])
+        session.restore_rng(state, dist)
     elif o.model is not None and (Path(o.model) / ckpt.TRAINER_STATE).is_file():
         hooks.status(f"continuing from {o.model}: weights and optimizer moments, a new schedule from step 0")
         session.load_optimizer(wrapped, optimizer, ckpt.load_trainer_state(Path(o.model))["optimizer"],

@@ -50,6 +50,14 @@ class Dist:
         tdist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.initialized:
+            return [obj]
+        out = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
+
     def close(self) -> None:
         if self.initialized and tdist.is_initialized():
             tdist.destroy_process_group()

@@ -121,8 +121,9 @@ class Checkpointer:
         self.extra = extra or (lambda step: {})
 
     def __call__(self, step: int, final: bool) -> Path:
-        state = {"step": step, "optimizer": optimizer_state(self.wrapped, self.optimizer), "rng": ckpt.rng_state(),
-                 "world": self.dist.world, **self.extra(step)}
+        rng = self.dist.all_gather_object(ckpt.rng_state())  # every process's generators, rank order
+        state = {"step": step, "optimizer": optimizer_state(self.wrapped, self.optimizer), "rng": rng[0],
+                 "rng_per_rank": rng, "world": self.dist.world, **self.extra(step)}
         path = self.out / (ckpt.FINAL if final else ckpt.checkpoint_name(step))
         model = savable(self.model, self.wrapped, self.dist)
         if self.dist.main:
@@ -159,6 +160,13 @@ class Recorder:
         if not any("loss" in m for m in rows):
             return None
         return plot_loss(rows, out / "loss.png", title=title)
+
+
+def restore_rng(state: dict, dist) -> None:
+    """This process's RNG states from a checkpoint: its own rank's when the process count is unchanged,
+    else rank 0's (training draws no random numbers today; the data order is a pure function of the step)."""
+    per_rank = state.get("rng_per_rank") or [state["rng"]]
+    ckpt.set_rng_state(per_rank[dist.rank] if len(per_rank) == dist.world else state["rng"])
 
 
 def peak_flops(peak_tflops: float | None, dist) -> float:
