@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/train_throughput.py --profiles small --batch 4 --seq 256 1024 --threads 1 --reps 7
     .venv/bin/python benchmarks/train_throughput.py --batch 4 --seq 256 --precision bf16
 
-One step = forward, loss, backward, ``torch.optim.AdamW`` step (its default foreach implementation), zero_grad,
-as a user writes it:
+One step = forward, loss, backward, AdamW step, zero_grad, as each is used:
 
     nano:          loss, n = causal_lm_loss(model, ids, labels); (loss / n).backward()   # labels aligned
+                   + the optimizer ``nano pretrain`` builds (nanocli.train.optim: fused AdamW)
     transformers:  model(input_ids=ids, labels=ids).loss.backward()                      # shifts labels itself
+                   + ``torch.optim.AdamW(model.parameters())`` as a plain loop writes it (foreach)
 
 Both models start from the identical random checkpoint (fp32 weights, train mode) and the two losses (and a
 few gradients) are checked to agree before timing. ``--precision bf16`` runs the forward and the loss of both
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_throughput import build_pair, load_profile, matmul_peak_gflops  # noqa: E402
 
+from nanocli.train.optim import OptimConfig, build_optimizer  # noqa: E402
 from nanocli_model import memory  # noqa: E402
 from nanocli_model.losses import IGNORE_INDEX, causal_lm_loss  # noqa: E402
 
@@ -133,7 +135,7 @@ def main() -> None:
             hf.train()
             ids = torch.randint(0, config.vocab_size, (args.batch, T), generator=torch.Generator().manual_seed(T))
             ln, lh = check_losses(nano, hf, ids, args.precision)
-            opt_n = torch.optim.AdamW(nano.parameters(), lr=args.lr)
+            opt_n = build_optimizer(nano, OptimConfig(weight_decay=0.01, betas=(0.9, 0.999)), args.lr)
             opt_h = torch.optim.AdamW(hf.parameters(), lr=args.lr)
             times = time_pair({"nano": nano_step(nano, opt_n, ids, args.precision),
                                "hf": hf_step(hf, opt_h, ids, args.precision)}, args.reps)

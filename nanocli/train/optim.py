@@ -50,8 +50,12 @@ def build_optimizer(model: nn.Module, config: OptimConfig, lr: float) -> torch.o
         if p.dtype != torch.float32:
             raise ConfigError(f"master weights must be float32 for training, found {p.dtype}; load the model "
                               "in fp32 and use --precision bf16/fp8 for the compute")
+    # The fused kernel (CPU and CUDA) updates all parameters in one pass: about 6x faster than foreach on
+    # this CPU (9 vs 54 ms per step for the small profile's 13M parameters). FSDP2's DTensor shards take
+    # the foreach path.
+    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr, betas=config.betas,
-                             eps=config.eps, fused=False, foreach=True)
+                             eps=config.eps, fused=not sharded, foreach=sharded or None)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
