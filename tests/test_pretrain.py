@@ -47,6 +47,14 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nanocli", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300, **kw)
@@ -215,12 +223,18 @@ def test_two_processes_match_one_process(tmp_path, cache, tokenizer_dir, paralle
     one = tmp_path / "one"
     pt.run(options(one, cache, tokenizer_dir, steps=steps, heldout_fraction=0.0))
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(29531 + (parallel == "fsdp")), "-m", "nanocli",
-           *cli_args(two, cache, tokenizer_dir, steps, save_every=2, heldout_fraction=0.0, parallel=parallel)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    for attempt in range(2):
+        shutil.rmtree(two, ignore_errors=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "nanocli",
+               *cli_args(two, cache, tokenizer_dir, steps, save_every=2, heldout_fraction=0.0, parallel=parallel)]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # Once (in ~15 CI runs) a gloo worker died of SIGABRT (exitcode -6) here; not reproduced in 9 reruns.
+        # A process killed by a signal gets one more try; any other failure, or a second crash, fails.
+        if r.returncode == 0 or "(exitcode: -" not in r.stderr or attempt == 1:
+            break
+    assert r.returncode == 0, "\n".join(ln for ln in r.stderr.splitlines() if "rank" in ln or "Error" in ln)[-3000:]
 
     def losses(out):
         return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
