@@ -150,14 +150,10 @@ def check(o: AlignOptions) -> None:
         raise AlignError(f"--eval-problems must be >= 0, got {o.eval_problems}")
 
 
-def _kind(o: AlignOptions) -> str:
-    return {"sft": "sft", "dpo": "dpo", "grpo": "grpo"}[o.method]
-
-
 def _data_spec(o: AlignOptions) -> str:
     """Synthetic specs get the method's format unless they name one."""
     if o.data.startswith("synthetic:") and "format=" not in o.data:
-        return o.data + ("&" if "?" in o.data else "?") + f"format={_kind(o)}"
+        return o.data + ("&" if "?" in o.data else "?") + f"format={o.method}"
     return o.data
 
 
@@ -194,7 +190,7 @@ def _run(o: AlignOptions, dist, hooks: Hooks) -> AlignResult:
     if tokenizer.chat_template is None:
         raise AlignError(f"{o.model}: the tokenizer has no chat template; alignment trains on chat-formatted data")
     stats = ReadStats()
-    records = read_jsonl_records(_data_spec(o), on_error=o.on_error, stats=stats, kind=_kind(o))
+    records = read_jsonl_records(_data_spec(o), on_error=o.on_error, stats=stats, kind=o.method)
     method = _METHODS[o.method](o, tokenizer, records, stats, dist)
     result.examples, result.data_stats = method.size, stats.as_dict()
     per_epoch = math.ceil(method.size / o.global_batch)
