@@ -514,7 +514,10 @@ class TrainProgress:
         if "eval_loss" in m:
             self.last_eval = f" | held-out {m['eval_loss']:.3f}"
         if "loss" in m:
-            self.last_info = (f"loss {m['loss']:.4f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s"
+            rate = next(k for k in m if k.endswith("_per_s"))  # tokens_per_s; pairs_per_s (DPO); sequences_per_s
+            unit = "tok" if rate == "tokens_per_s" else rate[:-len("_per_s")]
+            fmt = ",.0f" if unit == "tok" else ",.1f"
+            self.last_info = (f"loss {m['loss']:.4f} | lr {m['lr']:.2e} | {m[rate]:{fmt}} {unit}/s"
                               + (f" | MFU {100 * m['mfu']:.1f}%" if "mfu" in m else ""))
         info = getattr(self, "last_info", "") + self.last_eval
         if "loss" in m:

@@ -234,7 +234,7 @@ def _run(o: AlignOptions, dist, hooks: Hooks) -> AlignResult:
                                 o.keep_last, hooks.status)
     record = session.Recorder(out, dist, start if state is not None else None, hooks.step)
     loop_cfg = LoopConfig(schedule=schedule, optim=optim_cfg, precision=o.precision, save_every=o.save_every,
-                          on_nan=o.on_nan)
+                          on_nan=o.on_nan, unit={"sft": "tokens", "dpo": "pairs", "grpo": "sequences"}[o.method])
     hooks.start(start, steps, {"device": str(dist.device), "processes": dist.world, "method": o.method})
     with StopFlag() as stop:
         loop = run_loop(wrapped, optimizer, loop_cfg, dist, start_step=start,

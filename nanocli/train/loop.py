@@ -45,6 +45,7 @@ class LoopConfig:
     on_nan: str = "stop"  # stop | skip (the step's update is dropped)
     flops_per_token: float = 0.0  # training FLOPs per token (3 x forward) for MFU; 0 = unknown
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = unknown
+    unit: str = "tokens"  # what count_fn counts (tokens; DPO pairs; GRPO sequences): names the rate metric
 
 
 @dataclass
@@ -148,7 +149,7 @@ def run_loop(wrapped: nn.Module, optimizer: torch.optim.Optimizer, config: LoopC
         result.step, result.last_loss = step, loss_value
         result.tokens += int(n_global)
         metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                   "tokens": int(n_global), "tokens_per_s": n_global / dt, "step_time": dt,
+                   config.unit: int(n_global), f"{config.unit}_per_s": n_global / dt, "step_time": dt,
                    **{k: v / len(micro) for k, v in extras.items()}}
         if config.flops_per_token and config.peak_flops:
             metrics["mfu"] = n_global * config.flops_per_token / dt / (config.peak_flops * dist.world)
