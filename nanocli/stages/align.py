@@ -163,11 +163,8 @@ def run(o: AlignOptions, hooks: Hooks | None = None) -> AlignResult:
     check(o)
     from ..train.distributed import setup
 
-    dist = setup(o.device)
-    try:
+    with setup(o.device) as dist:
         return _run(o, dist, hooks)
-    finally:
-        dist.close()
 
 
 def _run(o: AlignOptions, dist, hooks: Hooks) -> AlignResult:

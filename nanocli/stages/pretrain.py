@@ -304,11 +304,8 @@ def run(o: PretrainOptions, hooks: Hooks | None = None) -> PretrainResult:
         return PretrainResult(resolved=r, dry_run=True)
     from ..train.distributed import setup
 
-    dist = setup(o.device)
-    try:
+    with setup(o.device) as dist:
         return _train(r, dist, hooks)
-    finally:
-        dist.close()
 
 
 def _train(r: Resolved, dist, hooks: Hooks) -> PretrainResult:
@@ -456,13 +453,10 @@ def _batch_plan(r: Resolved, tokenizer, dist, hooks: Hooks):
         if dist.main == rank_turn:
             for name, spec in r.sources.items():
                 hooks.status(f"data: {name}")
-                tokens[name] = prepare_source(spec, tokenizer, cache, progress=hooks.progress if dist.main else None)
+                # vocab_size: a pre-tokenized shard with ids outside the model's vocabulary is a DataError
+                tokens[name] = prepare_source(spec, tokenizer, cache, progress=hooks.progress if dist.main else None,
+                                              vocab_size=r.config.vocab_size)
         dist.barrier()
-    for name, src in tokens.items():
-        top = int(src.max_id) if hasattr(src, "max_id") else None
-        if top is not None and top >= r.config.vocab_size:
-            raise PretrainError(f"data {name}: token id {top} is outside the model's vocabulary "
-                                f"({r.config.vocab_size}); tokenize it with this model's tokenizer")
     return BatchPlan(tokens, r.phases, seq_len=o.seq_len, global_batch=o.global_batch, total_steps=r.steps,
                      seed=o.seed, heldout_fraction=o.heldout_fraction)
 

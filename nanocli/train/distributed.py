@@ -58,6 +58,12 @@ class Dist:
         tdist.all_gather_object(out, obj)
         return out
 
+    def __enter__(self) -> Dist:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.initialized and tdist.is_initialized():
             tdist.destroy_process_group()

@@ -25,7 +25,6 @@ from torch import nn
 
 from nanocli_model.errors import NanoError
 
-from . import ON_NAN, PRECISIONS  # noqa: F401 - re-exported for the stages
 from .distributed import Dist, no_sync
 from .optim import OptimConfig, clip_gradients, set_lr
 from .schedule import Schedule
