@@ -375,6 +375,63 @@ def pretrain_command(
         ui.show_pretrain_result(result)
 
 
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="A NemotronH checkpoint directory.")],
+    problems: Annotated[int, typer.Option("--problems", "-n", help="Held-out synthetic problems per mode and "
+                                          "budget (0: accuracy off).")] = 100,
+    mode: Annotated[str, typer.Option("--mode", help="both, think or no_think.")] = "both",
+    budgets: Annotated[str | None, typer.Option("--budgets", help="Thinking budgets to sweep, e.g. "
+                                                "8,16,32,64.")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", help="Synthetic tasks, comma-separated (default: all).")] = None,
+    difficulty: Annotated[str, typer.Option("--difficulty", help="A level 1..5 or a range lo-hi.")] = "1-3",
+    data: Annotated[str | None, typer.Option("--data", help="Held-out text for perplexity (a --data spec; "
+                                             "synthetic: uses its held-out split).")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Perplexity window in tokens.")] = 512,
+    ppl_tokens: Annotated[int, typer.Option("--ppl-tokens", help="Tokens scored for perplexity at most.")] = 65536,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Per answer.")] = 256,
+    batch: Annotated[int, typer.Option("--batch", help="Problems generated together.")] = 32,
+    seed: Annotated[int, typer.Option("--seed", help="Which held-out problems.")] = 1234,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the JSON to this file.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Accuracy vs thinking budget, as a PNG.")] = None,
+) -> None:
+    """Held-out accuracy on the built-in reasoning tasks (reasoning on / off, a thinking-budget sweep), and
+    perplexity on held-out text. Greedy; problems from the held-out split, never seen in training."""
+    import json
+
+    from . import ui
+    from .stages import evaluate as ev
+
+    options = ev.EvalOptions(model=model, problems=problems, tasks=tasks, difficulty=difficulty,
+                             modes=ev.parse_modes(mode), budgets=ev.parse_budgets(budgets), data=data,
+                             seq_len=seq_len, ppl_tokens=ppl_tokens, max_new_tokens=max_new_tokens, batch=batch,
+                             seed=seed, device=device, dtype=dtype)
+    if out is not None and not out.parent.is_dir():
+        raise ev.EvalError(f"--out {out}: folder {out.parent} does not exist")
+    if plot is not None:
+        from .plot import _checked_png
+
+        _checked_png(plot)  # a bad path fails before the work, not after
+    with ui.console().status("evaluating") as spinner:
+        result = ev.run(options, ev.Hooks(status=lambda msg: spinner.update(msg)))
+    record = result.as_dict()
+    if out is not None:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(out)
+    if plot is not None:
+        from .plot import plot_budget_sweep
+
+        plot_budget_sweep(record, plot)
+    if json_out:
+        typer.echo(json.dumps(record))
+    else:
+        ui.show_eval_result(result, str(plot) if plot else None)
+
+
 align_app = typer.Typer(help="Align a model: SFT with reasoning on/off and budget traces, DPO, GRPO; merge.",
                         invoke_without_command=True, no_args_is_help=False)
 app.add_typer(align_app, name="align")

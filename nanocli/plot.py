@@ -111,6 +111,50 @@ def _pyplot():
     return plt
 
 
+def _checked_png(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise PlotError(f"--plot {path}: give a .png file name")
+    if not path.parent.is_dir():
+        raise PlotError(f"--plot {path}: folder {path.parent} does not exist")
+    return path
+
+
+def _save(fig, plt, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_budget_sweep(result: dict, path: str | Path) -> Path:
+    """``nano eval --plot``: held-out accuracy vs thinking budget (the report's curve), with the unbudgeted
+    reasoning-on and reasoning-off accuracies as reference lines. ``result`` is ``EvalResult.as_dict()``."""
+    path = _checked_png(path)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    sweep, acc = result["budget_sweep"], result["accuracy"]
+    if sweep:
+        ax.plot([s["budget"] for s in sweep], [100 * s["accuracy"] for s in sweep], "o-", color="#1f77b4", lw=2,
+                label="reasoning on, thinking budget")
+        ax.set_xscale("log", base=2)
+    styles = {"think": ("#1f77b4", "reasoning on, no budget"), "no_think": ("#d62728", "reasoning off")}
+    for mode, (color, label) in styles.items():
+        if mode in acc:
+            ax.axhline(100 * acc[mode]["accuracy"], color=color, ls="--", lw=1.2,
+                       label=f"{label} ({100 * acc[mode]['accuracy']:.0f}%)")
+    n = result["problems"]["n"]
+    ax.set_xlabel("thinking budget (tokens)")
+    ax.set_ylabel(f"held-out accuracy (%, {n} problems)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"nano eval: {Path(result['model']).name}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, plt, path)
+
+
 def plot_loss(metrics: list[dict], path: str | Path, title: str = "training loss") -> Path:
     """Training loss per step (raw and smoothed), held-out loss where evaluated, and the LR on a second axis."""
     plt = _pyplot()

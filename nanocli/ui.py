@@ -578,6 +578,35 @@ def show_pretrain_result(r) -> None:
     out.print(t)
 
 
+def _pct(a: dict) -> str:
+    return f"{100 * a['accuracy']:.1f}% ({a['correct']}/{a['n']})"
+
+
+def show_eval_result(r, plot_path: str | None = None) -> None:
+    """``nano eval``: held-out accuracy per mode, the thinking-budget sweep, perplexity."""
+    out = console()
+    d = r.as_dict()
+    p = d["problems"]
+    if d["accuracy"] or d["budget_sweep"]:
+        t = Table(title=f"nano eval: {r.options.model}", box=box.SIMPLE_HEAVY)
+        for name in ("answers", "accuracy", "in form", "mean tokens"):
+            t.add_column(name, justify="left" if name == "answers" else "right")
+        for mode, a in d["accuracy"].items():
+            t.add_row(f"reasoning {'on' if mode == 'think' else 'off'}", _pct(a), f"{a['formatted']}/{a['n']}",
+                      f"{a['mean_tokens']:.1f}")
+        for a in d["budget_sweep"]:
+            t.add_row(f"thinking budget {a['budget']}", _pct(a), f"{a['formatted']}/{a['n']}", f"{a['mean_tokens']:.1f}")
+        out.print(t)
+    if d["perplexity"]:
+        pp = d["perplexity"]
+        out.print(f"held-out text: loss {pp['loss']:.4f}, perplexity {pp['ppl']:.3f} ({pp['tokens']:,} tokens)")
+    if d["accuracy"] or d["budget_sweep"]:
+        out.print(f"problems: {p['n']} held-out (tasks {p['tasks']}, difficulty {p['difficulty']}, seed {p['seed']}), "
+                  f"greedy; {human_count(d['params'])} parameters, {d['device']} {d['dtype']}, {d['seconds']:.1f} s")
+    if plot_path:
+        out.print(f"plot: {plot_path}")
+
+
 def show_align_result(r) -> None:
     """``nano align``: the plan (dry run) or what the run did, with held-out accuracy before and after."""
     out = console()

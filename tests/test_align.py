@@ -13,18 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from nanocli.stages import align as al
-from nanocli.stages import pretrain as pt
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def base(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("base")
-    pt.run(pt.PretrainOptions(profile="tiny", data="synthetic:reasoning?docs=1500&difficulty=1-2", seq_len=64,
-                              global_batch=8, steps=30, lr=3e-3, warmup=1, decay=5, precision="fp32",
-                              heldout_fraction=0.0, out=str(out), cache_dir=str(out / "cache")))
-    return out / "final"
+def base(tiny_base) -> Path:
+    return tiny_base
 
 
 def align(base: Path, out: Path, method: str, **kw) -> al.AlignResult:

@@ -254,8 +254,21 @@ def _run(o: AlignOptions, dist, hooks: Hooks) -> AlignResult:
 def _accuracy(model, tokenizer, o: AlignOptions) -> dict:
     from ..evals import reasoning_accuracy
 
-    return {"think": reasoning_accuracy(model, tokenizer, o.eval_problems, think=True).as_dict(),
-            "no_think": reasoning_accuracy(model, tokenizer, o.eval_problems, think=False).as_dict()}
+    kw = dict(n=o.eval_problems, max_new_tokens=max(o.max_new_tokens, 160), **_eval_problem_set(o.data))
+    return {"think": reasoning_accuracy(model, tokenizer, think=True, **kw).as_dict(),
+            "no_think": reasoning_accuracy(model, tokenizer, think=False, **kw).as_dict()}
+
+
+def _eval_problem_set(data: str) -> dict:
+    """The held-out problems to score: the tasks and difficulty of a ``synthetic:`` training spec (so the
+    score measures what was trained), the generator's defaults for other data."""
+    from ..data import synthetic
+
+    if not data.startswith("synthetic:") or "?" not in data:
+        return {}
+    query = "&".join(kv for kv in data.split("?", 1)[1].split("&") if kv.split("=")[0] in ("tasks", "difficulty"))
+    opts = synthetic.parse_synthetic_options(query) if query else {}
+    return {k: opts[k] for k in ("tasks", "difficulty") if k in query}
 
 
 def _write_eval(out: Path, r: AlignResult) -> None:

@@ -1,0 +1,20 @@
+"""Fixtures shared by several test modules (built once per session, on CPU, in seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A `tiny` model pretrained for 30 steps on the built-in corpus, with its trained BPE tokenizer and
+    chat template: ``.../final`` (an HF NemotronH directory). Its token cache sits beside it."""
+    from nanocli.stages import pretrain as pt
+
+    out = tmp_path_factory.mktemp("tiny-base")
+    pt.run(pt.PretrainOptions(profile="tiny", data="synthetic:reasoning?docs=1500&difficulty=1-2", seq_len=64,
+                              global_batch=8, steps=30, lr=3e-3, warmup=1, decay=5, precision="fp32",
+                              heldout_fraction=0.0, out=str(out), cache_dir=str(out / "cache")))
+    return out / "final"
