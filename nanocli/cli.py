@@ -381,6 +381,8 @@ def eval_command(
     problems: Annotated[int, typer.Option("--problems", "-n", help="Held-out synthetic problems per mode and "
                                           "budget (0: accuracy off).")] = 100,
     mode: Annotated[str, typer.Option("--mode", help="both, think or no_think.")] = "both",
+    prompt_format: Annotated[str, typer.Option("--prompt-format", help="chat (the model's template) or text "
+                                               "(the pretraining format, for a base model).")] = "chat",
     budgets: Annotated[str | None, typer.Option("--budgets", help="Thinking budgets to sweep, e.g. "
                                                 "8,16,32,64.")] = None,
     tasks: Annotated[str | None, typer.Option("--tasks", help="Synthetic tasks, comma-separated (default: all).")] = None,
@@ -406,7 +408,7 @@ def eval_command(
     from .stages import evaluate as ev
 
     options = ev.EvalOptions(model=model, problems=problems, tasks=tasks, difficulty=difficulty,
-                             modes=ev.parse_modes(mode), budgets=ev.parse_budgets(budgets), data=data,
+                             modes=ev.parse_modes(mode), prompt_format=prompt_format, budgets=ev.parse_budgets(budgets), data=data,
                              seq_len=seq_len, ppl_tokens=ppl_tokens, max_new_tokens=max_new_tokens, batch=batch,
                              seed=seed, device=device, dtype=dtype)
     if out is not None and not out.parent.is_dir():

@@ -8,6 +8,7 @@ thinking budget), answered greedily with nano's cached generator, and scored by
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from .data import synthetic
@@ -21,6 +22,7 @@ class Accuracy:
     mean_tokens: float
     think: bool
     budget: int | None
+    seconds: float = 0.0  # generation wall time (batched, greedy, prefill included)
 
     @property
     def accuracy(self) -> float:
@@ -28,31 +30,55 @@ class Accuracy:
 
     def as_dict(self) -> dict:
         return {"n": self.n, "accuracy": self.accuracy, "correct": self.correct, "formatted": self.formatted,
-                "mean_tokens": self.mean_tokens, "think": self.think, "budget": self.budget}
+                "mean_tokens": self.mean_tokens, "think": self.think, "budget": self.budget,
+                "seconds": self.seconds,
+                "tokens_per_s": self.mean_tokens * self.n / self.seconds if self.seconds > 0 else 0.0}
 
 
 def reasoning_accuracy(model, tokenizer, n: int = 64, think: bool = True, seed: int = 1234,
                        budget: int | None = None, max_new_tokens: int = 160, batch: int = 32,
-                       tasks=None, difficulty=(1, 3)) -> Accuracy:
-    """Greedy accuracy on ``n`` held-out problems (deterministic for a given ``seed``)."""
+                       tasks=None, difficulty=(1, 3), prompt_format: str = "chat") -> Accuracy:
+    """Greedy accuracy on ``n`` held-out problems (deterministic for a given ``seed``).
+
+    ``prompt_format="text"`` asks a base model in its pretraining format instead of the chat template:
+    ``Question: ...\nReasoning:\n``, scored on the first ``Answer:`` line it writes (``think`` is ignored).
+    """
     from nanocli_model.generation import SamplingParams
 
     from .train.grpo import rollout
 
     problems = synthetic.generate(n, seed=seed, split="heldout", tasks=tasks, difficulty=difficulty)
-    prompts = [tokenizer.encode_chat(synthetic.as_grpo(p, think=think)["prompt"]) for p in problems]
+    text_format = prompt_format == "text"
+    if text_format:
+        prompts = [tokenizer.encode(f"Question: {p.question}\nReasoning:\n") for p in problems]
+    else:
+        prompts = [tokenizer.encode_chat(synthetic.as_grpo(p, think=think)["prompt"]) for p in problems]
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     correct = formatted = tokens = 0
     was_training = model.training
     model.eval()
+    t0 = time.perf_counter()
     try:
         for i in range(0, n, batch):
             r = rollout(model, tokenizer, prompts[i:i + batch], 1, params, seed=seed, thinking_budget=budget)
             for p, text, ids in zip(problems[i:i + batch], r.texts, r.completion_ids):
+                if text_format:
+                    text = first_answer_line(text)
+                    formatted += "Answer:" in text
+                else:
+                    formatted += (synthetic.reward_format(text) > 0) if think else ("The answer is" in text)
                 correct += synthetic.is_correct(text, p.answer)
-                formatted += (synthetic.reward_format(text) > 0) if think else ("The answer is" in text)
                 tokens += len(ids)
     finally:
         model.train(was_training)
     return Accuracy(n=n, correct=correct, formatted=formatted, mean_tokens=tokens / max(n, 1), think=think,
-                    budget=budget)
+                    budget=budget, seconds=time.perf_counter() - t0)
+
+
+def first_answer_line(text: str) -> str:
+    """The completion up to the end of its first ``Answer:`` line (a base model may go on to a new document)."""
+    at = text.find("Answer:")
+    if at < 0:
+        return text
+    end = text.find("\n", at)
+    return text if end < 0 else text[:end]

@@ -592,7 +592,8 @@ def show_eval_result(r, plot_path: str | None = None) -> None:
         for name in ("answers", "accuracy", "in form", "mean tokens"):
             t.add_column(name, justify="left" if name == "answers" else "right")
         for mode, a in d["accuracy"].items():
-            t.add_row(f"reasoning {'on' if mode == 'think' else 'off'}", _pct(a), f"{a['formatted']}/{a['n']}",
+            label = {"think": "reasoning on", "no_think": "reasoning off", "text": "pretraining format"}[mode]
+            t.add_row(label, _pct(a), f"{a['formatted']}/{a['n']}",
                       f"{a['mean_tokens']:.1f}")
         for a in d["budget_sweep"]:
             t.add_row(f"thinking budget {a['budget']}", _pct(a), f"{a['formatted']}/{a['n']}", f"{a['mean_tokens']:.1f}")

@@ -51,6 +51,26 @@ def test_accuracy_counts_exactly_the_right_answers_and_sweeps_the_budgets(tiny_b
     assert [s["budget"] for s in r.sweep] == [4, 16]
 
 
+def test_text_format_asks_in_the_pretraining_format_and_scores_the_first_answer(tiny_base, monkeypatch):
+    n, seed = 6, 3
+    problems = synthetic.generate(n, seed=seed, split="heldout", tasks=("add",), difficulty=(1, 1))
+    seen = []
+
+    def fake_rollout(model, tokenizer, prompts, group_size, params, seed, thinking_budget=None):
+        seen.extend(tokenizer.decode(p) for p in prompts)
+        # a base model answers, then runs on into a new document with another "Answer:" (ignored)
+        texts = [f"1 + 1 = 2\nAnswer: {p.answer if i < 4 else 'x'}\nQuestion: What is 1 + 1?\nAnswer: 7\n"
+                 for i, p in enumerate(problems)]
+        return grpo.Rollout(prompt_ids=list(prompts), completion_ids=[[1]] * n, texts=texts, group_size=1, seed=seed)
+
+    monkeypatch.setattr(grpo, "rollout", fake_rollout)
+    r = ev.run(ev.EvalOptions(model=str(tiny_base), problems=n, tasks="add", difficulty="1", seed=seed,
+                              prompt_format="text", batch=n, device="cpu"))
+    assert seen == [f"Question: {p.question}\nReasoning:\n" for p in problems]
+    assert list(r.accuracy) == ["text"] and r.accuracy["text"]["correct"] == 4
+    assert r.accuracy["text"]["formatted"] == n
+
+
 def test_perplexity_equals_a_float64_hand_computation(tiny_base, tmp_path):
     spec, seq_len = "synthetic:reasoning?docs=200&difficulty=1-2", 32
     o = ev.EvalOptions(model=str(tiny_base), problems=0, data=spec, seq_len=seq_len, ppl_tokens=700, batch=4,
@@ -102,6 +122,8 @@ def test_cli_writes_json_table_and_plot(tiny_base, tmp_path):
     (["--tasks", "poetry"], "poetry"),
     (["--plot", "x.jpg"], ".png"),
     (["--mode", "no_think", "--budgets", "8"], "--budgets"),
+    (["--prompt-format", "xml"], "--prompt-format"),
+    (["--prompt-format", "text", "--budgets", "8"], "--budgets"),
 ])
 def test_bad_input_is_one_line(tiny_base, args, message):
     argv = ["eval", *args] if args[0] == "--model" else ["eval", "--model", str(tiny_base), *args]

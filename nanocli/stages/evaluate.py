@@ -38,6 +38,7 @@ class EvalOptions:
     tasks: str | None = None  # comma-separated synthetic tasks (default: all)
     difficulty: str = "1-3"  # a level or a range lo-hi (1..5)
     modes: tuple[str, ...] = MODES  # think and/or no_think
+    prompt_format: str = "chat"  # chat (the model's template) | text (pretraining format, for base models)
     budgets: tuple[int, ...] = ()  # thinking budgets to sweep (reasoning on)
     data: str | None = None  # held-out text for perplexity (a --data spec)
     seq_len: int = 512  # perplexity window
@@ -111,8 +112,12 @@ def check(o: EvalOptions) -> tuple:
     for name in ("seq_len", "max_new_tokens", "batch"):
         if getattr(o, name) < 1:
             raise EvalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
+    if o.prompt_format not in ("chat", "text"):
+        raise EvalError(f"--prompt-format {o.prompt_format!r} is unknown; use chat or text")
     if o.problems == 0 and o.data is None:
         raise EvalError("nothing to evaluate: --problems 0 and no --data for perplexity")
+    if o.budgets and o.prompt_format == "text":
+        raise EvalError("--budgets applies to chat answers with reasoning on, not --prompt-format text")
     if o.budgets and "think" not in o.modes and o.problems:
         raise EvalError("--budgets sweeps reasoning-on answers; drop --mode no_think or the budgets")
     try:
@@ -140,9 +145,9 @@ def run(o: EvalOptions, hooks: Hooks | None = None, loaded=None) -> EvalResult:
     result = EvalResult(options=o, params=sum(p.numel() for p in model.parameters()), device=loaded.device,
                         dtype=loaded.dtype)
     if o.problems:
-        if tokenizer.chat_template is None:
+        if tokenizer.chat_template is None and o.prompt_format == "chat":
             raise EvalError(f"{o.model}: the tokenizer has no chat template; accuracy asks through it "
-                            "(use --problems 0 for perplexity only)")
+                            "(use --prompt-format text for a base model, or --problems 0 for perplexity only)")
         result.accuracy, result.sweep = _accuracy(model, tokenizer, o, tasks, difficulty, hooks)
     if o.data is not None:
         hooks.status(f"perplexity on {o.data}")
@@ -157,6 +162,9 @@ def _accuracy(model, tokenizer, o: EvalOptions, tasks, difficulty, hooks: Hooks)
     kw = dict(n=o.problems, seed=o.seed, max_new_tokens=o.max_new_tokens, batch=o.batch, tasks=tasks,
               difficulty=difficulty)
     accuracy = {}
+    if o.prompt_format == "text":
+        hooks.status(f"{o.problems} held-out problems in the pretraining format")
+        return {"text": reasoning_accuracy(model, tokenizer, prompt_format="text", **kw).as_dict()}, []
     for mode in o.modes:
         hooks.status(f"{o.problems} held-out problems, reasoning {'on' if mode == 'think' else 'off'}")
         accuracy[mode] = reasoning_accuracy(model, tokenizer, think=mode == "think", **kw).as_dict()
