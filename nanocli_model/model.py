@@ -69,6 +69,9 @@ class NanoForCausalLM(nn.Module):
     ``attention_mask`` (batch, seq; 1 real, 0 padding) batches prompts of different lengths, left-padded:
     padding adds nothing to any Mamba state and is no key for attention, so each row's logits equal
     that prompt run alone. With a cache it is given once, at the first call.
+    ``head=fn`` returns ``fn(h, lm_head.weight)`` for the final normed hidden states h (batch, seq, hidden)
+    instead of logits: a loss head that never holds the full logits (distillation), run inside ``forward``
+    so that DDP / FSDP wrappers see the lm_head in use.
     """
 
     _decode_layout_done = False  # set by the first cached single-token step (see _use_decode_layout)
@@ -83,12 +86,14 @@ class NanoForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
                 logits_to_keep: int = 0, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX):
+                labels: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX, head=None):
         if cache is not None and input_ids.shape[1] == 1 and not self._decode_layout_done:
             self._use_decode_layout()
         h = self.backbone(input_ids, cache, attention_mask)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        if head is not None:
+            return head(h, self.lm_head.weight)
         if labels is not None:
             return self._loss(h, labels, ignore_index)
         return self.lm_head(h).float()
