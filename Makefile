@@ -28,6 +28,8 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/forward_throughput.py
+	$(BIN)/nano bench --model small --threads 1 --lengths 512:1024,1024:2048,2048:4096 \
+		--plot docs/img/bench-hybrid-vs-transformer.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,551 @@
+"""``nano bench``: generation throughput, and the hybrid-vs-Transformer comparison of the report (section 7).
+
+The report's headline: Nemotron Nano 2 generates up to 6x faster than Qwen3-8B at 8k input / 16k output.
+Why: 4 attention layers keep 16 KiB of KV per token where a dense GQA Transformer keeps ~144 KiB, and a
+Mamba layer's state does not grow with the context, so each decode step reads less and far larger batches
+fit. This module measures the same comparison for any NemotronH model:
+
+1. **resolve**: the model (a checkpoint directory, or a profile built with random weights: throughput
+   does not depend on weight values), the device, dtype, thread count and the (prompt, output) pairs;
+2. **twin**: a pure-attention model built by nano itself: the same hidden size, vocabulary and attention
+   shape, only attention + MLP layers (``*-`` repeated), with the layer count and FFN width chosen so its
+   parameter count is within ``TWIN_TOLERANCE`` of the hybrid's (``memory.param_count``);
+3. **measure**: for every pair, runs interleaved hybrid, twin, hybrid, twin (``repeats`` times, after an
+   untimed warm-up of each model) through nano's cached generator (``generation.generate``, greedy, EOS
+   ignored, random prompt ids): prefill, decode, overall tokens/s, the time of each decode step (as the
+   context grows), the cache bytes predicted by ``memory.cache_bytes`` and those really allocated;
+4. **summarise**: medians over the repeats and the hybrid / Transformer ratios.
+
+``run(options, hooks) -> BenchResult``; rendering lives in ``ui.show_bench``, the plot in
+``plot.plot_bench``. torch is imported only inside the functions that run models.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanocli_model import memory
+from nanocli_model.config import ATTENTION, MAMBA, MLP, NanoConfig
+from nanocli_model.errors import NanoError
+
+TWIN_TOLERANCE = 0.05  # the twin's total parameters are within 5% of the hybrid's (usually well under 1%)
+FFN_MULTIPLE = 16  # the twin's FFN width is rounded to a multiple of this
+CPU_LENGTHS = "512:1024,1024:2048,2048:4096"
+GPU_LENGTHS = "1024:2048,8192:16384"  # the report's 8k in / 16k out
+QUICK_LENGTHS = "64:128"
+CURVE_POINTS = 8  # positions sampled on the time-per-output-token curve
+MAX_AUTO_BATCH = 256  # --batch max never goes above this (vLLM's default max_num_seqs)
+GPU_MEMORY_SHARE = 0.85  # --batch max plans with this share of the free GPU memory
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_TOKENS = re.compile(r"(\d+)([kK]?)")
+
+
+class BenchError(NanoError):
+    """Bad input to ``nano bench`` (lengths, batch, device, model), or a twin that cannot be built."""
+
+
+# ------------------------------------------------------------------------------------------ options
+@dataclass
+class BenchOptions:
+    """Everything ``nano bench`` can be told."""
+
+    model: str  # a NemotronH checkpoint directory, or a model profile name / .yaml (random weights)
+    compare_transformer: bool = True  # also run the pure-attention twin and report the ratio
+    lengths: str | None = None  # "P:O,P:O" prompt:output pairs (512:1024 or 8k:16k); None: by device
+    batch: str | int = 1  # sequences per run, or "max" (CUDA: the largest that fits, per model and pair)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16
+    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    repeats: int | None = None  # timed runs per model and pair (medians); None: 3, or 1 with quick
+    quick: bool = False  # a fast smoke run: short lengths, one repeat
+    prefill_chunk: int = 2048  # prompt tokens per forward
+    seed: int = 0  # random weights of profiles and the twin, and the prompt ids
+    plot: str | None = None  # a .png path the CLI will write (checked before the long run)
+
+
+@dataclass
+class BenchHooks:
+    """Progress callbacks (the CLI prints them on stderr)."""
+
+    status: Callable[[str], None] = lambda message: None
+
+
+# ------------------------------------------------------------------------------------------ results
+@dataclass
+class ModelInfo:
+    """One benchmarked model: its layout and the memory arithmetic behind the comparison."""
+
+    role: str  # "hybrid" | "transformer"
+    name: str
+    source: str  # "checkpoint" | "profile (random weights)" | "built by nano (random weights)"
+    pattern: str
+    hidden_size: int
+    vocab_size: int
+    layers: dict[str, int]  # mamba / mlp / attention counts
+    intermediate_size: int
+    attention_shape: str  # "q heads / kv heads x head_dim"
+    params: int
+    non_embedding_params: int
+    kv_bytes_per_token: int  # KV of every attention layer, one sequence, the run's dtype
+    state_bytes_per_sequence: int  # Mamba conv + SSM state, one sequence (constant in the context)
+
+
+@dataclass
+class Run:
+    """One timed generation: ``batch`` sequences of ``prompt`` tokens, ``output`` new tokens each."""
+
+    prefill_seconds: float  # prompt forward passes + the first token
+    decode_seconds: float  # every later step
+    prefill_tokens: int
+    output_tokens: int  # all rows
+    decode_tokens: int
+    step_seconds: list[float]  # one per decode step (row 0's token timestamps, differenced)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+
+@dataclass
+class Measurement:
+    """Medians over the repeats for one model at one (prompt, output) pair."""
+
+    role: str
+    prompt: int
+    output: int
+    batch: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    output_tokens_per_s: float  # output tokens / (prefill + decode time): what a user waits for
+    total_seconds: float
+    ms_per_token: list[tuple[int, float]]  # (context, median ms per decode step) as the context grows
+    cache_predicted: dict[str, int]  # memory.cache_bytes at prompt + output tokens: kv / conv / ssm / total
+    cache_measured: int  # bytes of the HybridCache really allocated
+    peak_memory_bytes: int
+    peak_memory_source: str
+    runs: list[dict[str, float]]  # every repeat's figures (seconds, token counts), for the record
+
+
+@dataclass
+class PairResult:
+    prompt: int
+    output: int
+    hybrid: Measurement
+    transformer: Measurement | None
+
+    def _ratio(self, key: str) -> float | None:
+        if self.transformer is None or getattr(self.transformer, key) <= 0:
+            return None
+        return getattr(self.hybrid, key) / getattr(self.transformer, key)
+
+    @property
+    def ratio(self) -> float | None:
+        """Hybrid / Transformer output tokens per second (overall, prefill included)."""
+        return self._ratio("output_tokens_per_s")
+
+    @property
+    def decode_ratio(self) -> float | None:
+        return self._ratio("decode_tokens_per_s")
+
+    @property
+    def prefill_ratio(self) -> float | None:
+        return self._ratio("prefill_tokens_per_s")
+
+
+@dataclass
+class BenchResult:
+    models: list[ModelInfo]  # the hybrid, then the twin when compared
+    pairs: list[PairResult]
+    device: str
+    dtype: str
+    threads: int
+    batch: str  # "1", "4" or "max"
+    repeats: int
+    kernels: str  # "cuda" (mamba-ssm kernels) or "reference"
+    load_before: tuple[float, float, float] | None  # os.getloadavg() at the start and the end
+    load_after: tuple[float, float, float] | None
+    seconds: float  # the whole benchmark, wall clock
+    torch_version: str
+    machine: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def hybrid(self) -> ModelInfo:
+        return self.models[0]
+
+    @property
+    def transformer(self) -> ModelInfo | None:
+        return self.models[1] if len(self.models) > 1 else None
+
+    def to_json(self) -> dict[str, Any]:
+        pairs = []
+        for p in self.pairs:
+            pairs.append({"prompt": p.prompt, "output": p.output, "hybrid": asdict(p.hybrid),
+                          "transformer": None if p.transformer is None else asdict(p.transformer),
+                          "ratio": p.ratio, "decode_ratio": p.decode_ratio, "prefill_ratio": p.prefill_ratio})
+        return {"models": [asdict(m) for m in self.models], "pairs": pairs, "device": self.device,
+                "dtype": self.dtype, "threads": self.threads, "batch": self.batch, "repeats": self.repeats,
+                "kernels": self.kernels, "load_before": self.load_before, "load_after": self.load_after,
+                "seconds": self.seconds, "torch_version": self.torch_version, "machine": self.machine,
+                "notes": self.notes}
+
+
+# ------------------------------------------------------------------------------------- input parsing
+def _tokens(text: str, what: str) -> int:
+    m = _TOKENS.fullmatch(text.strip().replace("_", ""))
+    if not m:
+        raise BenchError(f"--lengths: {what} {text.strip()!r} is not a number of tokens (e.g. 512 or 8k)")
+    value = int(m.group(1)) * (1024 if m.group(2) else 1)
+    if value <= 0:
+        raise BenchError(f"--lengths: {what} must be at least 1 token, got {text.strip()!r}")
+    return value
+
+
+def parse_lengths(text: str) -> list[tuple[int, int]]:
+    """``"512:1024,8k:16k"`` -> ``[(512, 1024), (8192, 16384)]``; a one-line ``BenchError`` otherwise."""
+    pairs = []
+    for item in str(text).split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 2:
+            raise BenchError(f"--lengths: {item.strip()!r} is not PROMPT:OUTPUT; give pairs such as "
+                             "512:1024,1024:2048")
+        pairs.append((_tokens(parts[0], "prompt length"), _tokens(parts[1], "output length")))
+    if len(set(pairs)) != len(pairs):
+        raise BenchError(f"--lengths: {text!r} repeats a pair")
+    return pairs
+
+
+def parse_batch(value: str | int) -> int | str:
+    """A whole number >= 1, or ``"max"``."""
+    text = str(value).strip().lower()
+    if text == "max":
+        return "max"
+    try:
+        n = int(text)
+    except ValueError:
+        raise BenchError(f"--batch: expected a whole number or 'max', got {value!r}") from None
+    if n < 1:
+        raise BenchError(f"--batch: must be at least 1, got {value!r}")
+    return n
+
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise BenchError(f"{flag}: must be a whole number >= 1, got {value!r}")
+
+
+def check_plot_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise BenchError(f"--plot {path}: give a .png file name")
+    if not path.parent.is_dir():
+        raise BenchError(f"--plot {path}: folder {path.parent} does not exist")
+    return path
+
+
+# -------------------------------------------------------------------------------------- the twin
+def _attention_shape(c: NanoConfig) -> dict[str, int]:
+    """The hybrid's own attention shape; for a model without attention, a GQA shape for its width."""
+    if c.count(ATTENTION):
+        return dict(num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                    head_dim=c.head_dim)
+    head_dim = 128 if c.hidden_size >= 2048 else 64
+    heads = max(1, c.hidden_size // head_dim)
+    kv = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // 4))
+    return dict(num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim)
+
+
+def transformer_twin(c: NanoConfig, tolerance: float = TWIN_TOLERANCE) -> NanoConfig:
+    """A pure-attention model (``*-`` blocks) with ``c``'s hidden size, vocabulary and attention shape,
+    and about ``c``'s parameters: the layer count from the hybrid's per-layer parameters over one
+    attention + MLP block at the hybrid's FFN width, then the FFN width solved for the rest."""
+    twin = c.replace(hybrid_override_pattern="*-", **_attention_shape(c))
+    target = sum(memory.param_count(c).per_layer)  # embeddings, lm_head and norm_f are the same in both
+    attn = memory.attention_layer_params(twin)
+    mlp_at = [memory.mlp_layer_params(twin.replace(intermediate_size=f)) for f in (1, 2)]
+    per_f, mlp_fixed = mlp_at[1] - mlp_at[0], 2 * mlp_at[0] - mlp_at[1]  # mlp(f) = per_f * f + mlp_fixed
+    blocks = max(1, round(target / (attn + memory.mlp_layer_params(twin.replace(intermediate_size=c.intermediate_size)))))
+    ffn = (target / blocks - attn - mlp_fixed) / per_f
+    ffn = max(FFN_MULTIPLE, FFN_MULTIPLE * round(ffn / FFN_MULTIPLE))
+    twin = twin.replace(hybrid_override_pattern="*-" * blocks, intermediate_size=ffn)
+    hybrid_total, twin_total = memory.param_count(c).total, memory.param_count(twin).total
+    if abs(twin_total - hybrid_total) > tolerance * hybrid_total:
+        raise BenchError(f"cannot build a pure-attention model within {tolerance:.0%} of the hybrid's "
+                         f"{hybrid_total:,} parameters (best: {twin_total:,}, {blocks} attention + MLP blocks); "
+                         "use --no-compare-transformer")
+    return twin
+
+
+def model_info(role: str, name: str, source: str, c: NanoConfig, dtype: str) -> ModelInfo:
+    p = memory.param_count(c)
+    one = memory.cache_bytes(c, batch=1, max_len=1, dtype=dtype)
+    return ModelInfo(
+        role=role, name=name, source=source, pattern=c.hybrid_override_pattern, hidden_size=c.hidden_size,
+        vocab_size=c.vocab_size, layers={k: c.count(k) for k in (MAMBA, MLP, ATTENTION)},
+        intermediate_size=c.intermediate_size,
+        attention_shape=f"{c.num_attention_heads} / {c.num_key_value_heads} x {c.head_dim}",
+        params=p.total, non_embedding_params=p.non_embedding, kv_bytes_per_token=one.kv,
+        state_bytes_per_sequence=one.conv + one.ssm)
+
+
+# ------------------------------------------------------------------------------------- resolving
+@dataclass
+class _Plan:
+    config: NanoConfig
+    name: str
+    source: str
+    path: Path | None  # checkpoint directory, or None for a profile
+    lengths: list[tuple[int, int]]
+    batch: int | str
+    device: str
+    dtype: str  # fp32 | bf16 | fp16
+    repeats: int
+
+
+def _resolve_model(target: str) -> tuple[NanoConfig, str, str, Path | None]:
+    from .profiles import load_model_profile
+
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BenchError(f"--model {target}: no config.json in this directory; give a NemotronH checkpoint "
+                             "directory or a model profile name (nano profiles)")
+        return NanoConfig.from_json_file(path / "config.json"), str(path), "checkpoint", path
+    if not target.endswith((".yaml", ".yml")) and (os.sep in target or path.exists()):
+        raise BenchError(f"--model {target}: no such model directory; give a NemotronH checkpoint directory or "
+                         "a model profile name (nano profiles)")
+    profile = load_model_profile(target)  # ProfileError (one line, lists the profiles) when unknown
+    return profile.config, profile.name, "profile (random weights)", None
+
+
+def resolve(o: BenchOptions) -> _Plan:
+    """Check every option (one-line ``BenchError``s) before anything heavy is loaded."""
+    if o.device not in DEVICES:
+        raise BenchError(f"--device must be one of {', '.join(DEVICES)}, got {o.device!r}")
+    if o.dtype not in DTYPES:
+        raise BenchError(f"--dtype must be one of {', '.join(DTYPES)}, got {o.dtype!r}")
+    _positive(o.threads, "--threads")
+    _positive(o.repeats, "--repeats")
+    _positive(o.prefill_chunk, "--prefill-chunk")
+    batch = parse_batch(o.batch)
+    lengths = parse_lengths(o.lengths) if o.lengths is not None else None
+    if o.plot is not None:
+        check_plot_path(o.plot)
+    config, name, source, path = _resolve_model(o.model)
+
+    import torch
+
+    device = o.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if batch == "max" and device != "cuda":
+        raise BenchError("--batch max sizes the batch from free GPU memory and needs CUDA; on CPU give a "
+                         "number (default 1)")
+    dtype = o.dtype if o.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+    if lengths is None:
+        lengths = parse_lengths(QUICK_LENGTHS if o.quick else GPU_LENGTHS if device == "cuda" else CPU_LENGTHS)
+    repeats = o.repeats if o.repeats is not None else (1 if o.quick else 3)
+    return _Plan(config, name, source, path, lengths, batch, device, dtype, repeats)
+
+
+# ------------------------------------------------------------------------------------- measuring
+def _build(config: NanoConfig, plan: _Plan, seed: int):
+    """Random weights built straight in the run's dtype on its device (a profile, or the twin)."""
+    import torch
+
+    from .measure import build_on_device
+
+    torch.manual_seed(seed)
+    return build_on_device(config, getattr(torch, _TORCH_DTYPES[plan.dtype]), torch.device(plan.device))
+
+
+def _load(plan: _Plan, seed: int):
+    if plan.path is None:
+        return _build(plan.config, plan, seed)
+    from nanocli_model import load_pretrained
+
+    return load_pretrained(plan.path, dtype=plan.dtype, device=plan.device).eval()
+
+
+def _prompt(vocab: int, length: int, seed: int) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (length,), generator=g).tolist()
+
+
+def _generate_once(model, prompt: list[int], batch: int, output: int, cache, chunk: int) -> tuple[Run, Any]:
+    """One greedy generation with EOS ignored, every decode step timed through the token callback."""
+    from nanocli_model.generation import SamplingParams, generate
+
+    stamps: list[float] = []
+
+    def on_token(row: int, token: int, forced: bool) -> None:
+        if row == 0:  # the callback runs after the step's ids reached the host (a sync on CUDA)
+            stamps.append(time.perf_counter())
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=output, ignore_eos=True, seed=0)
+    r = generate(model, [prompt] * batch, params, cache=cache, prefill_chunk=chunk,
+                 max_context=len(prompt) + output, on_token=on_token)
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    run = Run(prefill_seconds=r.prefill_seconds, decode_seconds=r.decode_seconds, prefill_tokens=r.prompt_tokens,
+              output_tokens=r.generated_tokens, decode_tokens=r.decode_tokens, step_seconds=steps)
+    return run, r
+
+
+def curve(prompt: int, step_seconds: list[float], points: int = CURVE_POINTS) -> list[tuple[int, float]]:
+    """(context, ms per step) as the context grows: the decode steps cut into ``points`` equal consecutive
+    segments, each summarised by its median step time (robust to a busy machine's stalls) at the context of
+    its middle step. Step ``k`` (0-based) feeds token k and leaves ``prompt + k + 1`` tokens in the cache."""
+    n = len(step_seconds)
+    points = min(points, n)
+    out = []
+    for i in range(points):
+        lo, hi = i * n // points, (i + 1) * n // points
+        out.append((prompt + (lo + hi - 1) // 2 + 1, 1e3 * statistics.median(step_seconds[lo:hi])))
+    return out
+
+
+def _largest_batch(config: NanoConfig, plan: _Plan, context: int, free: int) -> int:
+    """CUDA: the largest batch ``fit.estimate`` says fits in the free memory (weights already resident)."""
+    from nanocli_model import fit
+
+    budget = int(free * GPU_MEMORY_SHARE) + fit.weights_bytes(config, plan.dtype)
+    n = fit.max_batch(config, budget, context=context, dtype=plan.dtype,
+                      prefill_chunk=min(context, 2048))
+    if n == 0:
+        raise BenchError(f"--batch max: not even one sequence of {context:,} tokens fits in the free GPU memory "
+                         f"({free / 2**30:.2f} GiB); use shorter --lengths")
+    return min(n or MAX_AUTO_BATCH, MAX_AUTO_BATCH)
+
+
+def _measure(model, plan: _Plan, prompt: list[int], output: int, batch: int, chunk: int, runs: list[Run],
+             peaks: list[tuple[int, str]]) -> int:
+    """One timed run of ``model`` appended to ``runs``; returns the bytes its cache really holds."""
+    import torch
+
+    cache = model.allocate_cache(batch, len(prompt) + output)
+    measured = cache.nbytes()
+    if plan.device == "cuda":  # what the allocator really handed out for it
+        measured = sum(t.untyped_storage().nbytes() for t in cache.tensors())
+    try:
+        run, r = _generate_once(model, prompt, batch, output, cache, chunk)
+    except torch.cuda.OutOfMemoryError:
+        raise BenchError(f"out of GPU memory at batch {batch} x {len(prompt) + output:,} tokens; give a smaller "
+                         "--batch or shorter --lengths") from None
+    runs.append(run)
+    peaks.append((r.peak_memory_bytes, r.peak_memory_source))
+    del cache
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
+    return measured
+
+
+def _summarise(role: str, config: NanoConfig, plan: _Plan, prompt: int, output: int, batch: int,
+               runs: list[Run], measured: int, peaks: list[tuple[int, str]]) -> Measurement:
+    med = statistics.median
+    curves = [curve(prompt, r.step_seconds) for r in runs]
+    ms = [(ctx, med(c[i][1] for c in curves)) for i, (ctx, _) in enumerate(curves[0])]
+    predicted = memory.cache_bytes(config, batch, prompt + output, dtype=plan.dtype)
+    return Measurement(
+        role=role, prompt=prompt, output=output, batch=batch,
+        prefill_tokens_per_s=med(r.prefill_tokens / r.prefill_seconds for r in runs),
+        decode_tokens_per_s=med(r.decode_tokens / r.decode_seconds if r.decode_seconds > 0 else 0.0 for r in runs),
+        output_tokens_per_s=med(r.output_tokens / r.total_seconds for r in runs),
+        total_seconds=med(r.total_seconds for r in runs), ms_per_token=ms,
+        cache_predicted={"kv": predicted.kv, "conv": predicted.conv, "ssm": predicted.ssm, "total": predicted.total},
+        cache_measured=measured, peak_memory_bytes=max(p for p, _ in peaks), peak_memory_source=peaks[0][1],
+        runs=[{"prefill_seconds": r.prefill_seconds, "decode_seconds": r.decode_seconds,
+               "prefill_tokens": r.prefill_tokens, "output_tokens": r.output_tokens,
+               "output_tokens_per_s": r.output_tokens / r.total_seconds} for r in runs])
+
+
+def _warm_up(model, chunk: int) -> None:
+    """Untimed: the first cached decode step re-lays the CPU weights out for decode (model.py), and the
+    first calls pay one-off allocator / kernel set-up costs."""
+    from nanocli_model.generation import SamplingParams, generate
+
+    prompt = _prompt(model.config.vocab_size, min(64, chunk), seed=1)
+    generate(model, [prompt], SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True, seed=0),
+             prefill_chunk=chunk, max_context=len(prompt) + 8)
+
+
+def _load_average() -> tuple[float, float, float] | None:
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())
+    except (OSError, AttributeError):
+        return None
+
+
+def run(o: BenchOptions, hooks: BenchHooks | None = None) -> BenchResult:
+    """Measure the model (and its pure-attention twin) at every (prompt, output) pair; medians and ratios."""
+    hooks = hooks or BenchHooks()
+    plan = resolve(o)
+    import torch
+
+    from nanocli_model import kernels
+
+    if o.threads is not None:
+        torch.set_num_threads(o.threads)
+    started, load_before = time.perf_counter(), _load_average()
+    configs = {"hybrid": plan.config}
+    infos = [model_info("hybrid", plan.name, plan.source, plan.config, plan.dtype)]
+    if o.compare_transformer:
+        configs["transformer"] = transformer_twin(plan.config)
+        infos.append(model_info("transformer", "pure-attention twin", "built by nano (random weights)",
+                                configs["transformer"], plan.dtype))
+    notes = []
+    longest = max(p + n for p, n in plan.lengths)
+    if longest > plan.config.max_position_embeddings:
+        notes.append(f"{longest:,} tokens exceed the model's max_position_embeddings "
+                     f"({plan.config.max_position_embeddings:,}); NemotronH has no positional encoding, so the "
+                     "cost is measured anyway")
+
+    hooks.status(f"loading {plan.name} ({plan.source}) on {plan.device}, {plan.dtype}")
+    models = {"hybrid": _load(plan, o.seed)}
+    if o.compare_transformer:
+        hooks.status(f"building the pure-attention twin: {infos[1].pattern} ({infos[1].params:,} parameters vs "
+                     f"{infos[0].params:,})")
+        models["transformer"] = _build(configs["transformer"], plan, o.seed + 1)
+    with torch.inference_mode():
+        for model in models.values():
+            _warm_up(model, o.prefill_chunk)
+
+    pairs = []
+    for i, (p_len, out_len) in enumerate(plan.lengths):
+        prompt = _prompt(plan.config.vocab_size, p_len, seed=o.seed + i)
+        free = torch.cuda.mem_get_info()[0] if plan.batch == "max" else 0
+        batches = {role: plan.batch if plan.batch != "max" else _largest_batch(configs[role], plan, p_len + out_len,
+                                                                                free) for role in models}
+        runs: dict[str, list[Run]] = {role: [] for role in models}
+        peaks: dict[str, list[tuple[int, str]]] = {role: [] for role in models}
+        measured: dict[str, int] = {}
+        for rep in range(plan.repeats):
+            for role, model in models.items():  # A B A B: machine noise hits both alike
+                measured[role] = _measure(model, plan, prompt, out_len, batches[role], o.prefill_chunk,
+                                          runs[role], peaks[role])
+                last = runs[role][-1]
+                hooks.status(f"{p_len}:{out_len} {role} run {rep + 1}/{plan.repeats}: batch {batches[role]}, "
+                             f"{last.output_tokens / last.total_seconds:,.1f} output tok/s")
+        m = {role: _summarise(role, configs[role], plan, p_len, out_len, batches[role], runs[role], measured[role],
+                              peaks[role]) for role in models}
+        pairs.append(PairResult(p_len, out_len, m["hybrid"], m.get("transformer")))
+
+    return BenchResult(
+        models=infos, pairs=pairs, device=plan.device if plan.device == "cpu" else torch.cuda.get_device_name(),
+        dtype=plan.dtype, threads=torch.get_num_threads(), batch=str(plan.batch), repeats=plan.repeats,
+        kernels=kernels.backend_for(models["hybrid"].lm_head.weight), load_before=load_before,
+        load_after=_load_average(), seconds=time.perf_counter() - started, torch_version=torch.__version__,
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs", notes=notes)
