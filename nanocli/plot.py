@@ -140,6 +140,8 @@ def plot_budget_sweep(result: dict, path: str | Path) -> Path:
         ax.plot([s["budget"] for s in sweep], [100 * s["accuracy"] for s in sweep], "o-", color="#1f77b4", lw=2,
                 label="reasoning on, thinking budget")
         ax.set_xscale("log", base=2)
+        ax.set_xticks([s["budget"] for s in sweep], [str(s["budget"]) for s in sweep])
+        ax.minorticks_off()
     styles = {"think": ("#1f77b4", "reasoning on, no budget"), "no_think": ("#d62728", "reasoning off")}
     for mode, (color, label) in styles.items():
         if mode in acc:
@@ -149,7 +151,8 @@ def plot_budget_sweep(result: dict, path: str | Path) -> Path:
     ax.set_xlabel("thinking budget (tokens)")
     ax.set_ylabel(f"held-out accuracy (%, {n} problems)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"nano eval: {Path(result['model']).name}")
+    model = Path(result["model"])
+    ax.set_title(f"nano eval: {model.parent.name + '/' if model.name == 'final' else ''}{model.name}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, plt, path)
@@ -189,4 +192,66 @@ def plot_loss(metrics: list[dict], path: str | Path, title: str = "training loss
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+    return path
+
+
+def plot_bench(r, path: str | Path) -> Path:
+    """``nano bench --plot``: output tokens/s per (prompt, output) pair, hybrid vs pure Transformer, with
+    the ratio on top (left), and ms per decode step as the context grows (right)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise PlotError(f"--plot {path}: give a .png file name")
+    if not path.parent.is_dir():
+        raise PlotError(f"--plot {path}: folder {path.parent} does not exist")
+    plt = _pyplot()
+    h, t = r.hybrid, r.transformer
+    labels = [f"{p.prompt:,}:{p.output:,}" for p in r.pairs]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11.5, 4.8), dpi=120)
+    width = 0.38 if t else 0.6
+    xs = list(range(len(r.pairs)))
+    hy = [p.hybrid.output_tokens_per_s for p in r.pairs]
+    ax.bar([x - width / 2 if t else x for x in xs], hy, width, color="#1f77b4",
+           label=f"hybrid {h.name} ({h.params / 1e6:.1f}M, {h.layers['attention']} attention layers)")
+    if t:
+        tr = [p.transformer.output_tokens_per_s for p in r.pairs]
+        ax.bar([x + width / 2 for x in xs], tr, width, color="#d62728",
+               label=f"pure Transformer twin ({t.params / 1e6:.1f}M, {t.layers['attention']} attention layers)")
+        for x, p, a, b in zip(xs, r.pairs, hy, tr):
+            ax.annotate(f"{p.ratio:.2f}x", (x, max(a, b)), xytext=(0, 4), textcoords="offset points",
+                        ha="center", fontsize=9, fontweight="bold")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels)
+    ax.set_xlabel("prompt : output tokens")
+    ax.set_ylabel(f"output tokens / s (batch {r.batch}, prefill included)")
+    ax.set_ylim(0, max(hy + ([p.transformer.output_tokens_per_s for p in r.pairs] if t else [])) * 1.18)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower left", fontsize=7.5, framealpha=0.95)
+    ax.set_title("generation throughput (medians)", fontsize=10)
+
+    shades = plt.get_cmap("viridis")
+    for i, p in enumerate(r.pairs):
+        tone = 0.15 + 0.7 * i / max(1, len(r.pairs) - 1)
+        ctx, ms = zip(*p.hybrid.ms_per_token) if p.hybrid.ms_per_token else ((), ())
+        ax2.plot(ctx, ms, "o-", color="#1f77b4", alpha=0.45 + 0.55 * tone, ms=3.5, lw=1.6,
+                 label="hybrid" if i == 0 else None)
+        if p.transformer is not None and p.transformer.ms_per_token:
+            ctx, ms = zip(*p.transformer.ms_per_token)
+            ax2.plot(ctx, ms, "s--", color="#d62728", alpha=0.45 + 0.55 * tone, ms=3.5, lw=1.6,
+                     label="pure Transformer" if i == 0 else None)
+        ax2.axvline(p.prompt, color=shades(tone), lw=0.8, ls=":")
+    ax2.set_xlabel("context (tokens in the cache; dotted: where each run's decode starts)")
+    ax2.set_ylabel("ms per decode step")
+    ax2.set_ylim(bottom=0)
+    ax2.grid(alpha=0.3)
+    ax2.legend(loc="upper left", fontsize=8)
+    ax2.set_title("time per output token as the context grows", fontsize=10)
+    fig.suptitle(f"nano bench: {h.name} vs a pure-attention model of the same width and size "
+                 f"({r.device}, {r.dtype}, {r.threads} thread(s))", fontsize=10.5)
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except OSError as err:
+        raise PlotError(f"--plot {path}: cannot write ({err.strerror or err})") from None
+    finally:
+        plt.close(fig)
     return path

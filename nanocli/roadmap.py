@@ -28,10 +28,10 @@ STAGES: tuple[Stage, ...] = (
           "then preference optimisation.", built=True),
     Stage("prune", 7, "Prune a model to fit a GPU budget",
           "Prune a model Minitron-style (depth, hidden size, MLP width, group-aware Mamba heads) "
-          "by activation importance, to fit a GPU budget."),
+          "by activation importance, to fit a GPU budget.", built=True),
     Stage("distill", 8, "Distill a teacher into a student",
           "Distill a teacher into a (pruned) student with logit-only forward KL over the "
-          "full vocabulary."),
+          "full vocabulary.", built=True),
     Stage("fit-check", 4, "Check a model fits a GPU",
           "Check whether a model's weights + KV cache + Mamba state + prefill activations fit a GPU "
           "(a profile, or the local GPU through NVML) at a given context length and batch size.",

@@ -52,7 +52,7 @@ def test_failed_check_raises_one_line(tiny_run, change, words):
 def test_cli_exits_non_zero_with_one_line_when_a_check_fails(tiny_run, monkeypatch, capsys):
     bad = dataclasses.replace(tiny_run, bit_exact=False)
     monkeypatch.setattr(demo, "run_model", lambda profile, out: bad)
-    monkeypatch.setattr(sys, "argv", ["nano", "demo", "--profile", "tiny", "--out", str(tiny_run.out_dir)])
+    monkeypatch.setattr(sys, "argv", ["nano", "demo", "--library-check", "--profile", "tiny", "--out", str(tiny_run.out_dir)])
     with pytest.raises(SystemExit) as info:
         cli.main()
     assert info.value.code == demo.DemoCheckError.exit_code == 1

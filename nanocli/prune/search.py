@@ -62,8 +62,8 @@ class Budget:
         return fit.estimate(c, context=self.context, batch=self.batch, dtype=self.dtype, weights=weights).total
 
     def describe(self, value: float) -> str:
-        if self.kind == "memory":
-            return f"{value / GIB:.2f} GiB"
+        if self.kind == "memory":  # small models in MiB, so a budget never reads "0.00 GiB"
+            return f"{value / GIB:.2f} GiB" if value >= GIB / 4 else f"{value / 2**20:.2f} MiB"
         return f"{value / 1e9:.3f}B params" if value >= 1e8 else f"{value:,.0f} params"
 
 

@@ -1,0 +1,122 @@
+"""nano demo's pipeline: the recipe is validated section by section, the stages chain their checkpoints,
+every model is measured, a rerun skips finished stages, and a failing stage stops with its own error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nanocli import pipeline
+from nanocli_model import NanoConfig
+from nanocli_model.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = "synthetic:reasoning?docs=600&difficulty=1"
+
+TINY = {
+    "stage": "demo", "description": "test pipeline",
+    "pretrain": {"profile": "tiny", "data": DATA, "seq_len": 64, "global_batch": 8, "steps": 12, "lr": 3e-3,
+                 "warmup": 1, "decay": 2, "precision": "fp32", "heldout_fraction": 0.0},
+    "sft": {"data": DATA, "steps": 4, "seq_len": 128, "global_batch": 8, "lr": 1e-3, "precision": "fp32",
+            "eval_problems": 0},
+    "grpo": {"data": DATA, "steps": 2, "global_batch": 2, "group_size": 2, "max_new_tokens": 16, "lr": 1e-4,
+             "precision": "fp32", "eval_problems": 0},
+    "prune": {"calib_data": DATA, "calib_samples": 8, "calib_seq_len": 64, "heldout_samples": 4, "depth_samples": 4,
+              "hidden_size": 48, "ffn_hidden_size": 192, "num_layers": 7},
+    "distill": {"data": DATA, "seq_len": 64, "global_batch": 4, "steps": 3, "lr": 1e-3, "precision": "fp32",
+                "heldout_fraction": 0.0},
+    "eval": {"problems": 2, "difficulty": "1", "max_new_tokens": 12, "budgets": [4], "context": 4096},
+    "fit_check": {"gpu": "a10g", "context": 131072, "models": ["nemotron-nano-9b-v2"]},
+    "generate": {"prompt": "What is 2 + 3?", "max_new_tokens": 8},
+}
+
+
+def write(tmp: Path, recipe: dict, name: str = "r.yaml") -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda r: r.pop("prune"), "needs a `prune:` section"),
+    (lambda r: r["sft"].update(model="x"), "sft.model is set by the pipeline"),
+    (lambda r: r.update(quantize={}), "unknown section 'quantize'"),
+    (lambda r: r.update(stage="pretrain"), "not a demo recipe"),
+    (lambda r: r["distill"].update(stepz=3), "unknown setting 'stepz'"),
+    (lambda r: r["pretrain"].update(steps="many"), "steps"),
+])
+def test_recipe_errors_name_the_section_and_key(tmp_path, change, words):
+    recipe = json.loads(json.dumps(TINY))
+    change(recipe)
+    with pytest.raises(ConfigError, match=words):
+        pipeline.read(str(write(tmp_path, recipe)))
+
+
+def test_shipped_demo_recipe_reads_in_stage_order():
+    r = pipeline.read("demo")
+    assert [s.name for s in r.sections] == ["pretrain", "sft", "grpo", "prune", "distill"]
+    assert r.sections[0].settings["profile"] == "demo" and r.out == Path("runs/demo")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    recipe = pipeline.read(str(write(tmp, TINY)), out=str(tmp / "runs"))
+    return recipe, pipeline.run(recipe)
+
+
+def test_stages_chain_their_checkpoints_and_every_model_is_measured(demo_run):
+    recipe, r = demo_run
+    assert [s.name for s in r.stages] == ["pretrain", "sft", "grpo", "prune", "distill"]
+    assert all(s.status == "ran" for s in r.stages)
+    for s in r.stages:
+        assert (s.model / "config.json").is_file() and (s.model / "tokenizer.json").is_file(), s.name
+    for stage, parent in (("sft", "pretrain"), ("grpo", "sft")):  # each aligned the previous stage's model
+        hp = yaml.safe_load((recipe.out / stage / "final" / "hyperparameters.yaml").read_text())
+        assert Path(hp["model"]) == recipe.out / parent / "final"
+    hp = yaml.safe_load((recipe.out / "distill" / "final" / "hyperparameters.yaml").read_text())
+    assert (Path(hp["teacher"]), Path(hp["student"])) == (recipe.out / "grpo" / "final", recipe.out / "prune")
+    pruned = NanoConfig.from_json_file(recipe.out / "prune" / "config.json")
+    assert (pruned.hidden_size, pruned.intermediate_size, pruned.num_hidden_layers) == (48, 192, 7)
+    assert json.loads((recipe.out / "prune" / "pruning.json").read_text())
+    assert [row.label for row in r.rows] == ["base (pretrain)", "SFT", "GRPO (teacher)", "pruned",
+                                             "pruned + distilled"]
+    assert r.rows[3].params < r.rows[2].params and r.rows[3].memory < r.rows[2].memory
+    assert r.rows[4].params == r.rows[3].params
+    for row in r.rows:
+        assert set(row.accuracy) == {"think", "no_think"} and row.accuracy["think"]["n"] == 2
+    assert [a["budget"] for a in r.sweep] == [4]
+    assert r.fits and r.fits[0].model.name == "nemotron-nano-9b-v2" and r.fits[0].fits
+    assert r.sample is not None and r.sample.outputs[0].generated_ids
+
+
+def test_rerun_skips_finished_stages_and_reuses_the_evaluations(demo_run):
+    recipe, first = demo_run
+    before = {p: p.stat().st_mtime_ns for p in recipe.out.rglob("*.safetensors")}
+    again = pipeline.run(recipe)
+    assert [s.status for s in again.stages] == ["done before"] * 5
+    assert {p: p.stat().st_mtime_ns for p in recipe.out.rglob("*.safetensors")} == before
+    assert [row.accuracy for row in again.rows] == [row.accuracy for row in first.rows]
+
+
+def test_a_failing_stage_stops_the_demo_with_its_own_error(demo_run, tmp_path):
+    import shutil
+
+    done, _ = demo_run
+    for stage in ("pretrain", "sft", "grpo"):  # finished stages are found and skipped
+        shutil.copytree(done.out / stage, tmp_path / "runs" / stage)
+    recipe = json.loads(json.dumps(TINY))
+    recipe["prune"]["hidden_size"] = 4096  # larger than the model
+    path = write(tmp_path, recipe)
+    p = subprocess.run([sys.executable, "-m", "nanocli.cli", "demo", "--recipe", str(path), "--out",
+                        str(tmp_path / "runs")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 2, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: demo stage prune failed:") and "Traceback" not in p.stderr
+    assert (tmp_path / "runs" / "grpo" / "final" / "config.json").is_file()  # earlier stages are kept
+    assert not (tmp_path / "runs" / "prune").exists() or not any((tmp_path / "runs" / "prune").iterdir())
