@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # The CPU build of torch that this machine has on disk; pinning it first keeps pip away from CUDA builds.
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# make demo DEMO=demo-smoke: every stage at toy size in a minute or so
+DEMO ?= demo
 
 .PHONY: install test lint demo clean bench
 
@@ -24,7 +26,7 @@ lint: install
 	$(BIN)/ruff check .
 
 demo: install
-	$(BIN)/nano demo
+	$(BIN)/nano demo --recipe $(DEMO)
 
 bench: install
 	$(BIN)/python benchmarks/forward_throughput.py

@@ -40,6 +40,12 @@ class DemoError(NanoError):
     """A demo stage failed or the demo recipe is wrong."""
 
 
+class DemoInterrupted(DemoError):
+    """A stage stopped on Ctrl-C / SIGTERM after writing its checkpoint: a rerun resumes it."""
+
+    exit_code = 130
+
+
 # ------------------------------------------------------------------------------------------ the recipe
 @dataclass
 class Section:
@@ -134,6 +140,7 @@ class ModelRow:
     memory: int  # bytes at the recipe's context (fit-check's model: weights + KV + state + activations)
     accuracy: dict  # mode -> nano eval accuracy dict
     tokens_per_s: float  # generated tokens / s over the reasoning-on evaluation (batched, greedy)
+    text_accuracy: dict | None = None  # the base model asked in its pretraining format (nano eval --prompt-format text)
 
 
 @dataclass
@@ -191,6 +198,10 @@ def _run_stage(section: Section, root: Path, done: dict[str, Path], hooks: Hooks
         try:
             run_ = {"pretrain": _pretrain, "align": _align, "prune": _prune, "distill": _distill}[section.kind]
             status, model, res = run_(section, out, done, bar)
+            if status == "done before" and bar is not None:
+                bar.status(f"finished in an earlier run: {model} (rerun from scratch with --fresh)")
+        except DemoInterrupted:
+            raise
         except NanoError as e:
             raise DemoError(f"demo stage {section.name} failed: {e}") from None
     return StageRun(section.name, section.kind, out, model, status, time.perf_counter() - t0, res)
@@ -253,14 +264,14 @@ def _distill(section: Section, out: Path, done: dict, bar):
 
 def _check_finished(res, name: str) -> None:
     if getattr(res, "interrupted", False):
-        raise DemoError(f"demo stage {name} was interrupted; its checkpoint is kept, run `make demo` again to "
-                        "resume")
+        raise DemoInterrupted(f"demo stage {name} was interrupted; its checkpoint is kept: run `make demo` "
+                              "again to resume")
 
 
 # ------------------------------------------------------------------------------------------ measure
 def _rows_to_measure(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path]) -> list[tuple[str, Path]]:
-    labels = {"pretrain": "base (pretrain)", "sft": "SFT", "grpo": "GRPO (teacher)", "dpo": "DPO (teacher)",
-              "prune": "pruned", "distill": "pruned + distilled"}
+    labels = {"pretrain": "base", "sft": "SFT", "grpo": "GRPO (teacher)", "dpo": "DPO (teacher)",
+              "prune": "pruned", "distill": "distilled"}
     return [(labels[s.name], s.model) for s in result.stages]
 
 
@@ -276,7 +287,8 @@ def _evaluate(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path], hoo
     rows = _rows_to_measure(recipe, result, done)
     for i, (label, path) in enumerate(rows):
         last = i == len(rows) - 1
-        key = {**settings, "budgets": list(budgets) if last else []}
+        base = i == 0 and result.stages[0].kind == "pretrain"
+        key = {**settings, "budgets": list(budgets) if last else [], "text_format": base}
         cache = path / "demo-eval.json"
         record = json.loads(cache.read_text()) if cache.is_file() else None
         if record is None or record.get("settings") != key:
@@ -285,6 +297,9 @@ def _evaluate(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path], hoo
             t0 = time.perf_counter()
             r = ev.run(options)
             record = {"settings": key, "result": r.as_dict(), "seconds": time.perf_counter() - t0}
+            if base:  # a base model does not know the chat template yet: also ask it the way it was trained
+                text = ev.run(dataclasses.replace(options, prompt_format="text"))
+                record["text"] = text.accuracy["text"]
             tmp = cache.with_name(".demo-eval.json.tmp")
             tmp.write_text(json.dumps(record, indent=2))
             tmp.replace(cache)
@@ -292,7 +307,7 @@ def _evaluate(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path], hoo
         config = NanoConfig.from_json_file(path / "config.json")
         think = r["accuracy"].get("think") or next(iter(r["accuracy"].values()), {})
         result.rows.append(ModelRow(label, path, r["params"], fit.estimate(config, context=context).total,
-                                    r["accuracy"], think.get("tokens_per_s", 0.0)))
+                                    r["accuracy"], think.get("tokens_per_s", 0.0), record.get("text")))
         if last:
             result.sweep = r["budget_sweep"]
 

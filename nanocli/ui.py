@@ -500,7 +500,7 @@ class TrainProgress:
 
     def tokenize(self, description: str, done: int, total: int) -> None:
         if self.tok_task is None:
-            self.tok_task = self.progress.add_task("tokenize", total=total or None, info=description)
+            self.tok_task = self.progress.add_task("prepare", total=total or None, info=description)
         self.progress.update(self.tok_task, completed=done, total=total or None, info=description)
 
     def start(self, start: int, total: int, info: dict) -> None:
@@ -629,12 +629,12 @@ def show_demo_result(r) -> None:
     """``nano demo``: one table over every stage's model, the budget sweep, fit-check, the sample answer."""
     out = console()
     out.rule("[bold]nano demo: summary")
-    ctx = r.recipe.eval.get("context", 131072)
+    ctx = int(r.recipe.eval.get("context", 131072))
+    ctx_label = f"{ctx // 1024}k" if ctx >= 1024 and ctx % 1024 == 0 else str(ctx)
     t = Table(title=f"every stage, measured the same way ({r.rows[0].accuracy.get('think', {}).get('n', 0)} "
               "held-out problems, greedy)", box=box.SIMPLE_HEAVY)
-    for name, justify in (("model", "left"), ("params", "right"), (f"memory @ {ctx // 1024}k", "right"),
-                          ("reasoning on", "right"), ("reasoning off", "right"), ("tok/s", "right"),
-                          ("stage", "right")):
+    for name, justify in (("model", "left"), ("params", "right"), (f"memory@{ctx_label}", "right"),
+                          ("think", "right"), ("no think", "right"), ("tok/s", "right"), ("stage", "right")):
         t.add_column(name, justify=justify)
     times = {s.model: s for s in r.stages}
     for row in r.rows:
@@ -642,8 +642,21 @@ def show_demo_result(r) -> None:
         acc = {m: f"{100 * a['accuracy']:.1f}%" for m, a in row.accuracy.items()}
         t.add_row(row.label, human_count(row.params), human_bytes(row.memory), acc.get("think", "-"),
                   acc.get("no_think", "-"), f"{row.tokens_per_s:,.0f}",
-                  "" if st is None else (f"{st.seconds:,.0f} s" if st.status != "done before" else "done before"))
+                  "" if st is None else (f"{st.seconds:,.0f} s" if st.status != "done before" else "earlier"))
     out.print(t)
+    base = r.rows[0].text_accuracy if r.rows else None
+    if base:
+        out.print(f"base model asked in its pretraining format (Question:/Reasoning:/Answer:): "
+                  f"{100 * base['accuracy']:.1f}%; through the chat template it has not learned yet: "
+                  f"{100 * r.rows[0].accuracy.get('think', {}).get('accuracy', 0):.1f}%")
+    if len(r.rows) >= 2:
+        teacher = next((x for x in r.rows if "teacher" in x.label), None)
+        final = r.rows[-1]
+        if teacher and teacher.accuracy.get("think", {}).get("accuracy"):
+            keep = final.accuracy["think"]["accuracy"] / teacher.accuracy["think"]["accuracy"]
+            out.print(f"the distilled student keeps {100 * keep:.0f}% of the teacher's accuracy (reasoning on) with "
+                      f"{100 * final.memory / teacher.memory:.0f}% of its memory at {ctx_label} tokens and "
+                      f"{100 * final.params / teacher.params:.0f}% of its parameters")
     if r.sweep:
         out.print("final model, accuracy vs thinking budget: " + ", ".join(
             f"{a['budget']} tok {100 * a['accuracy']:.0f}%" for a in r.sweep))

@@ -23,6 +23,7 @@ from nanocli.data import (
     prepare_source,
     pretraining_eos_id,
     sample_texts_for_tokenizer,
+    source_key,
     train_bpe_tokenizer,
 )
 from nanocli_model.tokenizer import build_test_tokenizer
@@ -201,6 +202,39 @@ def test_synthetic_source_is_the_generator_text(tok, tmp_path):
     want = [as_text(p) for p in generate(150, seed=3, split="heldout", tasks=["add", "sort"])]
     tokens, index, meta = read_shard(src.path)
     assert np.array_equal(tokens, expected_stream(tok, want)[0]) and meta["n_docs"] == 150
+
+
+def test_synthetic_chat_format_is_the_conversation_through_the_chat_template(tiny_base, tmp_path):
+    from nanocli.data.synthetic import CHAT_NO_THINK_EVERY, as_chat, generate
+    from nanocli_model.tokenizer import Tokenizer
+
+    chat_tok = Tokenizer.from_dir(tiny_base)
+    (spec,) = parse_data_spec("synthetic:reasoning?docs=12&seed=5&format=chat")
+    src = prepare_source(spec, chat_tok, tmp_path / "cache")
+    problems = generate(12, seed=5)
+    want = [chat_tok.apply_chat_template(as_chat(p, think=(i + 1) % CHAT_NO_THINK_EVERY != 0)["messages"],
+                                         add_generation_prompt=False) for i, p in enumerate(problems)]
+    tokens, _, meta = read_shard(src.path)
+    assert np.array_equal(tokens, expected_stream(chat_tok, want)[0]) and meta["n_docs"] == 12
+    assert "<think></think>" in want[CHAT_NO_THINK_EVERY - 1] and "</think>" in want[0]
+    assert "<think>\n" in want[0] and "<think>\n" not in want[CHAT_NO_THINK_EVERY - 1]
+    (text_spec,) = parse_data_spec("synthetic:reasoning?docs=12&seed=5")
+    assert source_key(text_spec, chat_tok) != source_key(spec, chat_tok)
+    other = Tokenizer.from_dir(tiny_base)
+    other.chat_template = other.chat_template.replace("Assistant", "Bot")
+    assert source_key(spec, other) != source_key(spec, chat_tok)  # a new template is a new cache entry
+
+
+def test_synthetic_chat_format_needs_a_chat_template(tiny_base, tmp_path):
+    from nanocli_model.tokenizer import Tokenizer
+
+    plain = Tokenizer.from_dir(tiny_base)
+    plain.chat_template = None
+    (spec,) = parse_data_spec("synthetic:reasoning?docs=3&format=chat")
+    with pytest.raises(DataError, match="format=chat"):
+        prepare_source(spec, plain, tmp_path / "cache")
+    with pytest.raises(Exception, match="format must be text or chat"):
+        parse_data_spec("synthetic:reasoning?format=markdown")
 
 
 def test_cache_is_reused_and_invalidated(tok, data, tmp_path):

@@ -16,24 +16,8 @@ from nanocli_model import NanoConfig
 from nanocli_model.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = "synthetic:reasoning?docs=600&difficulty=1"
-
-TINY = {
-    "stage": "demo", "description": "test pipeline",
-    "pretrain": {"profile": "tiny", "data": DATA, "seq_len": 64, "global_batch": 8, "steps": 12, "lr": 3e-3,
-                 "warmup": 1, "decay": 2, "precision": "fp32", "heldout_fraction": 0.0},
-    "sft": {"data": DATA, "steps": 4, "seq_len": 128, "global_batch": 8, "lr": 1e-3, "precision": "fp32",
-            "eval_problems": 0},
-    "grpo": {"data": DATA, "steps": 2, "global_batch": 2, "group_size": 2, "max_new_tokens": 16, "lr": 1e-4,
-             "precision": "fp32", "eval_problems": 0},
-    "prune": {"calib_data": DATA, "calib_samples": 8, "calib_seq_len": 64, "heldout_samples": 4, "depth_samples": 4,
-              "hidden_size": 48, "ffn_hidden_size": 192, "num_layers": 7},
-    "distill": {"data": DATA, "seq_len": 64, "global_batch": 4, "steps": 3, "lr": 1e-3, "precision": "fp32",
-                "heldout_fraction": 0.0},
-    "eval": {"problems": 2, "difficulty": "1", "max_new_tokens": 12, "budgets": [4], "context": 4096},
-    "fit_check": {"gpu": "a10g", "context": 131072, "models": ["nemotron-nano-9b-v2"]},
-    "generate": {"prompt": "What is 2 + 3?", "max_new_tokens": 8},
-}
+SMOKE = ROOT / "profiles" / "recipes" / "demo-smoke.yaml"
+TINY = yaml.safe_load(SMOKE.read_text())  # the shipped smoke recipe: every stage at toy size
 
 
 def write(tmp: Path, recipe: dict, name: str = "r.yaml") -> Path:
@@ -66,7 +50,7 @@ def test_shipped_demo_recipe_reads_in_stage_order():
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    recipe = pipeline.read(str(write(tmp, TINY)), out=str(tmp / "runs"))
+    recipe = pipeline.read("demo-smoke", out=str(tmp / "runs"))
     return recipe, pipeline.run(recipe)
 
 
@@ -84,8 +68,8 @@ def test_stages_chain_their_checkpoints_and_every_model_is_measured(demo_run):
     pruned = NanoConfig.from_json_file(recipe.out / "prune" / "config.json")
     assert (pruned.hidden_size, pruned.intermediate_size, pruned.num_hidden_layers) == (48, 192, 7)
     assert json.loads((recipe.out / "prune" / "pruning.json").read_text())
-    assert [row.label for row in r.rows] == ["base (pretrain)", "SFT", "GRPO (teacher)", "pruned",
-                                             "pruned + distilled"]
+    assert [row.label for row in r.rows] == ["base", "SFT", "GRPO (teacher)", "pruned", "distilled"]
+    assert r.rows[0].text_accuracy["n"] == 2 and all(row.text_accuracy is None for row in r.rows[1:])
     assert r.rows[3].params < r.rows[2].params and r.rows[3].memory < r.rows[2].memory
     assert r.rows[4].params == r.rows[3].params
     for row in r.rows:

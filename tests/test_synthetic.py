@@ -312,11 +312,11 @@ def test_bad_generation_settings_raise_config_errors():
 
 
 def test_parse_synthetic_options():
-    options = parse_synthetic_options("tasks=add,sort&difficulty=1-3&seed=4&docs=20000&split=heldout")
+    options = parse_synthetic_options("tasks=add,sort&difficulty=1-3&seed=4&docs=20000&split=heldout&format=chat")
     assert options == {"tasks": ("add", "sort"), "difficulty": (1, 3), "seed": 4, "docs": 20000,
-                       "split": "heldout"}
+                       "split": "heldout", "format": "chat"}
     assert parse_synthetic_options("") == {"tasks": TASKS, "difficulty": (1, 3), "seed": 0,
-                                           "docs": syn.DEFAULT_DOCS, "split": "train"}
+                                           "docs": syn.DEFAULT_DOCS, "split": "train", "format": "text"}
     assert parse_synthetic_options("?difficulty=2&tasks=all")["difficulty"] == (2, 2)
     assert parse_synthetic_options("tasks=all")["tasks"] == TASKS
     assert parse_synthetic_options("tasks=max%2Ccount")["tasks"] == ("max", "count")

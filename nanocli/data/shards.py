@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .sources import SHARD_FORMAT, DataError, Progress, SourceSpec, iter_documents
+from .sources import SHARD_FORMAT, ChatDocument, DataError, Progress, SourceSpec, iter_documents
 
 __all__ = ["TokenSource", "prepare_source", "prepare_sources", "open_shard", "source_key", "pretraining_eos_id",
            "tokenizer_hash", "describe_source", "sample_texts_for_tokenizer", "train_bpe_tokenizer", "FORMAT_VERSION"]
@@ -123,6 +123,8 @@ def source_key(spec: SourceSpec, tokenizer, content_hash: str | None = None) -> 
     payload = {"version": FORMAT_VERSION, "kind": spec.kind, "text_field": spec.text_field,
                "content": content_hash or _content_hash(spec), "tokenizer": tokenizer_hash(tokenizer),
                "eos": pretraining_eos_id(tokenizer)}
+    if spec.kind == "synthetic" and spec.options.get("format") == "chat":  # rendered by the chat template
+        payload["chat_template"] = hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -219,7 +221,7 @@ def _write_shard(out: Path, spec: SourceSpec, tokenizer, progress: Progress | No
         batch: list[str] = []
         for doc in chain(iter_documents(spec, progress, desc), [None]):
             if doc is not None:
-                batch.append(doc)
+                batch.append(_render(doc, tokenizer, spec))
                 if len(batch) < _BATCH_DOCS:
                     continue
             if not batch:
@@ -242,6 +244,16 @@ def _write_shard(out: Path, spec: SourceSpec, tokenizer, progress: Progress | No
             "text_field": spec.text_field, "tokenizer_hash": tokenizer_hash(tokenizer), "eos_id": eos,
             "vocab_size": tokenizer.vocab_size, "n_docs": n_docs, "n_tokens": n_tokens, "max_token_id": max_id,
             "dtype": "uint32", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _render(doc: str, tokenizer, spec: SourceSpec) -> str:
+    """The text to tokenize: a conversation goes through the tokenizer's chat template."""
+    if not isinstance(doc, ChatDocument):
+        return doc
+    if tokenizer.chat_template is None:
+        raise DataError(f"source {spec.name!r}: format=chat renders conversations with the chat template, and this "
+                        "tokenizer has none; use format=text or a tokenizer with a chat_template")
+    return tokenizer.apply_chat_template(doc.messages, add_generation_prompt=False)
 
 
 def _encode_batch(tokenizer, texts: list[str], eos: int) -> tuple[np.ndarray, np.ndarray]:

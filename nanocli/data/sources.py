@@ -247,7 +247,7 @@ def is_shard_dir(path: str | Path) -> bool:
         return False
     try:
         return json.loads(meta.read_text(encoding="utf-8")).get("format") == SHARD_FORMAT
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError):
         return False
 
 
@@ -365,6 +365,8 @@ def _jsonl_docs(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: broken JSON ({exc.msg} at column {exc.colno}); fix or remove "
                                 "the line (one JSON object per line)") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply; fix or remove the line") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; write one "
                                 "object per line")
@@ -407,13 +409,29 @@ def _parquet_docs(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
                 yield value, size * row // rows if row % 1024 == 0 else 0
 
 
+class ChatDocument(str):
+    """A document that is a conversation: tokenizing renders ``messages`` with the model's chat template
+    (``shards.prepare_source``); as a plain string (tokenizer training) it is the messages' contents."""
+
+    messages: list[dict]
+
+    def __new__(cls, messages: list[dict]) -> ChatDocument:
+        doc = super().__new__(cls, "\n".join(f"{m['role']}: {m['content']}" for m in messages))
+        doc.messages = messages
+        return doc
+
+
 def _synthetic_docs(options: Mapping[str, Any], progress: Progress | None, desc: str) -> Iterator[str]:
-    from .synthetic import as_text, iter_problems
+    from .synthetic import CHAT_NO_THINK_EVERY, as_chat, as_text, iter_problems
 
     total = int(options["docs"])
+    chat = options.get("format", "text") == "chat"
     problems = iter_problems(seed=options["seed"], split=options["split"], tasks=list(options["tasks"]),
                              difficulty=tuple(options["difficulty"]))
     for i, problem in enumerate(islice(problems, total), 1):
-        yield as_text(problem)
+        if chat:
+            yield ChatDocument(as_chat(problem, think=i % CHAT_NO_THINK_EVERY != 0)["messages"])
+        else:
+            yield as_text(problem)
         if progress is not None and (i % 1000 == 0 or i == total):
             progress(desc, i, total)

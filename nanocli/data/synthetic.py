@@ -40,6 +40,9 @@ exactly one ``</think>`` (and at most one ``<think>``, before it) whose remainde
 line "The answer is X." or "Answer: X" with a non-empty X; it is meant for thinking-mode completions.
 
 Data specs: ``synthetic:reasoning?tasks=add,sort&difficulty=1-3&seed=4&docs=20000&split=heldout``;
+as pretraining / distillation documents, ``format=text`` (default) gives ``as_text`` and ``format=chat``
+the ``as_chat`` conversation (reasoning off in every ``CHAT_NO_THINK_EVERY``-th), rendered by the model's
+chat template when tokenized (the report distilled on reasoning SFT-style data mixed with pretraining text);
 ``parse_synthetic_options`` reads the part after ``?`` (defaults in ``DEFAULT_OPTIONS``).
 """
 
@@ -272,7 +275,9 @@ _GENERATORS: dict[str, Callable[[random.Random, int], Problem]] = {
 }
 TASKS: tuple[str, ...] = tuple(_GENERATORS)
 DEFAULT_OPTIONS: dict[str, object] = {"tasks": TASKS, "difficulty": (1, 3), "seed": 0, "docs": DEFAULT_DOCS,
-                                      "split": "train"}
+                                      "split": "train", "format": "text"}
+DOC_FORMATS = ("text", "chat")  # pretraining documents: as_text, or as_chat rendered by the chat template
+CHAT_NO_THINK_EVERY = 5  # format=chat: every 5th document has reasoning off (the rest on), as SFT's mix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,13 +513,21 @@ def _parse_difficulty(value: str) -> tuple[int, int]:
     return _check_difficulty((lo, int(match.group(2) or lo)))
 
 
-_EXAMPLES = {"tasks": "add,sort", "difficulty": "1-3", "seed": "0", "docs": "10000", "split": "heldout"}
+_EXAMPLES = {"tasks": "add,sort", "difficulty": "1-3", "seed": "0", "docs": "10000", "split": "heldout",
+             "format": "chat"}
+
+
+def _check_format(value: str) -> str:
+    if value not in DOC_FORMATS:
+        raise ConfigError(f"synthetic:reasoning: format must be {' or '.join(DOC_FORMATS)}, got {value!r}")
+    return value
 _OPTION_PARSERS: dict[str, Callable[[str], object]] = {
     "tasks": lambda v: TASKS if v == "all" else _check_tasks(v),
     "difficulty": _parse_difficulty,
     "seed": lambda v: _parse_int("seed", v),
     "docs": lambda v: _parse_int("docs", v, minimum=1),
     "split": _check_split,
+    "format": _check_format,
 }
 
 
