@@ -149,8 +149,9 @@ class ThinkingBudget:
     ``<think>``: reasoning on) until it emits a token of ``close_ids`` itself, or until the budget
     ends it: once ``budget`` thinking tokens are generated, the thinking ends at the next generated
     token in ``newline_ids`` within ``grace`` tokens, else at ``budget + grace`` tokens. Ending means
-    forcing ``think_end_ids`` (e.g. the ids of ``"\\n</think>\\n\\n"`` or just ``</think>``) as the
-    next tokens, fed through the model like generated ones; then the model writes its answer.
+    forcing ``think_end_ids`` (e.g. the ids of ``"\\n</think>\\n"`` or just ``</think>``) as the
+    next tokens, fed through the model like generated ones (after a newline the model wrote, leading
+    newline ids are skipped); then the model writes its answer.
 
     ``budget=None`` only tracks the span (never forces). ``close_ids`` defaults to the ids of
     ``think_end_ids`` that are not newlines (the ``</think>`` token). ``generate`` calls ``start``;
@@ -209,7 +210,10 @@ class ThinkingBudget:
         if not r.in_thinking or self.budget is None:
             return
         if newline or r.tokens >= self.budget + self.grace:
-            r.in_thinking, r.forced_end, r.pending = False, True, list(self.think_end_ids)
+            pending = list(self.think_end_ids)
+            while newline and len(pending) > 1 and pending[0] in self.newline_ids and pending[0] not in self.close_ids:
+                pending.pop(0)  # the model just wrote a newline: the close follows it, not a second one
+            r.in_thinking, r.forced_end, r.pending = False, True, pending
 
 
 # ---------------------------------------------------------------------------------------- results

@@ -249,7 +249,9 @@ def test_rollout_thinking_budget_forces_the_close(tok_and_model):
     sampling = SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True)
     r = rollout(model, tok, _prompts(tok, 1), group_size=2, sampling=sampling, seed=0, thinking_budget=2,
                 thinking_grace=0)
-    close = tok.encode("\n</think>\n\n")
+    from nanocli.stages.generate import think_close_text
+
+    close = tok.encode("\n" + think_close_text(tok))  # cut mid-line (grace 0): a newline, then the template's close
     for ids, forced in zip(r.completion_ids, r.budget_forced):
         assert forced and ids[2:2 + len(close)] == close
 
@@ -410,3 +412,27 @@ def test_merge_rejects_mismatches_and_bad_weights_without_leaving_anything(tmp_p
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     with safe_open(str(a / "model.safetensors"), framework="pt") as f:  # inputs untouched
         assert set(f.keys()) == set(_tensors(b))
+
+
+def test_budget_close_is_what_sft_trained_the_model_to_see(tiny_base):
+    """The forced end of a thinking span is the template's own text between a budget-cut trace and the
+    answer, so a budgeted generation looks like the SFT budget examples (not an extra blank line)."""
+    from nanocli.data.chat import SFTConfig, build_sft_examples
+    from nanocli.stages.generate import DEFAULT_THINK_CLOSE, think_close_text
+    from nanocli_model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_base)
+    close = think_close_text(tok)
+    records = [synthetic.as_chat(p) for p in synthetic.generate(20, seed=3)]
+    examples = build_sft_examples(records, tok, SFTConfig(seq_len=512, think_mix=1.0, budget_fraction=1.0,
+                                                          budget_share=(0.5, 0.5), pack=False))
+    cut = [e for e in examples if e.budgeted]
+    assert cut
+    for e in cut:
+        completion = tok.decode([t for t in e.labels if t >= 0])
+        assert "\n" + close + "The answer is" in completion  # thinking line, then the template's close
+    bare = Tokenizer.from_dir(tiny_base)
+    # a template that drops the thinking of assistant turns shows no close: the default is used
+    bare.chat_template = "{% for m in messages %}{{ m['content'].split('</think>')[-1] }}{% endfor %}"
+    bare.chat_templates = {"default": bare.chat_template}
+    assert think_close_text(bare) == DEFAULT_THINK_CLOSE

@@ -160,6 +160,33 @@ def _newline_ids(tokenizer) -> set[int]:
     return cached
 
 
+DEFAULT_THINK_CLOSE = "</think>\n\n"
+
+
+def think_close_text(tokenizer) -> str:
+    """What the thinking budget forces to end a thinking span: the text between the thinking and the answer
+    in this model's own chat template (what SFT trained it to see), without its leading newlines (the span
+    ends after a newline the model wrote). ``"</think>\n\n"`` when the template does not show it."""
+    cached = getattr(tokenizer, "_nano_think_close", None)
+    if cached is not None:
+        return cached
+    close = DEFAULT_THINK_CLOSE
+    if tokenizer.chat_template is not None:
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "q"},
+                 {"role": "assistant", "content": f"{THINK_OPEN}\nTHOUGHTS\n{THINK_CLOSE}\nANSWER"}],
+                add_generation_prompt=False)
+        except NanoError:
+            text = ""
+        i = text.rfind("THOUGHTS")
+        j = text.find("ANSWER", i) if i >= 0 else -1
+        if j > 0 and THINK_CLOSE in text[i:j]:
+            close = text[i + len("THOUGHTS"):j].lstrip("\n")
+    tokenizer._nano_think_close = close
+    return close
+
+
 def split_thinking(text: str, in_thinking: bool) -> tuple[str, str]:
     """(thinking, answer) of a generated text that starts inside the thinking span or not."""
     if not in_thinking:
@@ -207,7 +234,7 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
     if options.thinking_budget is not None:
         if tok.think_end_id is None:
             raise GenerateError("--thinking-budget: this tokenizer has no </think> token")
-        thinking = ThinkingBudget(options.thinking_budget, tok.encode("\n" + THINK_CLOSE + "\n\n"),
+        thinking = ThinkingBudget(options.thinking_budget, tok.encode("\n" + think_close_text(tok)),
                                   _newline_ids(tok), options.thinking_grace, in_thinking=[b[1] for b in built],
                                   close_ids={tok.think_end_id})
     streams = [StreamDecoder(tok, skip_special_tokens=True, context_ids=row[-5:]) for row in ids]
