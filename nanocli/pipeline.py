@@ -22,6 +22,7 @@ import dataclasses
 import json
 import shutil
 import time
+import typing
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -114,8 +115,29 @@ def read(name_or_path: str = DEFAULT_RECIPE, out: str | None = None) -> DemoReci
             settings["method"] = name
         sections.append(Section(name, kind, settings))
     return DemoRecipe(path=path, description=str(raw.get("description", "")), out=Path(out or raw.get("out", "runs/demo")),
-                      sections=sections, eval=dict(raw.get("eval") or {}), fit_check=dict(raw.get("fit_check") or {}),
-                      generate=dict(raw.get("generate") or {}))
+                      sections=sections, eval=_checked(raw, "eval", path), fit_check=_checked(raw, "fit_check", path),
+                      generate=_checked(raw, "generate", path))
+
+
+def _checked(raw: dict, name: str, path: Path) -> dict:
+    """The eval / fit_check / generate section, its keys and types checked like a stage's settings."""
+    from .stages.evaluate import EvalOptions
+    from .stages.generate import GenerateOptions
+    from .train.recipe import _check_type
+
+    body = raw.get(name) or {}
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: `{name}:` must be a mapping of settings")
+    own = {"eval": {"context": int}, "fit_check": {"gpu": str, "context": int, "models": list[str]},
+           "generate": {"prompt": str}}[name]
+    options = {"eval": EvalOptions, "fit_check": None, "generate": GenerateOptions}[name]
+    hints = typing.get_type_hints(options) if options else {}
+    allowed = {**{k: v for k, v in hints.items() if k != "model"}, **own}
+    for key, value in body.items():
+        if key not in allowed:
+            raise ConfigError(f"{path}: unknown setting {name}.{key}; valid: {', '.join(sorted(allowed))}")
+        body[key] = _check_type(value, allowed[key], f"{path}: {name}.{key}")
+    return dict(body)
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -269,10 +291,8 @@ def _check_finished(res, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ measure
-def _rows_to_measure(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path]) -> list[tuple[str, Path]]:
-    labels = {"pretrain": "base", "sft": "SFT", "grpo": "GRPO (teacher)", "dpo": "DPO (teacher)",
-              "prune": "pruned", "distill": "distilled"}
-    return [(labels[s.name], s.model) for s in result.stages]
+LABELS = {"pretrain": "base", "sft": "SFT", "grpo": "GRPO (teacher)", "dpo": "DPO (teacher)", "prune": "pruned",
+          "distill": "distilled"}
 
 
 def _evaluate(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path], hooks: Hooks) -> None:
@@ -284,7 +304,7 @@ def _evaluate(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path], hoo
     settings = {k: v for k, v in recipe.eval.items() if k not in ("budgets", "context")}
     budgets = tuple(recipe.eval.get("budgets", ()))
     context = int(recipe.eval.get("context", 131072))
-    rows = _rows_to_measure(recipe, result, done)
+    rows = [(LABELS[st.name], st.model) for st in result.stages]
     for i, (label, path) in enumerate(rows):
         last = i == len(rows) - 1
         base = i == 0 and result.stages[0].kind == "pretrain"

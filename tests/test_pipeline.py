@@ -33,6 +33,10 @@ def write(tmp: Path, recipe: dict, name: str = "r.yaml") -> Path:
     (lambda r: r.update(stage="pretrain"), "not a demo recipe"),
     (lambda r: r["distill"].update(stepz=3), "unknown setting 'stepz'"),
     (lambda r: r["pretrain"].update(steps="many"), "steps"),
+    (lambda r: r["eval"].update(problemz=3), "unknown setting eval.problemz"),
+    (lambda r: r["eval"].update(budgets="8,16"), "eval.budgets"),
+    (lambda r: r["fit_check"].update(models="nemotron-nano-9b-v2"), "fit_check.models"),
+    (lambda r: r["generate"].update(temperature="hot"), "generate.temperature"),
 ])
 def test_recipe_errors_name_the_section_and_key(tmp_path, change, words):
     recipe = json.loads(json.dumps(TINY))
