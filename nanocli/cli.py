@@ -408,6 +408,9 @@ def eval_command(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Perplexity window in tokens.")] = 512,
     ppl_tokens: Annotated[int, typer.Option("--ppl-tokens", help="Tokens scored for perplexity at most.")] = 65536,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Per answer.")] = 256,
+    samples: Annotated[int, typer.Option("--samples", help="Completions per problem (1: greedy; more: sampled "
+                                         "at --temperature, scored as the mean exact-answer reward).")] = 1,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature with --samples.")] = 0.0,
     batch: Annotated[int, typer.Option("--batch", help="Problems generated together.")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Which held-out problems.")] = 1234,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
@@ -426,6 +429,7 @@ def eval_command(
     options = ev.EvalOptions(model=model, problems=problems, tasks=tasks, difficulty=difficulty,
                              modes=ev.parse_modes(mode), prompt_format=prompt_format, budgets=ev.parse_budgets(budgets), data=data,
                              seq_len=seq_len, ppl_tokens=ppl_tokens, max_new_tokens=max_new_tokens, batch=batch,
+                             samples=samples, temperature=temperature,
                              seed=seed, device=device, dtype=dtype)
     if out is not None and not out.parent.is_dir():
         raise ev.EvalError(f"--out {out}: folder {out.parent} does not exist")

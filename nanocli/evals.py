@@ -22,23 +22,28 @@ class Accuracy:
     mean_tokens: float
     think: bool
     budget: int | None
-    seconds: float = 0.0  # generation wall time (batched, greedy, prefill included)
+    seconds: float = 0.0  # generation wall time (batched, prefill included)
+    samples: int = 1  # completions per problem (1 greedy; more: sampled at ``temperature``)
+    temperature: float = 0.0
 
     @property
     def accuracy(self) -> float:
-        return self.correct / self.n if self.n else 0.0
+        """Share of correct completions (with samples > 1: the mean exact-answer reward, pass@1)."""
+        return self.correct / (self.n * self.samples) if self.n else 0.0
 
     def as_dict(self) -> dict:
         return {"n": self.n, "accuracy": self.accuracy, "correct": self.correct, "formatted": self.formatted,
                 "mean_tokens": self.mean_tokens, "think": self.think, "budget": self.budget,
-                "seconds": self.seconds,
-                "tokens_per_s": self.mean_tokens * self.n / self.seconds if self.seconds > 0 else 0.0}
+                "seconds": self.seconds, "samples": self.samples, "temperature": self.temperature,
+                "tokens_per_s": self.mean_tokens * self.n * self.samples / self.seconds if self.seconds > 0 else 0.0}
 
 
 def reasoning_accuracy(model, tokenizer, n: int = 64, think: bool = True, seed: int = 1234,
                        budget: int | None = None, max_new_tokens: int = 160, batch: int = 32,
-                       tasks=None, difficulty=(1, 3), prompt_format: str = "chat") -> Accuracy:
-    """Greedy accuracy on ``n`` held-out problems (deterministic for a given ``seed``).
+                       tasks=None, difficulty=(1, 3), prompt_format: str = "chat", samples: int = 1,
+                       temperature: float = 0.0) -> Accuracy:
+    """Greedy accuracy on ``n`` held-out problems (deterministic for a given ``seed``); with ``samples`` > 1,
+    that many completions per problem sampled at ``temperature`` (seeded) and the share of correct ones.
 
     ``prompt_format="text"`` asks a base model in its pretraining format instead of the chat template:
     ``Question: ...\nReasoning:\n``, scored on the first ``Answer:`` line it writes (``think`` is ignored).
@@ -53,15 +58,16 @@ def reasoning_accuracy(model, tokenizer, n: int = 64, think: bool = True, seed: 
         prompts = [tokenizer.encode(f"Question: {p.question}\nReasoning:\n") for p in problems]
     else:
         prompts = [tokenizer.encode_chat(synthetic.as_grpo(p, think=think)["prompt"]) for p in problems]
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
     correct = formatted = tokens = 0
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     try:
         for i in range(0, n, batch):
-            r = rollout(model, tokenizer, prompts[i:i + batch], 1, params, seed=seed, thinking_budget=budget)
-            for p, text, ids in zip(problems[i:i + batch], r.texts, r.completion_ids):
+            r = rollout(model, tokenizer, prompts[i:i + batch], samples, params, seed=seed, thinking_budget=budget)
+            rows = [p for p in problems[i:i + batch] for _ in range(samples)]  # rollout rows: each prompt G times
+            for p, text, ids in zip(rows, r.texts, r.completion_ids):
                 if text_format:
                     text = first_answer_line(text)
                     formatted += "Answer:" in text
@@ -71,8 +77,8 @@ def reasoning_accuracy(model, tokenizer, n: int = 64, think: bool = True, seed: 
                 tokens += len(ids)
     finally:
         model.train(was_training)
-    return Accuracy(n=n, correct=correct, formatted=formatted, mean_tokens=tokens / max(n, 1), think=think,
-                    budget=budget, seconds=time.perf_counter() - t0)
+    return Accuracy(n=n, correct=correct, formatted=formatted, mean_tokens=tokens / max(n * samples, 1), think=think,
+                    budget=budget, seconds=time.perf_counter() - t0, samples=samples, temperature=temperature)
 
 
 def first_answer_line(text: str) -> str:

@@ -579,7 +579,11 @@ def show_pretrain_result(r) -> None:
 
 
 def _pct(a: dict) -> str:
-    return f"{100 * a['accuracy']:.1f}% ({a['correct']}/{a['n']})"
+    return f"{100 * a['accuracy']:.1f}% ({a['correct']}/{a['n'] * a.get('samples', 1)})"
+
+
+def _form(a: dict) -> str:
+    return f"{a['formatted']}/{a['n'] * a.get('samples', 1)}"
 
 
 def show_eval_result(r, plot_path: str | None = None) -> None:
@@ -593,17 +597,18 @@ def show_eval_result(r, plot_path: str | None = None) -> None:
             t.add_column(name, justify="left" if name == "answers" else "right")
         for mode, a in d["accuracy"].items():
             label = {"think": "reasoning on", "no_think": "reasoning off", "text": "pretraining format"}[mode]
-            t.add_row(label, _pct(a), f"{a['formatted']}/{a['n']}",
+            t.add_row(label, _pct(a), _form(a),
                       f"{a['mean_tokens']:.1f}")
         for a in d["budget_sweep"]:
-            t.add_row(f"thinking budget {a['budget']}", _pct(a), f"{a['formatted']}/{a['n']}", f"{a['mean_tokens']:.1f}")
+            t.add_row(f"thinking budget {a['budget']}", _pct(a), _form(a), f"{a['mean_tokens']:.1f}")
         out.print(t)
     if d["perplexity"]:
         pp = d["perplexity"]
         out.print(f"held-out text: loss {pp['loss']:.4f}, perplexity {pp['ppl']:.3f} ({pp['tokens']:,} tokens)")
     if d["accuracy"] or d["budget_sweep"]:
+        how = "greedy" if p.get("samples", 1) == 1 else f"{p['samples']} samples each at temperature {p['temperature']}"
         out.print(f"problems: {p['n']} held-out (tasks {p['tasks']}, difficulty {p['difficulty']}, seed {p['seed']}), "
-                  f"greedy; {human_count(d['params'])} parameters, {d['device']} {d['dtype']}, {d['seconds']:.1f} s")
+                  f"{how}; {human_count(d['params'])} parameters, {d['device']} {d['dtype']}, {d['seconds']:.1f} s")
     if plot_path:
         out.print(f"plot: {plot_path}")
 

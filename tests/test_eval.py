@@ -71,6 +71,26 @@ def test_text_format_asks_in_the_pretraining_format_and_scores_the_first_answer(
     assert r.accuracy["text"]["formatted"] == n
 
 
+def test_samples_score_every_completion_of_every_problem(tiny_base, monkeypatch):
+    n, k, seed = 5, 3, 2
+    problems = synthetic.generate(n, seed=seed, split="heldout", tasks=("max",), difficulty=(1, 1))
+
+    def fake_rollout(model, tokenizer, prompts, group_size, params, seed, thinking_budget=None):
+        assert group_size == k and params.temperature == 0.8
+        # rows grouped by prompt: problem i's completions are rows i*k .. i*k + k - 1; only the first is right
+        texts = [f"<think>\nx\n</think>\nThe answer is {p.answer if j == 0 else 'no'}."
+                 for p in problems for j in range(group_size)]
+        return grpo.Rollout(prompt_ids=[q for q in prompts for _ in range(group_size)],
+                            completion_ids=[[1, 2]] * len(texts), texts=texts, group_size=group_size, seed=seed)
+
+    monkeypatch.setattr(grpo, "rollout", fake_rollout)
+    r = ev.run(ev.EvalOptions(model=str(tiny_base), problems=n, tasks="max", difficulty="1", seed=seed,
+                              modes=("think",), samples=k, temperature=0.8, batch=n, device="cpu"))
+    a = r.accuracy["think"]
+    assert (a["correct"], a["samples"], a["formatted"]) == (n, k, n * k)
+    assert a["accuracy"] == pytest.approx(1 / k) and a["mean_tokens"] == 2
+
+
 def test_perplexity_equals_a_float64_hand_computation(tiny_base, tmp_path):
     spec, seq_len = "synthetic:reasoning?docs=200&difficulty=1-2", 32
     o = ev.EvalOptions(model=str(tiny_base), problems=0, data=spec, seq_len=seq_len, ppl_tokens=700, batch=4,
@@ -123,6 +143,7 @@ def test_cli_writes_json_table_and_plot(tiny_base, tmp_path):
     (["--plot", "x.jpg"], ".png"),
     (["--mode", "no_think", "--budgets", "8"], "--budgets"),
     (["--prompt-format", "xml"], "--prompt-format"),
+    (["--samples", "4"], "--temperature"),
     (["--prompt-format", "text", "--budgets", "8"], "--budgets"),
 ])
 def test_bad_input_is_one_line(tiny_base, args, message):

@@ -44,6 +44,8 @@ class EvalOptions:
     seq_len: int = 512  # perplexity window
     ppl_tokens: int = 65_536  # tokens scored for perplexity at most
     max_new_tokens: int = 256  # per answer
+    samples: int = 1  # completions per problem: 1 greedy; more sampled at --temperature (mean reward, pass@1)
+    temperature: float = 0.0  # with --samples > 1
     batch: int = 32  # problems generated together
     seed: int = 1234  # which held-out problems
     device: str = "auto"
@@ -65,7 +67,8 @@ class EvalResult:
     def as_dict(self) -> dict:
         o = self.options
         return {"model": o.model, "params": self.params, "device": self.device, "dtype": self.dtype,
-                "problems": {"n": o.problems, "tasks": o.tasks or "all", "difficulty": o.difficulty, "seed": o.seed},
+                "problems": {"n": o.problems, "tasks": o.tasks or "all", "difficulty": o.difficulty, "seed": o.seed,
+                             "samples": o.samples, "temperature": o.temperature},
                 "accuracy": self.accuracy, "budget_sweep": self.sweep, "perplexity": self.perplexity,
                 "seconds": round(self.seconds, 2)}
 
@@ -112,6 +115,10 @@ def check(o: EvalOptions) -> tuple:
     for name in ("seq_len", "max_new_tokens", "batch"):
         if getattr(o, name) < 1:
             raise EvalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
+    if o.samples > 1 and not o.temperature > 0:
+        raise EvalError(f"--samples {o.samples} needs --temperature > 0 (greedy answers are all the same)")
+    if o.samples < 1 or o.temperature < 0:
+        raise EvalError("--samples must be at least 1 and --temperature >= 0")
     if o.prompt_format not in ("chat", "text"):
         raise EvalError(f"--prompt-format {o.prompt_format!r} is unknown; use chat or text")
     if o.problems == 0 and o.data is None:
@@ -141,6 +148,18 @@ def run(o: EvalOptions, hooks: Hooks | None = None, loaded=None) -> EvalResult:
             loaded = load(GenerateOptions(model=o.model, device=o.device, dtype=o.dtype))
         except GenerateError as e:
             raise EvalError(str(e)) from None
+    import torch
+
+    try:
+        return _evaluate(o, loaded, tasks, difficulty, hooks, t0)
+    except torch.OutOfMemoryError:
+        raise EvalError(f"CUDA out of memory evaluating {o.model}: lower --batch ({o.batch} problems at once), "
+                        f"--max-new-tokens ({o.max_new_tokens}) or --seq-len ({o.seq_len}); `nano fit-check --model "
+                        f"{o.model} --batch {o.batch} --context {o.max_new_tokens + 512} --gpu auto` estimates a "
+                        "batch of answers") from None
+
+
+def _evaluate(o: EvalOptions, loaded, tasks, difficulty, hooks: Hooks, t0: float) -> EvalResult:
     model, tokenizer = loaded.model, loaded.tokenizer
     result = EvalResult(options=o, params=sum(p.numel() for p in model.parameters()), device=loaded.device,
                         dtype=loaded.dtype)
@@ -160,7 +179,7 @@ def _accuracy(model, tokenizer, o: EvalOptions, tasks, difficulty, hooks: Hooks)
     from ..evals import reasoning_accuracy
 
     kw = dict(n=o.problems, seed=o.seed, max_new_tokens=o.max_new_tokens, batch=o.batch, tasks=tasks,
-              difficulty=difficulty)
+              difficulty=difficulty, samples=o.samples, temperature=o.temperature)
     accuracy = {}
     if o.prompt_format == "text":
         hooks.status(f"{o.problems} held-out problems in the pretraining format")
