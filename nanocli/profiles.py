@@ -108,6 +108,8 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ProfileError(f"{path}: not valid YAML ({where}{problem}); fix the syntax") from None
+    except RecursionError:
+        raise ProfileError(f"{path}: not valid YAML (nested too deeply); fix the file") from None
     if not isinstance(raw, dict):
         got = "an empty file" if raw is None else type(raw).__name__
         raise ProfileError(f"{path}: expected a mapping of keys (name:, description:, ...), got {got}")

@@ -129,13 +129,25 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
         try:
             with safe_open(str(file), framework="pt", device=str(device) if device.type != "cpu" else "cpu") as f:
                 for canon, name in names:
-                    state[canon] = f.get_tensor(name).to(target)
+                    state[canon] = _finite(f.get_tensor(name), name, file, target)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{file}: cannot read tensor data ({e}); the file is truncated or corrupt") from None
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
     return model.eval()
+
+
+def _finite(tensor: torch.Tensor, name: str, file: Path, target: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``target``; a NaN/Inf weight (stored, or from the cast) is a CheckpointError."""
+    if not torch.isfinite(tensor).all():
+        raise CheckpointError(f"{file}: tensor {name} holds NaN or Inf values; the weights are corrupt (a diverged "
+                              "run?): load an earlier checkpoint")
+    out = tensor.to(target)
+    if out.dtype != tensor.dtype and not torch.isfinite(out).all():
+        raise CheckpointError(f"{file}: tensor {name} overflows {str(target).replace('torch.', '')}; load it in "
+                              "its stored dtype or bf16/fp32")
+    return out
 
 
 # ---------------------------------------------------------------------------- writing

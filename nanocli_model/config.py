@@ -230,6 +230,8 @@ class NanoConfig:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid JSON (nested too deeply); restore the model's config.json") from None
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

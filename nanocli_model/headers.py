@@ -92,6 +92,8 @@ def read_safetensors_header(file: str | Path) -> dict[str, TensorInfo]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"header is not JSON: {e}") from None
+    except RecursionError:
+        raise bad("header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     data_bytes = size - 8 - n
@@ -127,11 +129,21 @@ def weight_file_list(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e}); re-save the checkpoint") from None
-        files = sorted({path / str(f) for f in weight_map.values()})
+        names = list(weight_map.values())
+        for name in names:  # shard file names only: an index never points outside its directory
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise CheckpointError(f"{index}: weight_map lists {name!r}, not a file name in the checkpoint "
+                                      "directory; re-save the checkpoint")
+        files = sorted({path / name for name in names})
         for f in files:
-            if not f.is_file():
+            try:
+                present = f.is_file()
+            except OSError as e:
+                raise CheckpointError(f"{index}: cannot use the shard name {f.name[:60]!r} ({e.strerror}); "
+                                      "re-save the checkpoint") from None
+            if not present:
                 raise CheckpointError(f"{f}: listed in {INDEX_NAME} but missing; the checkpoint is incomplete")
         return files
     single = path / SINGLE_NAME

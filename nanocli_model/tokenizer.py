@@ -13,6 +13,7 @@ nano's own models (and the tests) use. ``StreamDecoder`` turns ids into text as 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -35,6 +36,7 @@ NANO_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<SPECIAL_10>", "<SPECIA
                        "<think>", "</think>"]
 THINK_TAGS = ("/think", "/no_think")  # the reasoning switches a system or user message may carry
 _TEMPLATE_FILE = "chat_template.jinja"
+_PROBE = "nano: 12 + 30 = 42 <think>é</think>\n"  # encoded once at load, to catch a tokenizer that cannot work
 
 # nano's chat template (Nemotron-Nano-9B-v2 structure). Reasoning is on unless the last /think or
 # /no_think found in the system and user messages (in order) is /no_think; the tags are removed from
@@ -103,14 +105,60 @@ class _GenerationTag(jinja2.ext.Extension):
         return jinja2.nodes.Scope(body, lineno=lineno)
 
 
+_MAX_REPEAT = 1_000_000  # longest string or list a template may build with `*`
+_MAX_EXPONENT = 1000
+
+
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """transformers' sandbox (no attribute starting with ``_``, no mutation of lists or dicts), made
+    strict: reaching for an unsafe attribute raises at once instead of rendering as empty text, and
+    ``*`` / ``**`` cannot build a string, list or number large enough to exhaust memory."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise jinja2.sandbox.SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} "
+                                           "object is unsafe")
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_REPEAT:
+                    raise jinja2.sandbox.SecurityError(f"repeating a {type(seq).__name__} {n} times is too large")
+        if operator == "**" and isinstance(right, int) and abs(right) > _MAX_EXPONENT:
+            raise jinja2.sandbox.SecurityError(f"the exponent {right} is too large")
+        return super().call_binop(context, operator, left, right)
+
+
+def _internal_access(env: jinja2.Environment, template: str) -> jinja2.nodes.Node | None:
+    """The first node of ``template`` that names a Python-internal attribute (``x.__class__``,
+    ``x['__globals__']``, ``x|attr('_y')``), or None."""
+    for node in env.parse(template).find_all((jinja2.nodes.Getattr, jinja2.nodes.Getitem, jinja2.nodes.Filter)):
+        if isinstance(node, jinja2.nodes.Getattr):
+            name = node.attr
+        elif isinstance(node, jinja2.nodes.Getitem):
+            name = node.arg.value if isinstance(node.arg, jinja2.nodes.Const) else None
+        else:
+            arg = node.args[0] if node.name == "attr" and node.args else None
+            name = arg.value if isinstance(arg, jinja2.nodes.Const) else None
+        if isinstance(name, str) and name.startswith("__" if isinstance(node, jinja2.nodes.Getitem) else "_"):
+            node.internal_name = name
+            return node
+    return None
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    """Compile once per template string, in the environment transformers uses."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    """Compile once per template string, in the (sandboxed) environment transformers uses.
+    A template that names a Python-internal attribute is refused before it runs."""
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    bad = _internal_access(env, template)
+    if bad is not None:
+        raise jinja2.sandbox.SecurityError(f"it reads the Python-internal attribute {bad.internal_name!r} "
+                                           f"(line {bad.lineno})")
     return env.from_string(template)
 
 
@@ -124,7 +172,7 @@ def _token_content(value: Any) -> str | None:
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise TokenizerError(f"{path}: not readable JSON ({exc}); restore the file from the model's "
                              "original release") from None
     if not isinstance(data, dict):
@@ -138,33 +186,35 @@ class Tokenizer:
 
     def __init__(self, tokenizer: _HFTokenizer, config: Mapping[str, Any] | None = None,
                  generation_config: Mapping[str, Any] | None = None, chat_template: str | None = None,
-                 source: str = "tokenizer_config.json"):
+                 source: str = "tokenizer_config.json", template_source: str | None = None,
+                 generation_source: str = "generation_config.json"):
         """Wrap ``tokenizer``; ``config`` / ``generation_config`` are the parsed JSON files (or None);
-        ``chat_template`` overrides the one in ``config``; ``source`` names the config file in errors."""
+        ``chat_template`` overrides the one in ``config``; ``source`` names the config file in errors (``template_source`` the file the chat template came from,
+        ``generation_source`` the generation config)."""
         self.hf = tokenizer
         self.source = source
+        self.template_source = template_source or source
         config, gen = dict(config or {}), dict(generation_config or {})
         self._add_declared_tokens(config.get("added_tokens_decoder") or {})
         self.special_tokens = {k: _token_content(config.get(k))
                                for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         ids = {k: self._special_id(k, tok) for k, tok in self.special_tokens.items() if tok is not None}
+        for key in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            values = gen.get(key)
+            for i in values if isinstance(values, list) and key == "eos_token_id" else [values]:
+                if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size):
+                    raise TokenizerError(f"{generation_source}: {key} {i!r} is not a token id below "
+                                         f"{self.vocab_size}; fix the file")
         self.bos_id: int | None = ids.get("bos_token", gen.get("bos_token_id"))
         self.pad_id: int | None = ids.get("pad_token", gen.get("pad_token_id"))
         self.unk_id: int | None = ids.get("unk_token")
         eos = [ids["eos_token"]] if "eos_token" in ids else []
         gen_eos = gen.get("eos_token_id")
         for i in gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []:
-            if not isinstance(i, int) or not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"generation_config.json: eos_token_id {i!r} is not a token id below "
-                                     f"{self.vocab_size}; fix the file")
             if i not in eos:
                 eos.append(i)
         self.eos_ids: tuple[int, ...] = tuple(eos)
-        templates = config.get("chat_template")
-        if isinstance(templates, list):  # named templates: [{"name": ..., "template": ...}]
-            self.chat_templates = {t.get("name"): t.get("template") for t in templates if isinstance(t, dict)}
-        else:
-            self.chat_templates = {"default": templates} if isinstance(templates, str) else {}
+        self.chat_templates = self._templates(config.get("chat_template"))
         if chat_template is not None:
             self.chat_templates["default"] = chat_template
         self.chat_template: str | None = self.chat_templates.get("default")
@@ -183,26 +233,48 @@ class Tokenizer:
                                  "model (copy it from the release)")
         try:
             hf = _HFTokenizer.from_file(str(file))
-        except Exception as exc:  # the tokenizers library raises plain Exception
-            raise TokenizerError(f"{file}: the tokenizers library cannot read it ({str(exc)[:200]}); "
+            hf.decode(hf.encode(_PROBE).ids)  # a malformed normalizer or decoder can load, then panic on use
+        except BaseException as exc:  # plain Exception, or a Rust panic (pyo3's PanicException is a BaseException)
+            if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+                raise
+            raise TokenizerError(f"{file}: the tokenizers library cannot use it ({' '.join(str(exc).split())[:200]}); "
                                  "restore the file from the model's original release") from None
         config_file = path / "tokenizer_config.json"
         config = _read_json(config_file) if config_file.is_file() else {}
         gen_file = path / "generation_config.json"
         gen = _read_json(gen_file) if gen_file.is_file() else {}
-        template, source = None, str(config_file)
+        template, template_source = None, None
         if (path / _TEMPLATE_FILE).is_file():
-            template, source = (path / _TEMPLATE_FILE).read_text(encoding="utf-8"), str(path / _TEMPLATE_FILE)
-        return cls(hf, config, gen, chat_template=template, source=source)
+            template_source = str(path / _TEMPLATE_FILE)
+            try:
+                template = (path / _TEMPLATE_FILE).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TokenizerError(f"{template_source}: cannot be read ({exc}); restore the file from the "
+                                     "model's original release") from None
+        return cls(hf, config, gen, chat_template=template, source=str(config_file),
+                   template_source=template_source, generation_source=str(gen_file))
+
+    def _templates(self, templates: Any) -> dict[str, str]:
+        """``chat_template`` of tokenizer_config.json: a string, or ``[{"name": ..., "template": ...}]``."""
+        if templates is None:
+            return {}
+        if isinstance(templates, str):
+            return {"default": templates}
+        if isinstance(templates, list) and all(isinstance(t, Mapping) and isinstance(t.get("name"), str)
+                                               and isinstance(t.get("template"), str) for t in templates):
+            return {t["name"]: t["template"] for t in templates}
+        raise TokenizerError(f"{self.source}: chat_template must be a string or a list of {{\"name\": ..., "
+                             "\"template\": ...}} strings; fix the file")
 
     def _add_declared_tokens(self, declared: Mapping[str, Any]) -> None:
         """Add ``added_tokens_decoder`` entries tokenizer.json lacks; every id must then agree."""
-        if not isinstance(declared, Mapping) or not all(str(k).isdigit() for k in declared):
+        if not isinstance(declared, Mapping) or not all(re.fullmatch(r"[0-9]+", str(k)) for k in declared):
             raise TokenizerError(f"{self.source}: added_tokens_decoder must map token ids to tokens; fix the file")
         for key, entry in sorted(declared.items(), key=lambda kv: int(kv[0])):
             content = _token_content(entry)
-            if content is None:
+            if not content:
                 continue
+            entry = entry if isinstance(entry, Mapping) else {}
             if self.hf.token_to_id(content) is None:
                 flags = {k: bool(entry.get(k, d)) for k, d in (("single_word", False), ("lstrip", False),
                                                                 ("rstrip", False), ("normalized", False))}
@@ -249,7 +321,7 @@ class Tokenizer:
                             chat_template: str | None = None, **kwargs: Any) -> str:
         """Render ``messages`` with the checkpoint's template (or ``chat_template``: a template name or a
         Jinja string), the way transformers' ``apply_chat_template(tokenize=False)`` does."""
-        template, source = self.chat_template, self.source
+        template, source = self.chat_template, self.template_source
         if chat_template in self.chat_templates:
             template, source = self.chat_templates[chat_template], f"{self.source} ({chat_template} template)"
         elif chat_template is not None:
@@ -258,18 +330,30 @@ class Tokenizer:
         if template is None:
             raise TokenizerError(f"{self.source}: no chat_template; send the prompt untemplated (--raw) or "
                                  "add a template to the file")
+        if not isinstance(template, str):
+            raise TokenizerError(f"{source}: the chat template is a {type(template).__name__}, not text; fix it "
+                                 "or use --raw")
         try:
             compiled = _compile(template)
+            text = compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                   **{**self._specials(), **kwargs})
         except jinja2.TemplateSyntaxError as exc:
             raise TokenizerError(f"{source}: chat template does not parse (line {exc.lineno}: {exc.message}); "
                                  "fix the template or use --raw") from None
-        specials = {k: v for k, v in self.special_tokens.items() if v is not None}
-        try:
-            return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                   **{**specials, **kwargs})
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-            raise TokenizerError(f"{source}: chat template failed to render ({type(exc).__name__}: {exc}); "
-                                 "check the messages or use --raw") from None
+        except jinja2.sandbox.SecurityError as exc:
+            raise TokenizerError(f"{source}: chat template refused: {exc}; a chat template may not reach Python "
+                                 "internals (use the model's original template or --raw)") from None
+        except TokenizerError as exc:  # raise_exception() in the template: its own message
+            raise TokenizerError(f"{source}: chat template refused the messages: {exc}") from None
+        except Exception as exc:  # the template is code from a file: whatever it raises is its error
+            raise TokenizerError(f"{source}: chat template failed to render ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]}); check the messages or use --raw") from None
+        if not isinstance(text, str):
+            raise TokenizerError(f"{source}: chat template rendered a {type(text).__name__}, not text")
+        return text
+
+    def _specials(self) -> dict[str, str]:
+        return {k: v for k, v in self.special_tokens.items() if v is not None}
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                     **kwargs: Any) -> list[int]:

@@ -209,6 +209,8 @@ def _parse_line(raw: bytes, where: str, kind: str | None, first: bool) -> dict[s
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: broken JSON ({exc.msg} at column {exc.colno}); fix or remove the line "
                         "(one JSON object per line)") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply; fix or remove the line") from None
     check_record(record, where, kind)
     return record
 

@@ -9,6 +9,7 @@ dataclass defaults < recipe < flags given on the command line. Unknown keys and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -46,6 +47,8 @@ def read_recipe(name_or_path: str) -> tuple[Path, dict[str, Any]]:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or e}); fix the syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply); fix the file") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of settings, got {type(raw).__name__}")
     return path, raw
@@ -97,13 +100,17 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if hint is Any:
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint in (str, bool) and isinstance(value, hint):
         return value
     if origin in (list, tuple) and isinstance(value, list):
-        return value if origin is list else tuple(value)
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        items = [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+        return items if origin is list else tuple(items)
     if origin is dict and isinstance(value, dict):
         return value
     raise ConfigError(f"{where}: expected {_name(hint)}, got {value!r}")
