@@ -778,7 +778,6 @@ KNOWN_GAPS = {
     ("pretrain", "--weight-decay"): -1.0,  # accepted, also NaN
     ("pretrain", "--save-every"): -1,  # accepted
     ("pretrain", "--eval-every"): -1,  # accepted
-    ("align", "--seq-len"): 10**12,  # MemoryError while packing: not checked against max_position_embeddings
 }
 
 

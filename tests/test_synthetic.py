@@ -316,7 +316,8 @@ def test_parse_synthetic_options():
     assert options == {"tasks": ("add", "sort"), "difficulty": (1, 3), "seed": 4, "docs": 20000,
                        "split": "heldout", "format": "chat"}
     assert parse_synthetic_options("") == {"tasks": TASKS, "difficulty": (1, 3), "seed": 0,
-                                           "docs": syn.DEFAULT_DOCS, "split": "train", "format": "text"}
+                                           "docs": syn.DEFAULT_DOCS, "split": "train"}
+    assert parse_synthetic_options("format=text") == parse_synthetic_options("")  # the default, same cache key
     assert parse_synthetic_options("?difficulty=2&tasks=all")["difficulty"] == (2, 2)
     assert parse_synthetic_options("tasks=all")["tasks"] == TASKS
     assert parse_synthetic_options("tasks=max%2Ccount")["tasks"] == ("max", "count")

@@ -275,7 +275,7 @@ _GENERATORS: dict[str, Callable[[random.Random, int], Problem]] = {
 }
 TASKS: tuple[str, ...] = tuple(_GENERATORS)
 DEFAULT_OPTIONS: dict[str, object] = {"tasks": TASKS, "difficulty": (1, 3), "seed": 0, "docs": DEFAULT_DOCS,
-                                      "split": "train", "format": "text"}
+                                      "split": "train"}  # "format" appears only when given (text is the default)
 DOC_FORMATS = ("text", "chat")  # pretraining documents: as_text, or as_chat rendered by the chat template
 CHAT_NO_THINK_EVERY = 5  # format=chat: every 5th document has reasoning off (the rest on), as SFT's mix
 
@@ -548,4 +548,6 @@ def parse_synthetic_options(query: str) -> dict:
             raise ConfigError(f"synthetic:reasoning: option {key!r} {problem}, e.g. {key}={_EXAMPLES[key]}")
         seen.add(key)
         options[key] = _OPTION_PARSERS[key](value)
+    if options.get("format") == "text":  # the default: leave it out, so the source's cache key is the same
+        del options["format"]
     return options

@@ -183,6 +183,9 @@ def _run(o: AlignOptions, dist, hooks: Hooks) -> AlignResult:
 
     result = AlignResult(options=o)
     config = NanoConfig.from_json_file(Path(o.model) / "config.json")
+    if o.seq_len > config.max_position_embeddings:
+        raise AlignError(f"--seq-len {o.seq_len} exceeds the model's context limit (max_position_embeddings "
+                         f"{config.max_position_embeddings}); use --seq-len {config.max_position_embeddings} or less")
     tokenizer = Tokenizer.from_dir(o.model)
     if tokenizer.chat_template is None:
         raise AlignError(f"{o.model}: the tokenizer has no chat template; alignment trains on chat-formatted data")
@@ -251,6 +254,16 @@ def _run(o: AlignOptions, dist, hooks: Hooks) -> AlignResult:
     return result
 
 
+def _pad_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its first EOS."""
+    if tokenizer.pad_id is not None:
+        return tokenizer.pad_id
+    if not tokenizer.eos_ids:
+        raise AlignError("the tokenizer has neither a pad token nor an EOS token; set pad_token or eos_token in "
+                         "tokenizer_config.json")
+    return tokenizer.eos_ids[0]
+
+
 def _accuracy(model, tokenizer, o: AlignOptions) -> dict:
     from ..evals import reasoning_accuracy
 
@@ -291,7 +304,7 @@ class _SFT:
                         too_long=o.too_long, pack=o.pack, seed=o.seed)
         self.o, self.dist = o, dist
         self.examples = prepare_sft(records, tokenizer, cfg, stats)
-        self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0]
+        self.pad = _pad_id(tokenizer)
         self.size = len(self.examples)
 
     def prepare(self, model, dist) -> None:
@@ -333,7 +346,7 @@ class _DPO:
         if not self.pairs:
             raise AlignError("no preference pairs left to train on; add data or lower --heldout-fraction")
         self.o, self.dist = o, dist
-        self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0]
+        self.pad = _pad_id(tokenizer)
         self.size = len(self.pairs)
         self.ref = None
 
@@ -399,7 +412,7 @@ class _GRPO:
             raise AlignError("no GRPO prompts left; check the data and --seq-len")
         self.rewards = resolve_rewards(o.rewards)
         self.o, self.dist, self.tokenizer = o, dist, tokenizer
-        self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0]
+        self.pad = _pad_id(tokenizer)
         self.size = len(self.prompts)
         self.ref = None
 
