@@ -786,6 +786,13 @@ def main() -> None:
         message = " ".join(str(e).split("\n")).strip() or type(e).__name__
         typer.echo(f"error: {message}", err=True)
         raise SystemExit(getattr(e, "exit_code", 2)) from None
+    except Exception as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError that no stage translated
+            raise
+        typer.echo("error: CUDA out of memory: lower --batch, the context (--context / --max-new-tokens / "
+                   "--seq-len) or --prefill-chunk; `nano fit-check --model MODEL --context N --batch B --gpu auto` "
+                   "predicts what fits", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

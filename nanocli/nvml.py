@@ -51,8 +51,9 @@ def query_device(index: int = 0) -> DeviceMemory:
         raise NvmlUnavailable("nvidia-ml-py (pynvml) is not installed") from None
     try:
         pynvml.nvmlInit()
-    except pynvml.NVMLError as e:
-        raise NvmlUnavailable(f"NVML is not available ({e}): no NVIDIA driver or GPU here") from None
+    except Exception as e:  # noqa: BLE001 - NVMLError, or a broken library failing to load (OSError)
+        raise NvmlUnavailable(f"NVML is not available ({e or type(e).__name__}): no NVIDIA driver or GPU "
+                              "here") from None
     try:
         count = pynvml.nvmlDeviceGetCount()
         if count == 0:
@@ -63,12 +64,13 @@ def query_device(index: int = 0) -> DeviceMemory:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         name = pynvml.nvmlDeviceGetName(handle)
         info, api = _memory_info(pynvml, handle)
-    except pynvml.NVMLError as e:
-        raise NvmlUnavailable(f"NVML failed to read GPU {index} ({e})") from None
+    except (pynvml.NVMLError, UnicodeDecodeError, OSError) as e:
+        raise NvmlUnavailable(f"NVML failed to read GPU {index} ({e or type(e).__name__}); check the driver with "
+                              "nvidia-smi, or pass --gpu PROFILE") from None
     finally:
         try:
             pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
+        except Exception:  # noqa: BLE001, S110 - shutting down after an answer (or an error) changes nothing
             pass
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")

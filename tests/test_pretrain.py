@@ -47,6 +47,19 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+def assert_same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float) -> None:
+    """Weights from two runs that computed the same gradients up to float rounding. AdamW moves a weight by
+    about lr * sign(g) whatever |g|, so where a gradient is ~0 (a rare token's embedding) rounding can flip
+    its sign and that one weight differs by up to 2 lr per step: allow at most 1 element in 10,000 beyond
+    ``tol``, and the whole model within ``tol`` in relative L2."""
+    beyond = sum(int(((a[k] - b[k]).abs() > tol).sum()) for k in a)
+    total = sum(a[k].numel() for k in a)
+    assert beyond <= total // 10_000, f"{beyond} of {total} weights differ by more than {tol}"
+    diff = sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in a) ** 0.5
+    norm = sum(float((a[k].double() ** 2).sum()) for k in a) ** 0.5
+    assert diff / norm < tol, diff / norm
+
+
 def free_port() -> int:
     import socket
 
@@ -115,7 +128,10 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, cache, tokenizer_d
     accum = pt.run(options(tmp_path / "b", cache, tokenizer_dir, steps=4, heldout_fraction=0.0, micro_batch=2))
     assert accum.resolved.accumulation == 4 and whole.resolved.accumulation == 1
     a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert_same_training(a, b, 1e-4)
+    ma, mb = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab")
+    ga, gb = ([m["grad_norm"] for m in ms if "grad_norm" in m] for ms in (ma, mb))
+    assert len(ga) == 4 and ga == pytest.approx(gb, rel=1e-5)  # the same gradients, step by step
     assert accum.last_loss == pytest.approx(whole.last_loss, rel=1e-5)
 
 
@@ -242,13 +258,13 @@ def test_two_processes_match_one_process(tmp_path, cache, tokenizer_dir, paralle
 
     assert losses(one) == pytest.approx(losses(two), rel=1e-5)
     a, b = weights(one / "final"), weights(two / "final")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert_same_training(a, b, 1e-4)
     # a checkpoint written by 2 processes resumes in 1 and ends where the 1-process run ends
     shutil.rmtree(two / "final")
     r = cli(*cli_args(two, cache, tokenizer_dir, steps, save_every=2, heldout_fraction=0.0, resume="auto"))
     assert r.returncode == 0, r.stderr
     b = weights(two / "final")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert_same_training(a, b, 1e-4)
 
 
 # ------------------------------------------------------------------------------------------- plan + errors

@@ -213,8 +213,7 @@ def _run(o: AlignOptions, dist, hooks: Hooks) -> AlignResult:
     if start >= steps:
         result.already_done, result.final, result.steps_done = True, resume_from, start
         return result
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
+    dist.lock_dir(out, "nano align", hooks.status)  # creates OUT; OUT/.nano.lock held until the run ends
     dist.barrier()
     torch.manual_seed(o.seed)
     model = session.own_memory(load_pretrained(resume_from or o.model, dtype="fp32")).to(dist.device).train()

@@ -288,10 +288,21 @@ def run(o: DistillOptions, hooks: Hooks | None = None) -> DistillResult:
     r = resolve(o)
     if o.dry_run:
         return DistillResult(resolved=r, dry_run=True)
+    import torch
+
     from ..train.distributed import setup
 
     with setup(o.device) as dist:
-        return _train(r, dist, hooks)
+        try:
+            return _train(r, dist, hooks)
+        except torch.OutOfMemoryError as e:
+            step = getattr(e, "nano_step", None)
+            raise DistillError(f"CUDA out of memory {f'at step {step}' if step else 'outside a training step (loading, evaluation)'} "
+                               f"({r.micro_batch} sequences x {o.seq_len} tokens per forward, teacher "
+                               f"{r.teacher_dtype}): lower --micro-batch or --seq-len or --kd-chunk, put the teacher "
+                               "on another device (--teacher-device cpu) or cache its top-k (--top-k K "
+                               f"--teacher-cache DIR); `nano fit-check --model {o.teacher} --context {o.seq_len} "
+                               f"--batch {r.micro_batch} --gpu auto` shows the teacher's share") from None
 
 
 def _train(r: Resolved, dist, hooks: Hooks) -> DistillResult:
@@ -305,9 +316,13 @@ def _train(r: Resolved, dist, hooks: Hooks) -> DistillResult:
     from ..train.distributed import wrap
     from ..train.loop import LoopConfig, StopFlag, autocast, run_loop
     from ..train.optim import OptimConfig, build_optimizer
+    from .pretrain import data_position
 
     o = r.options
     out = Path(o.out)
+    if o.teacher_device == "cuda" and not torch.cuda.is_available():  # before any work or any file
+        raise DistillError("--teacher-device cuda: no CUDA device is visible; use cpu or auto")
+    dist.lock_dir(out, "nano distill", hooks.status)  # OUT/.nano.lock: one run at a time writes here
     resume_from = dist.broadcast_object(session.resume_point(out, o.resume, DistillError) if dist.main else None)
     state = ckpt.load_trainer_state(resume_from) if resume_from is not None else None
     if state is not None:
@@ -317,9 +332,6 @@ def _train(r: Resolved, dist, hooks: Hooks) -> DistillResult:
     if start >= r.steps:
         result.already_done, result.final, result.steps_done = True, resume_from, start
         return result
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
     plan = _batch_plan(r, Tokenizer.from_dir(o.student), dist, hooks)
     torch.manual_seed(o.seed)
     teacher = _teacher(r, dist, hooks)
@@ -385,7 +397,7 @@ def _train(r: Resolved, dist, hooks: Hooks) -> DistillResult:
         loop = run_loop(wrapped, optimizer, loop_cfg, dist, start_step=start, batch_fn=batch_fn, loss_fn=loss_fn,
                         count_fn=lambda b: b["input_ids"][:, 1:].numel(), save_fn=save,
                         eval_fn=(lambda: eval_fn(wrapped)) if eval_fn is not None else None, on_step=on_step,
-                        stop=stop)
+                        stop=stop, where_fn=lambda step: data_position(plan, step), status=hooks.status)
     result.steps_done, result.tokens, result.seconds = loop.step, loop.tokens, loop.seconds
     result.first_loss, result.last_loss, result.eval = record.first_loss, loop.last_loss, loop.eval
     result.interrupted, result.final = loop.interrupted, loop.checkpoint

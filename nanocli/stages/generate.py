@@ -117,7 +117,12 @@ def load(options: GenerateOptions) -> Loaded:
     if dtype == "auto":  # bf16 matmuls are slow on most CPUs; the stored dtype on GPUs
         dtype = None if device == "cuda" else "fp32"
     tokenizer = Tokenizer.from_dir(path)
-    model = load_pretrained(path, dtype=dtype, device=device)
+    try:
+        model = load_pretrained(path, dtype=dtype, device=device)
+    except torch.OutOfMemoryError:
+        raise GenerateError(f"CUDA out of memory loading the weights of {path} ({options.dtype} on {device}): "
+                            f"use a smaller --dtype (bf16) or a larger GPU; `nano fit-check --model {path} "
+                            "--gpu auto` predicts it") from None
     return Loaded(model, tokenizer, device, str(model.dtype).replace("torch.", ""))
 
 
@@ -270,8 +275,13 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
         else:
             on_text(row, piece, inside[row])
 
-    stats = generate(model, ids, params, prefill_chunk=options.prefill_chunk, thinking=thinking,
-                     max_context=limit, on_token=on_token)
+    import torch
+
+    try:
+        stats = generate(model, ids, params, prefill_chunk=options.prefill_chunk, thinking=thinking,
+                         max_context=limit, on_token=on_token)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(options, len(ids), max(len(r) for r in ids) + max_new) from None
     outputs = []
     for i, completion in enumerate(stats.completions):
         if not stopped[i]:
@@ -281,6 +291,16 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
         outputs.append(Output(ids[i], completion.token_ids, texts[i], thinking_text.strip("\n"), answer.strip(),
                               reason, completion.thinking_tokens, completion.budget_forced))
     return GenerateResult(outputs, stats, loaded.device, loaded.dtype)
+
+
+def out_of_memory(options: GenerateOptions, batch: int, context: int) -> GenerateError:
+    """CUDA ran out of memory generating: the settings that set the peak, and the fit-check that predicts it."""
+    chunk = min(options.prefill_chunk, context)
+    return GenerateError(
+        f"CUDA out of memory generating {batch} sequence(s) of up to {context} tokens (prefill chunk {chunk}): "
+        f"lower --prefill-chunk (activations), --max-new-tokens or --max-context (cache), or send fewer prompts "
+        f"at once (batch); `nano fit-check --model {options.model} --context {context} --batch {batch} "
+        f"--prefill-chunk {chunk} --gpu auto` predicts it")
 
 
 # ---------------------------------------------------------------------------------------- inputs

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,10 +304,15 @@ def run(o: PretrainOptions, hooks: Hooks | None = None) -> PretrainResult:
     r = resolve(o)
     if o.dry_run:
         return PretrainResult(resolved=r, dry_run=True)
+    import torch
+
     from ..train.distributed import setup
 
     with setup(o.device) as dist:
-        return _train(r, dist, hooks)
+        try:
+            return _train(r, dist, hooks)
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(r, e) from None
 
 
 def _train(r: Resolved, dist, hooks: Hooks) -> PretrainResult:
@@ -320,6 +327,7 @@ def _train(r: Resolved, dist, hooks: Hooks) -> PretrainResult:
 
     o = r.options
     out = Path(o.out)
+    dist.lock_dir(out, "nano pretrain", hooks.status)  # OUT/.nano.lock: one run at a time writes here
     resume_from = dist.broadcast_object(session.resume_point(out, o.resume, PretrainError) if dist.main else None)
     state = ckpt.load_trainer_state(resume_from) if resume_from is not None else None
     if state is not None:
@@ -329,9 +337,6 @@ def _train(r: Resolved, dist, hooks: Hooks) -> PretrainResult:
     if start >= r.steps:
         result.already_done, result.final, result.steps_done = True, resume_from, start
         return result
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
     tokenizer, tok_dir = _tokenizer(r, out, dist, hooks)
     plan = _batch_plan(r, tokenizer, dist, hooks)
     torch.manual_seed(o.seed)
@@ -389,7 +394,8 @@ def _train(r: Resolved, dist, hooks: Hooks) -> PretrainResult:
     with StopFlag() as stop:
         loop = run_loop(wrapped, optimizer, loop_cfg, dist, start_step=start, batch_fn=batch_fn,
                         loss_fn=loss_fn, count_fn=lambda b: b["input_ids"][:, 1:].numel(), save_fn=save,
-                        eval_fn=eval_fn if o.heldout_fraction > 0 else None, on_step=record, stop=stop)
+                        eval_fn=eval_fn if o.heldout_fraction > 0 else None, on_step=record, stop=stop,
+                        where_fn=lambda step: data_position(plan, step), status=hooks.status)
     result.steps_done, result.tokens, result.seconds = loop.step, loop.tokens, loop.seconds
     result.first_loss = record.first_loss
     result.last_loss, result.eval, result.interrupted = loop.last_loss, loop.eval, loop.interrupted
@@ -399,6 +405,28 @@ def _train(r: Resolved, dist, hooks: Hooks) -> PretrainResult:
         result.mfu = loop.tokens * loop_cfg.flops_per_token / loop.seconds / (loop_cfg.peak_flops * dist.world)
     result.plot = record.plot(out, f"nano pretrain: {out.name}")
     return result
+
+
+def data_position(plan, step: int) -> str:
+    """Where in the batch plan step ``step`` (0-based) reads: phase, global rows, first (source, window)s."""
+    ids = plan.global_batch_ids(step)
+    head = ", ".join(f"{name} window {w}" for name, w in ids[:3])
+    return (f"batch plan step {step} (phase {plan.phase_at(step)}, sequences {step * plan.global_batch}-"
+            f"{(step + 1) * plan.global_batch - 1} of the run): {head}{', ...' if len(ids) > 3 else ''}")
+
+
+def out_of_memory(r: Resolved, e: BaseException) -> PretrainError:
+    """A CUDA out-of-memory error as the settings to change and the fit-check of one forward."""
+    o = r.options
+    step = getattr(e, "nano_step", None)
+    at = f"at step {step}" if step is not None else "outside a training step (loading, evaluation)"
+    model = o.profile if o.profile is not None else o.model
+    return PretrainError(f"CUDA out of memory {at} ({r.micro_batch} sequences x {o.seq_len} tokens per forward, "
+                         f"--precision {o.precision}): lower --micro-batch (the global batch stays, by gradient "
+                         f"accumulation) or --seq-len, or shard with --parallel fsdp; `nano fit-check --model {model} "
+                         f"--context {o.seq_len} --batch {r.micro_batch} --prefill-chunk {o.seq_len} --gpu auto` "
+                         "shows that forward's weights and activations (training adds ~16 bytes per parameter for "
+                         "gradients and AdamW state)")
 
 
 def _hparams(r: Resolved) -> dict:
@@ -440,7 +468,17 @@ def _train_tokenizer(r: Resolved, tok_dir: Path, hooks: Hooks) -> None:
         raise PretrainError(f"--tokenizer-vocab {vocab} exceeds the model's vocab_size {r.config.vocab_size}")
     hooks.status(f"training a byte-level BPE tokenizer ({vocab} tokens) on the data -> {tok_dir}")
     texts = sample_texts_for_tokenizer(list(r.sources.values()), max_chars=4_000_000)
-    train_bpe_tokenizer(texts, tok_dir, vocab)
+    for stale in tok_dir.parent.glob(f".{tok_dir.name}.tmp-*"):  # a killed earlier attempt (we hold the run lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    # written beside and renamed into place: a kill never leaves a tokenizer.json without its config files
+    tmp = Path(tempfile.mkdtemp(prefix=f".{tok_dir.name}.tmp-", dir=tok_dir.parent))
+    try:
+        train_bpe_tokenizer(texts, tmp, vocab)
+        if tok_dir.exists():
+            shutil.rmtree(tok_dir)
+        os.rename(tmp, tok_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _batch_plan(r: Resolved, tokenizer, dist, hooks: Hooks):

@@ -276,7 +276,22 @@ def run(o: PruneOptions, hooks: PruneHooks | None = None) -> PruneResult:
         result.seconds["resolve"] = time.perf_counter() - t0
         return result
     out = _check_out(o)
-    return _run_with_weights(o, hooks, result, path, fixed, axes if budget else None, out)
+    _check_device(o)
+    from ..train.lock import DirLock
+
+    # .OUT.nano.lock beside OUT (OUT itself appears whole, by one rename, at the end)
+    with DirLock(out, "nano prune", hooks.status, beside=True):
+        _check_out(o)  # again, now that no other run can write there
+        for stale in out.parent.glob(f".{out.name}.prune-*"):  # staging of a killed run: never an output
+            shutil.rmtree(stale, ignore_errors=True)
+        return _run_with_weights(o, hooks, result, path, fixed, axes if budget else None, out)
+
+
+def _check_device(o: PruneOptions) -> None:
+    import torch
+
+    if o.device == "cuda" and not torch.cuda.is_available():
+        raise PruneError("--device cuda: no CUDA GPU is visible; use --device cpu")
 
 
 def _run_with_weights(o: PruneOptions, hooks: PruneHooks, result: PruneResult, path: Path,
@@ -441,6 +456,7 @@ def _write(o: PruneOptions, result: PruneResult, path: Path, pruned, plan, score
     from nanocli_model.checkpoint import resolve_dtype
     from nanocli_model.memory import param_count
 
+    from ..train.checkpoints import hold_write_open
     from ..train.session import side_files
     from .fit_check import _default_dtype, resolve_model
 
@@ -470,8 +486,10 @@ def _write(o: PruneOptions, result: PruneResult, path: Path, pruned, plan, score
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.prune-", dir=out.parent))
     try:
+        hold_write_open(0.5)  # NANO_TEST_SLOW_SAVE: the kill trials' window into this write
         ckpt = save_pretrained(pruned, staging / "model", extra_files=side_files(path))
         (ckpt / "pruning.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        hold_write_open(0.5)
         if out.exists():
             out.rmdir()  # checked empty up front
         os.rename(ckpt, out)

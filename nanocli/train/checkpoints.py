@@ -11,15 +11,21 @@ Layout of a run directory ``OUT/``::
 
 Each directory is assembled under a temporary dot-name and renamed into place (``save_pretrained``), so
 a directory named ``checkpoint-*`` or ``final`` is always complete; a leftover ``.checkpoint-*.tmp-*``
-from a killed write is never taken for a checkpoint (and is removed by the next save). The training
-state is read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only.
+from a killed write is never taken for a checkpoint (and is removed by the next save). A write that
+fails (disk full, read-only) is a ``CheckpointWriteError`` naming the path and the cause, and leaves the
+earlier checkpoints as they were. The training state is read with ``torch.load(weights_only=True)``:
+tensors, numbers, strings, lists and dicts only.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,7 +33,7 @@ import torch
 import yaml
 
 from nanocli_model.checkpoint import save_pretrained
-from nanocli_model.errors import CheckpointError
+from nanocli_model.errors import CheckpointError, NanoError
 
 TRAINER_STATE = "trainer_state.pt"
 HPARAMS = "hyperparameters.yaml"
@@ -55,18 +61,70 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointWriteError(NanoError):
+    """A checkpoint could not be written (disk full, read-only, permissions); the previous one is intact."""
+
+
 def save_checkpoint(path: Path, model, trainer_state: dict, hparams: dict, side_files: Iterable[Path] = ()) -> Path:
-    """Write model + tokenizer files + training state into ``path`` atomically; returns ``path``."""
+    """Write model + tokenizer files + training state into ``path`` atomically; returns ``path``.
+
+    A failed write (``OSError`` or a writer's error that carries an errno: disk full, read-only file
+    system, permissions) removes its temporary files and is a ``CheckpointWriteError`` naming ``path``
+    and the cause; whatever was complete before is untouched."""
     path = Path(path)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.state-", dir=path.parent))
     try:
-        torch.save({"format": FORMAT, **trainer_state}, scratch / TRAINER_STATE)
-        (scratch / HPARAMS).write_text(yaml.safe_dump(hparams, sort_keys=False), encoding="utf-8")
-        files = [scratch / TRAINER_STATE, scratch / HPARAMS, *[Path(f) for f in side_files]]
-        save_pretrained(model, path, extra_files=files)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.state-", dir=path.parent))
+        try:
+            with open(scratch / TRAINER_STATE, "wb") as f:  # a file object: torch then raises OSError(errno)
+                torch.save({"format": FORMAT, **trainer_state}, f)
+            hold_write_open()
+            (scratch / HPARAMS).write_text(yaml.safe_dump(hparams, sort_keys=False), encoding="utf-8")
+            files = [scratch / TRAINER_STATE, scratch / HPARAMS, *[Path(f) for f in side_files]]
+            save_pretrained(model, path, extra_files=files)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    except Exception as e:  # noqa: BLE001 - only errors that carry an errno are translated
+        reason = write_failure(e, path.parent)
+        if reason is None:
+            raise
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {reason}") from None
     return path
+
+
+def hold_write_open(share: float = 1.0) -> None:
+    """``NANO_TEST_SLOW_SAVE=SECONDS`` (the kill trials only): pause inside a write so that a kill lands in it."""
+    try:
+        time.sleep(float(os.environ.get("NANO_TEST_SLOW_SAVE") or 0) * share)
+    except ValueError:
+        pass
+
+
+_ADVICE = {
+    errno.ENOSPC: "no space left on device: free space or point --out elsewhere",
+    errno.EDQUOT: "disk quota exceeded: free space or point --out elsewhere",
+    errno.EROFS: "read-only file system: point --out at a writable directory",
+    errno.EACCES: "permission denied: make {dir} writable or point --out elsewhere",
+    errno.EPERM: "operation not permitted: make {dir} writable or point --out elsewhere",
+    errno.EIO: "input/output error: check the disk, or point --out elsewhere",
+}
+
+
+def error_number(e: BaseException) -> int | None:
+    """The errno of an ``OSError``, or the one a writer quotes in its message (safetensors: 'os error 28')."""
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    m = re.search(r"os error (\d+)|\[Errno (\d+)\]", str(e))
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+def write_failure(e: BaseException, directory: Path) -> str | None:
+    """'no space left on device: free space or point --out elsewhere' etc., or None if ``e`` is no I/O error."""
+    number = error_number(e)
+    if number is None:
+        return None
+    if number in _ADVICE:
+        return _ADVICE[number].format(dir=directory)
+    return f"{os.strerror(number).lower()} (errno {number}): point --out elsewhere"
 
 
 def is_complete(path: Path) -> bool:

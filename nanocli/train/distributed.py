@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -28,6 +30,7 @@ class Dist:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized: bool = False
+    locks: list = field(default_factory=list, repr=False, compare=False)  # run locks held until close()
 
     @property
     def main(self) -> bool:
@@ -58,6 +61,23 @@ class Dist:
         tdist.all_gather_object(out, obj)
         return out
 
+    def lock_dir(self, out: Path, what: str, status: Callable[[str], None] | None = None) -> None:
+        """Create ``out`` and take its run lock (``OUT/.nano.lock``, see ``lock.py``) on rank 0, held until
+        ``close()``; another live run there is a ``LockedError`` on every rank, naming its pid."""
+        from .lock import LockedError, hold
+
+        message = None
+        if self.main:
+            try:
+                self.locks.append(hold(out, what, status))
+            except LockedError as e:
+                if not self.initialized:
+                    raise
+                message = str(e)
+        message = self.broadcast_object(message)
+        if message is not None:
+            raise LockedError(message)
+
     def __enter__(self) -> Dist:
         return self
 
@@ -65,6 +85,8 @@ class Dist:
         self.close()
 
     def close(self) -> None:
+        while self.locks:
+            self.locks.pop().release()
         if self.initialized and tdist.is_initialized():
             tdist.destroy_process_group()
             self.initialized = False

@@ -13,6 +13,7 @@ the loop knows nothing of data formats or of the terminal. A stop request (SIGIN
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import time
@@ -28,6 +29,8 @@ from nanocli_model.errors import NanoError
 from .distributed import Dist, no_sync
 from .optim import OptimConfig, clip_gradients, set_lr
 from .schedule import Schedule
+
+log = logging.getLogger("nanocli")
 
 
 class NonFiniteError(NanoError):
@@ -101,12 +104,15 @@ def run_loop(wrapped: nn.Module, optimizer: torch.optim.Optimizer, config: LoopC
              loss_fn: Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor, dict]],
              count_fn: Callable[[dict], int], save_fn: Callable[[int, bool], Path | None],
              eval_fn: Callable[[], dict] | None = None, on_step: Callable[[dict], None] | None = None,
-             stop: StopFlag | None = None) -> LoopResult:
+             stop: StopFlag | None = None, where_fn: Callable[[int], str] | None = None,
+             status: Callable[[str], None] | None = None) -> LoopResult:
     """Train from ``start_step`` to ``config.schedule.total``; returns what happened.
 
     ``batch_fn(step)`` gives this rank's micro-batches for the step; ``loss_fn(model, batch)`` returns
     (sum of token losses, token count, extra metrics); ``count_fn(batch)`` counts label tokens without
     a forward; ``save_fn(step, final)`` writes a checkpoint (rank 0; a no-op elsewhere) after ``step`` steps.
+    ``where_fn(step)`` names the data a step reads (for the report of a non-finite step); ``status`` gets
+    a line for every skipped step. A CUDA out-of-memory error leaves with ``.nano_step`` set on it.
     """
     total = config.schedule.total
     result = LoopResult(step=start_step, tokens=0, seconds=0.0, last_loss=float("nan"))
@@ -117,32 +123,23 @@ def run_loop(wrapped: nn.Module, optimizer: torch.optim.Optimizer, config: LoopC
         t0 = time.perf_counter()
         lr = config.schedule.lr_at(step)
         set_lr(optimizer, lr)
-        micro = batch_fn(step)
-        n_global = dist.all_reduce_sum(torch.tensor(float(sum(count_fn(b) for b in micro)))).item()
-        if n_global == 0:
-            raise NanoError(f"step {step}: the batch has no label tokens to learn from; check the data")
-        scale = dist.world / n_global  # DDP averages over ranks: world / n_global makes it the global mean
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        extras: dict = {}
-        for i, batch in enumerate(micro):
-            with no_sync(wrapped, i == len(micro) - 1), autocast(config.precision, dist.device):
-                loss, _, extra = loss_fn(wrapped, batch)
-            (loss * scale).backward()
-            loss_sum += loss.detach().double().cpu()
-            for k, v in extra.items():
-                extras[k] = extras.get(k, 0.0) + float(v)
-        loss_value = dist.all_reduce_sum(loss_sum).item() / n_global
+        try:
+            micro = batch_fn(step)
+            n_global = dist.all_reduce_sum(torch.tensor(float(sum(count_fn(b) for b in micro)))).item()
+            if n_global == 0:
+                raise NanoError(f"step {step + 1}: the batch has no label tokens to learn from; check the data")
+            loss_value, extras = _forward_backward(wrapped, micro, loss_fn, config, dist, n_global)
+        except torch.OutOfMemoryError as e:
+            e.nano_step = step + 1
+            raise
         grad_norm = clip_gradients(wrapped, config.optim.grad_clip)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if not finite:
-            where = f"step {step} (loss {loss_value}, grad norm {grad_norm})"
-            if config.on_nan == "stop":
-                raise NonFiniteError(f"non-finite loss or gradient at {where}; lower the LR, check the data, "
-                                     "or pass --on-nan skip; the last checkpoint is intact")
-            result.skipped_steps.append(step)
+            _non_finite(wrapped, config, dist, step, total, loss_value, grad_norm, where_fn, status)
+            result.skipped_steps.append(step + 1)
         step += 1
         dt = time.perf_counter() - t0
         result.step, result.last_loss = step, loss_value
@@ -154,6 +151,8 @@ def run_loop(wrapped: nn.Module, optimizer: torch.optim.Optimizer, config: LoopC
             metrics["mfu"] = n_global * config.flops_per_token / dt / (config.peak_flops * dist.world)
         if not finite:
             metrics["skipped"] = True
+            if where_fn is not None:
+                metrics["data"] = where_fn(step - 1)
         stopping = _agree(dist, stop is not None and stop.requested)
         if eval_fn is not None and step < total and config.eval_every and step % config.eval_every == 0:
             metrics.update(_evaluate(wrapped, eval_fn, config, dist))
@@ -173,6 +172,43 @@ def run_loop(wrapped: nn.Module, optimizer: torch.optim.Optimizer, config: LoopC
         result.checkpoint = save_fn(step, True)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _forward_backward(wrapped: nn.Module, micro: list[dict], loss_fn, config: LoopConfig, dist: Dist,
+                      n_global: float) -> tuple[float, dict]:
+    """Gradients of the global-batch mean loss, accumulated over the micro-batches; (mean loss, extras)."""
+    scale = dist.world / n_global  # DDP averages over ranks: world / n_global makes it the global mean
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    extras: dict = {}
+    for i, batch in enumerate(micro):
+        with no_sync(wrapped, i == len(micro) - 1), autocast(config.precision, dist.device):
+            loss, _, extra = loss_fn(wrapped, batch)
+        (loss * scale).backward()
+        loss_sum += loss.detach().double().cpu()
+        for k, v in extra.items():
+            extras[k] = extras.get(k, 0.0) + float(v)
+    return dist.all_reduce_sum(loss_sum).item() / n_global, extras
+
+
+def _non_finite(wrapped: nn.Module, config: LoopConfig, dist: Dist, step: int, total: int, loss: float,
+                grad_norm: float, where_fn: Callable[[int], str] | None, status: Callable[[str], None] | None) -> None:
+    """Report a step whose loss or gradient is NaN/Inf (its update is already dropped): stop, or skip it.
+
+    Skipping cannot help when the weights themselves are no longer finite: that stops either way."""
+    what = "loss" if not math.isfinite(loss) else "gradient"
+    data = f"; data: {where_fn(step) if where_fn is not None else f'batch {step} of the run (0-based)'}"
+    where = f"step {step + 1} of {total} (loss {loss}, grad norm {grad_norm}{data})"
+    bad = next((n for n, p in wrapped.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if _agree(dist, bad is not None):  # FSDP: a shard on any rank
+        name = bad or "(on another rank)"
+        raise NonFiniteError(f"non-finite {what} at {where}: the weight {name} itself holds NaN/Inf, skipping cannot "
+                             "recover; resume from an earlier checkpoint or check the input model")
+    if config.on_nan == "stop":
+        raise NonFiniteError(f"non-finite {what} at {where}; lower the LR, check that data, or pass --on-nan "
+                             "skip; the last checkpoint is intact")
+    log.warning("skipped %s", where)
+    if status is not None:
+        status(f"skipped {where}: non-finite {what}, no update (--on-nan skip)")
 
 
 def _agree(dist: Dist, flag: bool) -> bool:
@@ -208,8 +244,14 @@ class MetricsLog:
             self.path.unlink()
 
     def write(self, metrics: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+        except OSError as e:
+            from .checkpoints import write_failure
+
+            reason = write_failure(e, self.path.parent) or str(e)
+            raise NanoError(f"cannot append to {self.path}: {reason}; the last checkpoint is intact") from None
 
     def read(self) -> list[dict]:
         if not self.path.exists():

@@ -126,12 +126,28 @@ class Checkpointer:
                  "rng_per_rank": rng, "world": self.dist.world, **self.extra(step)}
         path = self.out / (ckpt.FINAL if final else ckpt.checkpoint_name(step))
         model = savable(self.model, self.wrapped, self.dist)
+        failure = None
         if self.dist.main:
-            ckpt.save_checkpoint(path, model, state, self.hparams, self.files)
-            ckpt.rotate(self.out, self.keep_last)
-            self.status(f"saved {path}")
-        self.dist.barrier()
+            try:
+                ckpt.save_checkpoint(path, model, state, self.hparams, self.files)
+            except ckpt.CheckpointWriteError as e:
+                failure = f"{e}; {self._last_good()}"
+                if not self.dist.initialized:
+                    raise ckpt.CheckpointWriteError(failure) from None
+            else:
+                ckpt.rotate(self.out, self.keep_last)
+                self.status(f"saved {path}")
+        failure = self.dist.broadcast_object(failure)  # every rank stops together (and waits for rank 0 here)
+        if failure is not None:
+            raise ckpt.CheckpointWriteError(failure)
         return path
+
+    def _last_good(self) -> str:
+        done = ckpt.list_checkpoints(self.out)
+        if not done:
+            return "no earlier checkpoint of this run exists"
+        step, path = done[-1]
+        return f"the last complete checkpoint, {path} (step {step}), is intact: --resume auto continues from it"
 
 
 class Recorder:
