@@ -735,7 +735,7 @@ GENERATE_FLAGS = [
     ("--max-new-tokens", WORK, lambda v: v >= 1), ("--temperature", FLOATS, lambda v: v >= 0),
     ("--top-k", NUMBERS, lambda v: v >= 0), ("--top-p", FLOATS, lambda v: 0 < v <= 1),
     ("--min-p", FLOATS, lambda v: 0 <= v <= 1), ("--repetition-penalty", FLOATS, lambda v: v > 0),
-    ("--prefill-chunk", NUMBERS, lambda v: v >= 1), ("--max-context", NUMBERS, lambda v: v >= 0),  # 0: today the default
+    ("--prefill-chunk", NUMBERS, lambda v: v >= 1), ("--max-context", NUMBERS, lambda v: v >= 1),
     ("--thinking-budget", NUMBERS, lambda v: v >= 0), ("--thinking-grace", NUMBERS, lambda v: v >= 0),
     ("--seed", st.integers(-2**63, 2**64 - 1), lambda v: True),
 ]
@@ -748,7 +748,7 @@ FIT_FLAGS = [("--context", NUMBERS | st.sampled_from(["128k", "1m", "-4k", "k", 
              ("--ssm-cache-dtype", st.sampled_from(["fp32", "bf16", "fp64", ""]), lambda v: True),
              ("--attention", st.sampled_from(["flash", "eager", "sdpa"]), lambda v: True)]
 PRETRAIN_FLAGS = [("--steps", NUMBERS, lambda v: v >= 1), ("--seq-len", NUMBERS, lambda v: 1 <= v <= 4096),
-                  ("--global-batch", NUMBERS, lambda v: v >= 1), ("--micro-batch", NUMBERS, lambda v: v >= 0),  # 0: today the default
+                  ("--global-batch", NUMBERS, lambda v: v >= 1), ("--micro-batch", NUMBERS, lambda v: v >= 1),
                   ("--lr", FLOATS, lambda v: v > 0 and math.isfinite(v)), ("--warmup", FLOATS, lambda v: v >= 0),
                   ("--decay", FLOATS, lambda v: v >= 0), ("--grad-clip", FLOATS, lambda v: v >= 0),
                   ("--weight-decay", FLOATS, lambda v: v >= 0), ("--tokens", NUMBERS, lambda v: v >= 1),
@@ -768,16 +768,19 @@ EVAL_FLAGS = [("--problems", SMALL, lambda v: v >= 0), ("--batch", NUMBERS, lamb
 # Values that reach no NanoError today, in stage files this suite does not own (reported in issue #10):
 # the fuzz skips them; test_known_cli_gaps_are_still_open fails (XPASS) once one is fixed, so the list
 # shrinks with the fixes instead of hiding them.
-KNOWN_GAPS = {
-    ("generate", "--thinking-grace"): -1,  # accepted (stages/generate.py)
-    ("generate", "--seed"): 2**64,  # ValueError: Overflow when unpacking long long (generation.py)
-    ("pretrain", "--micro-batch"): -1,  # accepted (stages/pretrain.py resolve)
-    ("pretrain", "--warmup"): math.nan,  # ValueError: cannot convert float NaN to integer (schedule)
-    ("pretrain", "--decay"): math.nan,  # same
-    ("pretrain", "--grad-clip"): -1.0,  # accepted, also NaN
-    ("pretrain", "--weight-decay"): -1.0,  # accepted, also NaN
-    ("pretrain", "--save-every"): -1,  # accepted
-    ("pretrain", "--eval-every"): -1,  # accepted
+KNOWN_GAPS: dict = {}  # open input-validation gaps: invalid values of these flags are not drawn below
+FIXED_GAPS = {  # gaps the fuzzing found, now one-line errors: pinned here so they stay closed
+    ("generate", "--thinking-grace"): -1,
+    ("generate", "--seed"): 2**64,
+    ("pretrain", "--micro-batch"): -1,
+    ("pretrain", "--warmup"): math.nan,
+    ("pretrain", "--decay"): math.nan,
+    ("pretrain", "--grad-clip"): -1.0,
+    ("pretrain", "--weight-decay"): -1.0,
+    ("pretrain", "--save-every"): -1,
+    ("pretrain", "--eval-every"): -1,
+    ("align", "--seq-len"): 10**12,
+    ("generate", "--max-context"): 0,
 }
 
 
@@ -826,10 +829,9 @@ def _cli_case(draw, model_dir: Path, root: Path) -> tuple[list[str], bool, list[
     return _cli_args(command, flag, value, model_dir, root), ok, _names(flag)
 
 
-@pytest.mark.xfail(strict=True, reason="open input-validation gaps in stage files (issue #10 report)")
-@pytest.mark.parametrize("command, flag", sorted(KNOWN_GAPS))
-def test_known_cli_gaps_are_still_open(model_dir, tmp_path, command, flag):
-    code, stderr = run_main(*_cli_args(command, flag, KNOWN_GAPS[command, flag], model_dir, tmp_path))
+@pytest.mark.parametrize("command, flag", sorted(FIXED_GAPS))
+def test_fixed_cli_gaps_stay_closed(model_dir, tmp_path, command, flag):
+    code, stderr = run_main(*_cli_args(command, flag, FIXED_GAPS[command, flag], model_dir, tmp_path))
     assert_one_line_error(code, stderr, _names(flag))
 
 
@@ -873,8 +875,7 @@ def test_generate_input_jsonl_is_read_or_refused_by_line(model_dir, lines):
             assert snapshot(root) == before, "a failed run wrote a file"
 
 
-@pytest.mark.xfail(strict=True, reason="stages/generate.py read_jsonl: RecursionError escapes (issue #10 report)")
-def test_known_gap_generate_input_deeply_nested_line(model_dir, tmp_path):
+def test_generate_input_deeply_nested_line_is_one_line(model_dir, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_bytes(DEEP)
     code, stderr = run_main("generate", "--model", str(model_dir), "--device", "cpu", "--input", str(path))

@@ -216,6 +216,12 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
                               seed=options.seed, max_new_tokens=max_new, ignore_eos=options.ignore_eos,
                               eos_ids=set() if options.ignore_eos else set(loaded.tokenizer.eos_ids))
 
+    if options.max_context is not None and options.max_context < 1:
+        raise GenerateError(f"--max-context must be at least 1 token, got {options.max_context}")
+    if options.thinking_grace < 0:
+        raise GenerateError(f"--thinking-grace must be >= 0 tokens, got {options.thinking_grace}")
+    if options.seed is not None and not -2**63 <= options.seed < 2**64:  # torch.Generator's range
+        raise GenerateError(f"--seed must be an integer in -2^63..2^64-1, got {options.seed}")
     loaded = loaded or load(options)
     tok, model = loaded.tokenizer, loaded.model
     sampling(options.max_new_tokens or 1)
@@ -332,6 +338,8 @@ def read_jsonl(path: Path) -> list[str | list[dict]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise GenerateError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise GenerateError(f"{path}:{n}: JSON nested too deeply; fix or remove the line") from None
         if isinstance(row, dict) and isinstance(row.get("prompt"), str):
             prompts.append(row["prompt"])
         elif isinstance(row, dict) and isinstance(row.get("messages"), list):

@@ -188,8 +188,9 @@ def resolve(o: PretrainOptions, world: int | None = None) -> Resolved:
                             f"({config.max_position_embeddings}); lower it or pass --max-position-embeddings")
     if not 0 <= o.heldout_fraction < 0.5:
         raise PretrainError(f"--heldout-fraction must be in [0, 0.5), got {o.heldout_fraction}")
+    _check_numbers(o)
     world = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    micro = o.micro_batch or max(o.global_batch // world, 1)
+    micro = o.micro_batch if o.micro_batch is not None else max(o.global_batch // world, 1)
     if o.global_batch % (world * micro):
         raise PretrainError(f"--global-batch {o.global_batch} is not a multiple of processes ({world}) x "
                             f"--micro-batch ({micro}); adjust one of them")
@@ -210,6 +211,23 @@ def _check_choices(o: PretrainOptions) -> None:
         if getattr(o, name) not in allowed:
             raise PretrainError(f"--{name.replace('_', '-')} {getattr(o, name)!r} is unknown; "
                                 f"use one of {', '.join(allowed)}")
+
+
+def _check_numbers(o: PretrainOptions) -> None:
+    """Counts that may be 0 but not negative, rates that must be finite (NaN fails every comparison)."""
+    for name in ("save_every", "eval_every"):
+        if getattr(o, name) < 0:
+            raise PretrainError(f"--{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(o, name)}")
+    if o.micro_batch is not None and o.micro_batch < 1:  # 0 too: it does not mean "the default"
+        raise PretrainError(f"--micro-batch must be at least 1, got {o.micro_batch}")
+    for name in ("grad_clip", "weight_decay", "warmup", "decay"):
+        value = getattr(o, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise PretrainError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise PretrainError(f"--lr must be a finite number > 0, got {o.lr}")
+    if o.min_lr is not None and not (math.isfinite(o.min_lr) and 0 <= o.min_lr <= o.lr):
+        raise PretrainError(f"--min-lr must be finite, >= 0 and at most --lr, got {o.min_lr}")
 
 
 def _model_config(o: PretrainOptions):
