@@ -244,15 +244,6 @@ def _positive(value: int | None, flag: str) -> None:
         raise BenchError(f"{flag}: must be a whole number >= 1, got {value!r}")
 
 
-def check_plot_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise BenchError(f"--plot {path}: give a .png file name")
-    if not path.parent.is_dir():
-        raise BenchError(f"--plot {path}: folder {path.parent} does not exist")
-    return path
-
-
 # -------------------------------------------------------------------------------------- the twin
 def _attention_shape(c: NanoConfig) -> dict[str, int]:
     """The hybrid's own attention shape; for a model without attention, a GQA shape for its width."""
@@ -340,7 +331,9 @@ def resolve(o: BenchOptions) -> _Plan:
     batch = parse_batch(o.batch)
     lengths = parse_lengths(o.lengths) if o.lengths is not None else None
     if o.plot is not None:
-        check_plot_path(o.plot)
+        from .plot import checked_png
+
+        checked_png(o.plot)  # a bad path fails before the work
     config, name, source, path = _resolve_model(o.model)
 
     import torch

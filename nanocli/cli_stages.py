@@ -51,9 +51,9 @@ def eval_command(
     if out is not None and not out.parent.is_dir():
         raise ev.EvalError(f"--out {out}: folder {out.parent} does not exist")
     if plot is not None:
-        from .plot import _checked_png
+        from .plot import checked_png
 
-        _checked_png(plot)  # a bad path fails before the work, not after
+        checked_png(plot)  # a bad path fails before the work, not after
     with ui.console().status("evaluating") as spinner:
         result = ev.run(options, ev.Hooks(status=lambda msg: spinner.update(msg)))
     record = result.as_dict()

@@ -31,19 +31,9 @@ def _tick_label(n: int) -> str:
 
 def plot_fit(r: FitCheckResult, path: str | Path) -> Path:
     """Draw the model's memory vs context (hybrid and all-attention) against the GPU budget; save a PNG."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise PlotError(f"--plot {path}: give a .png file name")
-    if not path.parent.is_dir():
-        raise PlotError(f"--plot {path}: folder {path.parent} does not exist")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FixedLocator, NullLocator
-    except ImportError:
-        raise PlotError("--plot needs matplotlib (pip install 'matplotlib>=3.7')") from None
+    path = checked_png(path)
+    plt = _pyplot()
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     c, e = r.model.config, r.estimate
     kw = dict(batch=e.batch, dtype=e.dtype, ssm_cache_dtype=e.ssm_dtype, prefill_chunk=r.prefill_chunk,
@@ -90,14 +80,7 @@ def plot_fit(r: FitCheckResult, path: str | Path) -> Path:
                  f"prefill chunk {r.prefill_chunk:,})", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8, framealpha=0.95)
-    fig.tight_layout()
-    try:
-        fig.savefig(path)
-    except OSError as err:
-        raise PlotError(f"--plot {path}: cannot write ({err.strerror or err})") from None
-    finally:
-        plt.close(fig)
-    return path
+    return _save(fig, plt, path)
 
 
 def _pyplot():
@@ -111,7 +94,7 @@ def _pyplot():
     return plt
 
 
-def _checked_png(path: str | Path) -> Path:
+def checked_png(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise PlotError(f"--plot {path}: give a .png file name")
@@ -121,18 +104,24 @@ def _checked_png(path: str | Path) -> Path:
 
 
 def _save(fig, plt, path: Path) -> Path:
+    """Lay out, write to a temporary name and rename (a reader never sees half a PNG); close the figure."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise PlotError(f"--plot {path}: cannot write ({err.strerror or err})") from None
+    finally:
+        plt.close(fig)
     return path
 
 
 def plot_budget_sweep(result: dict, path: str | Path) -> Path:
     """``nano eval --plot``: held-out accuracy vs thinking budget (the report's curve), with the unbudgeted
     reasoning-on and reasoning-off accuracies as reference lines. ``result`` is ``EvalResult.as_dict()``."""
-    path = _checked_png(path)
+    path = checked_png(path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     sweep, acc = result["budget_sweep"], result["accuracy"]
@@ -247,11 +236,4 @@ def plot_bench(r, path: str | Path) -> Path:
     ax2.set_title("time per output token as the context grows", fontsize=10)
     fig.suptitle(f"nano bench: {h.name} vs a pure-attention model of the same width and size "
                  f"({r.device}, {r.dtype}, {r.threads} thread(s))", fontsize=10.5)
-    fig.tight_layout()
-    try:
-        fig.savefig(path)
-    except OSError as err:
-        raise PlotError(f"--plot {path}: cannot write ({err.strerror or err})") from None
-    finally:
-        plt.close(fig)
-    return path
+    return _save(fig, plt, path)
