@@ -247,7 +247,7 @@ def _status(res, resumed: bool) -> str:
 def _pretrain(section: Section, out: Path, done: dict, bar):
     from .stages import pretrain as pt
 
-    resumed = (out / "checkpoint-1").exists() or any(out.glob("checkpoint-*"))
+    resumed = any(out.glob("checkpoint-*"))
     res = pt.run(pt.PretrainOptions(**section.settings, out=str(out), resume="auto"), _progress(bar, pt.Hooks))
     _check_finished(res, section.name)
     return _status(res, resumed), out / "final", res
