@@ -175,7 +175,14 @@ def rotate(out: Path, keep: int) -> list[Path]:
     removed = []
     ckpts = [p for _, p in list_checkpoints(out) if p.name != FINAL]
     for p in ckpts[: max(len(ckpts) - keep, 0)]:
-        shutil.rmtree(p, ignore_errors=True)
+        # renamed away first (atomic), then deleted: a kill mid-delete leaves a stale .old- dir swept below,
+        # never a half-deleted directory that still looks like a checkpoint
+        trash = p.with_name(f".{p.name}.old-{os.getpid()}")
+        try:
+            p.rename(trash)
+        except OSError:
+            trash = p
+        shutil.rmtree(trash, ignore_errors=True)
         removed.append(p)
     for pattern in (f".{PREFIX}*.tmp-*", f".{PREFIX}*.state-*", f".{PREFIX}*.old-*", f".{FINAL}.*-*"):
         for stale in Path(out).glob(pattern):  # left by a write that was killed
