@@ -205,6 +205,9 @@ def _run(o: AlignOptions, dist, hooks: Hooks) -> AlignResult:
         result.dry_run = True
         return result
     out = Path(o.out)
+    # creates OUT; OUT/.nano.lock held until the run ends (taken before the already-done check, as pretrain's,
+    # so a run killed after its final checkpoint leaves no stale lock behind a rerun that has nothing to do)
+    dist.lock_dir(out, "nano align", hooks.status)
     resume_from = dist.broadcast_object(session.resume_point(out, o.resume, AlignError) if dist.main else None)
     state = ckpt.load_trainer_state(resume_from) if resume_from is not None else None
     if state is not None:
@@ -213,7 +216,6 @@ def _run(o: AlignOptions, dist, hooks: Hooks) -> AlignResult:
     if start >= steps:
         result.already_done, result.final, result.steps_done = True, resume_from, start
         return result
-    dist.lock_dir(out, "nano align", hooks.status)  # creates OUT; OUT/.nano.lock held until the run ends
     dist.barrier()
     torch.manual_seed(o.seed)
     model = session.own_memory(load_pretrained(resume_from or o.model, dtype="fp32")).to(dist.device).train()
