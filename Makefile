@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # The reliability soak (docs/RELIABILITY.md): ~10x the fuzz cases of CI with fresh random draws, and 8 kill
-# chains per stage with 3 SIGKILLs each (about 15 minutes on 2 cores).
+# chains per stage with 3 SIGKILLs each (about 25 minutes on 2 cores).
 soak: install
 	NANO_FUZZ_SCALE=10 $(BIN)/python -m pytest -q tests/test_fuzz_inputs.py
 	NANO_KILL_TRIALS=8 NANO_KILLS_PER_TRIAL=3 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -s tests/test_interrupt.py
