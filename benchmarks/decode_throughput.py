@@ -20,6 +20,7 @@ whole KV cache every token).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -32,12 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_throughput import build_pair, load_profile  # noqa: E402
 
 from nanocli_model import NanoForCausalLM  # noqa: E402
+from nanocli_model.decode import CompiledDecode, _huge_page_arena  # noqa: E402
 from nanocli_model.layers import Attention, Mamba2Mixer  # noqa: E402
 
 
+def _huge(numel: int) -> torch.Tensor:
+    """float32 random numbers on 2 MiB pages, as nano's decode keeps its weights (the fastest this machine reads)."""
+    t = _huge_page_arena(numel * 4).view(torch.float32)
+    return t.copy_(torch.randn(numel))
+
+
 def gemv_bandwidth_gbs(rows: int = 4096, cols: int = 16384, reps: int = 15) -> float:
-    """Best-of fp32 ``W @ x`` rate in GB/s of W streamed (W much larger than the caches)."""
-    W, x = torch.randn(rows, cols), torch.randn(cols)
+    """Best-of fp32 ``W @ x`` rate in GB/s of W streamed (W much larger than the caches, on huge pages)."""
+    W, x = _huge(rows * cols).view(rows, cols), torch.randn(cols)
     W @ x
     best = float("inf")
     for _ in range(reps):
@@ -45,6 +53,18 @@ def gemv_bandwidth_gbs(rows: int = 4096, cols: int = 16384, reps: int = 15) -> f
         W @ x
         best = min(best, time.perf_counter() - t)
     return W.numel() * 4 / best / 1e9
+
+
+def read_bandwidth_gbs(numel: int = 64 << 20, reps: int = 15) -> float:
+    """Best-of fp32 streaming-read rate in GB/s: ``a.sum()`` over 256 MB on huge pages (no matrix shape)."""
+    a = _huge(numel)
+    a.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return numel * 4 / best / 1e9
 
 
 def weight_bytes_per_token(model: NanoForCausalLM) -> int:
@@ -59,15 +79,33 @@ def weight_bytes_per_token(model: NanoForCausalLM) -> int:
     return total
 
 
-def nano_decoder(model, prompt: torch.Tensor, gen: int):
+def nano_decoder(model, prompt: torch.Tensor, gen: int, step=None):
+    """``step`` (default: the model itself) runs the decode steps: a ``CompiledDecode`` for the compiled row."""
+    step = step or model
+
     def run() -> float:
         cache = model.allocate_cache(prompt.shape[0], prompt.shape[1] + gen)
         tok = model(prompt, cache, logits_to_keep=1)[:, -1].argmax(-1)
         t = time.perf_counter()
         for _ in range(gen - 1):
-            tok = model(tok[:, None], cache)[:, -1].argmax(-1)
+            tok = step(tok[:, None], cache)[:, -1].argmax(-1)
         return (time.perf_counter() - t) / (gen - 1)
     return run
+
+
+def compiled_copy(model):
+    """(copy of ``model``, its ``CompiledDecode``, seconds the first two steps took: the compiles)."""
+    twin = copy.deepcopy(model)  # its own weights: the compiled step keeps them row-major, eager decode does not
+    step = CompiledDecode(twin)
+    cache = twin.allocate_cache(1, 8)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        twin(torch.zeros(1, 1, dtype=torch.long), cache)
+        for _ in range(2):
+            step(torch.zeros(1, 1, dtype=torch.long), cache)
+    if step.fallback_reason:
+        raise SystemExit(f"compiled decode unavailable: {step.fallback_reason}")
+    return twin, step, time.perf_counter() - t
 
 
 def hf_decoder(hf, prompt: torch.Tensor, gen: int):
@@ -166,39 +204,49 @@ def main() -> None:
     ap.add_argument("--contexts", nargs="+", type=int, default=[256, 1024, 4096, 16384])
     ap.add_argument("--no-curve", action="store_true")
     ap.add_argument("--no-hf", action="store_true", help="time nano only")
+    ap.add_argument("--no-compile", action="store_true", help="time the eager nano decode only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    bw = gemv_bandwidth_gbs()
+    gemv_bw, read_bw = gemv_bandwidth_gbs(), read_bandwidth_gbs()
+    bw = max(gemv_bw, read_bw)
     print(f"threads={args.threads}  batch={args.batch}  fp32 GEMV bandwidth (4096x16384 W @ x, best of 15)="
-          f"{bw:.1f} GB/s  load average={os.getloadavg()[0]:.2f}  torch={torch.__version__}")
-    print("| profile | prompt | generate | nano tok/s | transformers tok/s | speed-up | weight MB/token "
-          "| streaming limit tok/s | nano % of limit | GEMVs-only tok/s | nano % of GEMVs-only |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"{gemv_bw:.1f} GB/s  streaming read (sum of 256 MB, best of 15)={read_bw:.1f} GB/s  "
+          f"load average={os.getloadavg()[0]:.2f}  torch={torch.__version__}")
+    print(f"streaming limit = {bw:.1f} GB/s (the higher of the two) / weight bytes per token")
+    print("| profile | prompt | generate | transformers tok/s | nano eager tok/s | vs transformers "
+          "| nano compiled tok/s | vs transformers | weight MB/token | streaming limit tok/s | eager % of limit "
+          "| compiled % of limit | MKL GEMVs-only % of limit | compile s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     pairs: dict[str, tuple] = {}
     for setting in args.settings:
         name, prompt_len, gen = setting.split(":")
         prompt_len, gen = int(prompt_len), int(gen)
         if name not in pairs:
-            pairs[name] = build_pair(load_profile(name))
-        nano, hf = pairs[name]
+            nano, hf = build_pair(load_profile(name))
+            compiled = (None, None, float("nan")) if args.no_compile else compiled_copy(nano)
+            pairs[name] = (nano, hf, *compiled)
+        nano, hf, twin, step, compile_s = pairs[name]
         prompt = torch.randint(0, nano.config.vocab_size, (args.batch, prompt_len),
                                generator=torch.Generator().manual_seed(0))
         runs = {"nano": nano_decoder(nano, prompt, gen)}
+        if step is not None:
+            runs["compiled"] = nano_decoder(twin, prompt, gen, step)
         if not args.no_hf:
             runs["hf"] = hf_decoder(hf, prompt, gen)
         med = alternate(runs, args.reps)  # the warm-up also puts nano's weights in their decode layout
         wbytes = weight_bytes_per_token(nano)
         limit = bw * 1e9 / wbytes
         gemv_limit = 1 / model_gemv_s(nano)
-        nano_tps = args.batch / med["nano"]
-        hf_tps = args.batch / med["hf"] if "hf" in med else float("nan")
-        print(f"| {name} | {prompt_len} | {gen} | {nano_tps:.0f} | {hf_tps:.0f} | {nano_tps / hf_tps:.2f}x | "
-              f"{wbytes / 1e6:.1f} | {limit:.0f} | {100 / med['nano'] / limit:.0f}% | {gemv_limit:.0f} | "
-              f"{100 / med['nano'] / gemv_limit:.0f}% |", flush=True)
+        tps = {k: args.batch / v for k, v in med.items()}
+        hf_tps, nano_tps, comp_tps = tps.get("hf", float("nan")), tps["nano"], tps.get("compiled", float("nan"))
+        print(f"| {name} | {prompt_len} | {gen} | {hf_tps:.0f} | {nano_tps:.0f} | {nano_tps / hf_tps:.2f}x | "
+              f"{comp_tps:.0f} | {comp_tps / hf_tps:.2f}x | {wbytes / 1e6:.1f} | {limit:.0f} | "
+              f"{100 * nano_tps / limit:.0f}% | {100 * comp_tps / limit:.0f}% | {100 * gemv_limit / limit:.0f}% | "
+              f"{compile_s:.0f} |", flush=True)
     if args.no_curve:
         return
     name = args.curve_profile
-    nano = pairs[name][0] if name in pairs else build_pair(load_profile(name))[0]
+    nano = pairs[name][0] if name in pairs else build_pair(load_profile(name))[0]  # the eager model
     print(f"\ncontext curve ({name}, batch 1): decode ms/token with the context already cached")
     print("| context | Mamba layers ms/token | attention layers ms/token | whole model ms/token |")
     print("|---:|---:|---:|---:|")

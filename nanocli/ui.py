@@ -400,7 +400,11 @@ def show_generation_stats(result) -> None:
     err.print(f"prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} tokens | "
               f"prefill {s.prefill_tokens_per_s:,.1f} tok/s, decode {s.decode_tokens_per_s:,.1f} tok/s | "
               f"peak memory {human_bytes(s.peak_memory_bytes)} ({s.peak_memory_source}) | "
-              f"{result.device} {result.dtype}", style="dim", markup=False)
+              f"{result.device} {result.dtype}"
+              + (f" | compiled decode (compile {s.compile_seconds:.1f} s)" if result.decode == "compiled" else ""),
+              style="dim", markup=False)
+    if result.decode.startswith("eager ("):  # --compile asked for, and it fell back
+        err.print(f"note: --compile: {result.decode[len('eager (compile failed: '):-1]}", markup=False)
 
 
 CHAT_HELP = "/think, /no_think, /budget N (or off), /reset, /exit; Ctrl-C stops an answer"

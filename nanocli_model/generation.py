@@ -235,11 +235,12 @@ class GenerationResult:
     prompt_tokens: int  # real prompt tokens, all rows (padding excluded)
     generated_tokens: int  # new tokens, all rows
     prefill_seconds: float  # prompt forward passes + the first token of every row
-    decode_seconds: float  # every later step
+    decode_seconds: float  # every later step, less the time a compiled decode step spent compiling
     decode_tokens: int  # tokens produced by the decode steps (generated_tokens minus the first per row)
     peak_memory_bytes: int
     peak_memory_source: str  # "cuda max_memory_allocated" | "process peak RSS"
     seed: int  # the sampling seed used
+    compile_seconds: float = 0.0  # decode steps that compiled (``decode.CompiledDecode``), not in decode_seconds
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -257,14 +258,15 @@ OnToken = Callable[[int, int, bool], "bool | None"]  # (row, token_id, forced) -
 def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, *,
              cache: HybridCache | None = None, prefill_chunk: int = 2048, thinking: ThinkingBudget | None = None,
              stop_sequences: list[list[int]] | None = None, max_context: int | None = None,
-             on_token: OnToken | None = None) -> GenerationResult:
+             on_token: OnToken | None = None, decode_step: Callable | None = None) -> GenerationResult:
     """Generate up to ``params.max_new_tokens`` tokens after each prompt (token ids), batched.
 
     ``cache``: a ``HybridCache`` to reuse (reset here; its batch must match and its max_len suffice),
     else one is allocated. ``max_context`` (default: the model's ``max_position_embeddings``) bounds
     longest prompt + max_new_tokens. ``stop_sequences``: id sequences that end a row when its output
     ends with one. ``on_token(row, token_id, forced)`` streams every new token as it is produced; returning True
-    ends that row (finish "stop"), e.g. on a stop string the caller matches in text.
+    ends that row (finish "stop"), e.g. on a stop string the caller matches in text. ``decode_step(ids (b, 1),
+    cache) -> logits`` runs the one-token steps (default: the model; ``decode.CompiledDecode`` compiles them).
     """
     params.validate()
     stop_sequences = [list(s) for s in stop_sequences or [] if s]
@@ -281,6 +283,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     seed = generator.manual_seed(params.seed).initial_seed() if params.seed is not None else generator.seed()
     _reset_peak_memory(device)
 
+    step = decode_step or model
+    compiling = getattr(step, "compile_seconds", 0.0)
     with torch.inference_mode():
         t0 = _now(device)
         logits = _prefill(model, ids, mask, int(pad.max()), cache, prefill_chunk)  # (b, V)
@@ -290,7 +294,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
         t1 = None
         for t in range(params.max_new_tokens):
             if t > 0:
-                logits = model(out[:, t - 1:t], cache)[:, -1]  # (b, V)
+                logits = step(out[:, t - 1:t], cache)[:, -1]  # (b, V)
             loop.step(out[:, t], sample(logits, params, generator, seen), seen)
             if t == 0:
                 t1 = _now(device)
@@ -305,9 +309,10 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
             c.thinking_tokens, c.budget_forced, c.answer_start = state.tokens, state.forced_end, state.answer_start
     generated = sum(len(c.token_ids) for c in completions)
     peak, source = _peak_memory(device)
+    compiling = getattr(step, "compile_seconds", 0.0) - compiling
     return GenerationResult(completions, int(mask.sum()), generated, prefill_seconds=t1 - t0,
-                            decode_seconds=t2 - t1, decode_tokens=generated - b, peak_memory_bytes=peak,
-                            peak_memory_source=source, seed=seed)
+                            decode_seconds=t2 - t1 - compiling, decode_tokens=generated - b, peak_memory_bytes=peak,
+                            peak_memory_source=source, seed=seed, compile_seconds=compiling)
 
 
 class _DecodeLoop:

@@ -123,6 +123,19 @@ class GatedGroupRMSNorm(nn.Module):
         return g.view(b, T, inner).mul_(w)  # (b, T, I) float32
 
 
+def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``, except inside a compiled CPU decode step (``decode.CompiledDecode``), where one-token
+    rows are written as a row-wise dot product, ``(x[..., None, :] * W).sum(-1)``: inductor lowers that to
+    one vectorised loop streaming W row by row, which on this CPU reads the model's (tall and square)
+    matrices 1.2-2x faster than MKL's GEMV (docs/BENCHMARKS.md). Eager code and prefill take ``linear(x)``.
+    """
+    if (x.shape[-2] == 1 and x.device.type == "cpu" and type(linear) is nn.Linear
+            and torch.compiler.is_compiling()):
+        y = (x.unsqueeze(-2) * linear.weight).sum(-1)  # (..., 1, out)
+        return y if linear.bias is None else y + linear.bias
+    return linear(x)
+
+
 class _ReluSquared(torch.autograd.Function):
     """relu(u)^2 with one saved tensor and a one-pass backward: d/du = 2 relu(u)."""
 
@@ -147,10 +160,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor, cache=None, start: int = 0, pad: torch.Tensor | None = None) -> torch.Tensor:
-        u = self.up_proj(x)
+        u = project(self.up_proj, x)
         if torch.is_grad_enabled():
             return self.down_proj(_ReluSquared.apply(u))
-        return self.down_proj(u.relu_().square_())  # same math, no extra buffers at inference
+        return project(self.down_proj, u.relu_().square_())  # same math, no extra buffers at inference
 
 
 def padded_causal_mask(pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
@@ -288,13 +301,13 @@ class Attention(nn.Module):
         as R query rows of that head, so SDPA runs on (b, kv, R, d) queries against (b, kv, L, d) keys.
         """
         b, d = x.shape[0], self.head_dim
-        q = self.q_proj(x).view(b, self.n_kv, self.n_heads // self.n_kv, d)  # (b, kv, R, d): head kv*R + r
-        cache.k.select(2, start).copy_(self.k_proj(x).view(b, self.n_kv, d))
-        cache.v.select(2, start).copy_(self.v_proj(x).view(b, self.n_kv, d))
+        q = project(self.q_proj, x).view(b, self.n_kv, self.n_heads // self.n_kv, d)  # (b, kv, R, d): head kv*R + r
+        cache.k.select(2, start).copy_(project(self.k_proj, x).view(b, self.n_kv, d))
+        cache.v.select(2, start).copy_(project(self.v_proj, x).view(b, self.n_kv, d))
         k, v = cache.k.narrow(2, 0, start + 1), cache.v.narrow(2, 0, start + 1)  # (b, kv, L, d) views
         mask = None if pad is None else padded_causal_mask(pad, start, 1)  # (b, 1, 1, L): padding is no key
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, kv, R, d)
-        return self.o_proj(out.reshape(b, 1, self.n_heads * d))
+        return project(self.o_proj, out.reshape(b, 1, self.n_heads * d))
 
 
 class Mamba2Mixer(nn.Module):
@@ -324,7 +337,7 @@ class Mamba2Mixer(nn.Module):
                 pad: torch.Tensor | None = None) -> torch.Tensor:
         b, T, _ = hidden.shape
         H, P, G, N, inner = self.H, self.P, self.G, self.N, self.inner
-        z, xBC, dt_raw = self.in_proj(hidden).split([inner, self.conv_dim, H], dim=-1)  # (b, T, .)
+        z, xBC, dt_raw = project(self.in_proj, hidden).split([inner, self.conv_dim, H], dim=-1)  # (b, T, .)
         # (b, T, 1) or None. A single token is never padding: a padded prompt ends with a real token, and
         # decode steps come after it (so the pad-length check, a host sync, is skipped on the decode path).
         real = None if T == 1 else padding_mask(pad, start, T)
@@ -346,7 +359,7 @@ class Mamba2Mixer(nn.Module):
             if cache is not None:
                 cache.ssm.copy_(final)
         y = self.norm(y.reshape(b, T, inner), z)  # (b, T, I) float32
-        return self.out_proj(y if y.dtype == hidden.dtype else y.to(hidden.dtype))
+        return project(self.out_proj, y if y.dtype == hidden.dtype else y.to(hidden.dtype))
 
 
 MIXERS = {"mamba": Mamba2Mixer, "attention": Attention, "mlp": MLP}

@@ -16,7 +16,7 @@ from torch import nn
 from .cache import HybridCache
 from .config import NanoConfig
 from .errors import CacheError
-from .layers import Block, Mamba2Mixer, RMSNorm
+from .layers import Block, Mamba2Mixer, RMSNorm, project
 from .losses import IGNORE_INDEX, linear_cross_entropy
 
 
@@ -96,7 +96,7 @@ class NanoForCausalLM(nn.Module):
             return head(h, self.lm_head.weight)
         if labels is not None:
             return self._loss(h, labels, ignore_index)
-        return self.lm_head(h).float()
+        return project(self.lm_head, h).float()
 
     def _loss(self, h: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of cross-entropies, count of labels != ignore_index) of the logits at ``h`` against ``labels``."""
@@ -107,23 +107,20 @@ class NanoForCausalLM(nn.Module):
                                reduction="sum")
         return loss, (labels != ignore_index).sum()
 
-    @torch.no_grad()
     def _use_decode_layout(self) -> None:
-        """Store each tall float32 CPU Linear weight (out > in) column-major: ``w.t().contiguous().t()``.
+        """Put the Linear weights in their eager-decode layout (``decode.relayout_linear_weights``): one
+        huge-page arena, tall float32 weights (out > in) column-major.
 
-        Same values, shape and parameter objects; only the memory order changes. A decode step is a chain of
+        Same values, shapes and parameter objects; only the memory changes. A decode step is a chain of
         matrix-vector products, and on CPU (MKL) a tall matrix with short rows streams about twice as fast
-        in this order (in_proj, up_proj, lm_head: most of the weight bytes; wide matrices are faster as
+        column-major (in_proj, up_proj, lm_head: most of the weight bytes; wide matrices are faster as
         they are). Prefill GEMMs run as fast either way. Done once, at the first cached single-token step;
         ``checkpoint.save_pretrained`` writes contiguous tensors as always.
         """
+        from .decode import relayout_linear_weights
+
         self._decode_layout_done = True
-        with torch.inference_mode(False):  # new parameter storage must stay usable for training
-            for module in self.modules():
-                w = getattr(module, "weight", None)
-                if (isinstance(module, nn.Linear) and w.device.type == "cpu" and w.dtype == torch.float32
-                        and w.shape[0] > w.shape[1] and w.is_contiguous()):
-                    w.data = w.detach().t().contiguous().t()  # (out, in) with strides (1, out)
+        relayout_linear_weights(self, column_major_tall=True)
 
     def allocate_cache(self, batch: int, max_len: int, ssm_dtype: torch.dtype | None = None) -> HybridCache:
         """A cache on this model's device, in its dtype (SSM state in ``mamba_ssm_cache_dtype``)."""

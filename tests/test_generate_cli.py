@@ -160,3 +160,14 @@ def test_truncate_left_keeps_the_end(capsys, monkeypatch, model_dir):
     d = gen_json(capsys, monkeypatch, model_dir, "x " * 300, "--greedy", "--max-new-tokens", "4",
                  "--max-context", "64", "--truncate", "left")
     assert len(d["outputs"][0]["prompt_ids"]) == 60
+
+
+def test_compile_gives_the_eager_tokens_and_says_so(capsys, monkeypatch, model_dir):
+    args = ("What is 2+2?", "--greedy", "--max-new-tokens", "12", "--ignore-eos")
+    eager = gen_json(capsys, monkeypatch, model_dir, *args)
+    compiled = gen_json(capsys, monkeypatch, model_dir, *args, "--compile")
+    assert compiled["outputs"][0]["generated_ids"] == eager["outputs"][0]["generated_ids"]
+    assert eager["decode"] == "eager" and eager["compile_seconds"] == 0
+    assert compiled["decode"] == "compiled" and compiled["compile_seconds"] > 0
+    code, out, err = run(capsys, monkeypatch, "-m", model_dir, *args, "--compile")
+    assert code == 0 and "compiled decode (compile" in " ".join(err.split())

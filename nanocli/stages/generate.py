@@ -50,6 +50,7 @@ class GenerateOptions:
     prefill_chunk: int = 2048
     max_context: int | None = None  # default: the model's max_position_embeddings
     truncate_left: bool = False  # cut an over-long prompt from the left instead of failing
+    compile: bool = False  # torch.compile the decode step (nanocli_model.decode.CompiledDecode)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class GenerateResult:
     stats: object  # nanocli_model.generation.GenerationResult (timings, peak memory)
     device: str
     dtype: str
+    decode: str = "eager"  # eager | compiled | eager (compile failed: why)
 
     def to_json(self) -> dict:
         s = self.stats
@@ -81,7 +83,8 @@ class GenerateResult:
             "prefill_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
             "prefill_tokens_per_s": s.prefill_tokens_per_s, "decode_tokens_per_s": s.decode_tokens_per_s,
             "peak_memory_bytes": s.peak_memory_bytes, "peak_memory_source": s.peak_memory_source,
-            "seed": s.seed, "device": self.device, "dtype": self.dtype,
+            "seed": s.seed, "device": self.device, "dtype": self.dtype, "decode": self.decode,
+            "compile_seconds": s.compile_seconds,
         }
 
 
@@ -92,6 +95,14 @@ class Loaded:
     tokenizer: object
     device: str
     dtype: str
+    decode_step: object = None  # a nanocli_model.decode.CompiledDecode with --compile, else None (the model)
+
+    @property
+    def decode(self) -> str:
+        if self.decode_step is None:
+            return "eager"
+        reason = self.decode_step.fallback_reason
+        return "compiled" if reason is None else f"eager (compile failed: {reason})"
 
 
 def load(options: GenerateOptions) -> Loaded:
@@ -123,7 +134,12 @@ def load(options: GenerateOptions) -> Loaded:
         raise GenerateError(f"CUDA out of memory loading the weights of {path} ({options.dtype} on {device}): "
                             f"use a smaller --dtype (bf16) or a larger GPU; `nano fit-check --model {path} "
                             "--gpu auto` predicts it") from None
-    return Loaded(model, tokenizer, device, str(model.dtype).replace("torch.", ""))
+    step = None
+    if options.compile:
+        from nanocli_model.decode import CompiledDecode
+
+        step = CompiledDecode(model)
+    return Loaded(model, tokenizer, device, str(model.dtype).replace("torch.", ""), step)
 
 
 # ---------------------------------------------------------------------------------------- prompts
@@ -285,7 +301,7 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
 
     try:
         stats = generate(model, ids, params, prefill_chunk=options.prefill_chunk, thinking=thinking,
-                         max_context=limit, on_token=on_token)
+                         max_context=limit, on_token=on_token, decode_step=loaded.decode_step)
     except torch.OutOfMemoryError:
         raise out_of_memory(options, len(ids), max(len(r) for r in ids) + max_new) from None
     outputs = []
@@ -296,7 +312,7 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
         reason = "stop" if stopped[i] else completion.finish_reason
         outputs.append(Output(ids[i], completion.token_ids, texts[i], thinking_text.strip("\n"), answer.strip(),
                               reason, completion.thinking_tokens, completion.budget_forced))
-    return GenerateResult(outputs, stats, loaded.device, loaded.dtype)
+    return GenerateResult(outputs, stats, loaded.device, loaded.dtype, loaded.decode)
 
 
 def out_of_memory(options: GenerateOptions, batch: int, context: int) -> GenerateError:

@@ -1,0 +1,125 @@
+"""The compiled decode step (``nano generate --compile``) and the huge-page weight arena.
+
+References: transformers' NemotronH ``generate``, a float64 eager model, ``F.linear`` in float64.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_utils import randomize, tiny_config
+from nanocli_model import NanoForCausalLM, load_pretrained, save_pretrained
+from nanocli_model import decode as D
+from nanocli_model.generation import SamplingParams, generate
+from nanocli_model.layers import project
+
+GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=20)
+PATTERN = dict(hybrid_override_pattern="M-M*-M*", n_groups=2, mamba_num_heads=8, num_attention_heads=4,
+               num_key_value_heads=2)
+
+
+def _model(seed=0, dtype=torch.float32):
+    m = NanoForCausalLM(tiny_config(**PATTERN)).eval()
+    randomize(m, seed)
+    return m.to(dtype)
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """(model, its CompiledDecode): one per module, so the suite compiles this shape once."""
+    m = _model(seed=5)
+    return m, D.CompiledDecode(m)
+
+
+def test_row_dot_projection_equals_linear_in_float64():
+    lin = torch.nn.Linear(24, 40, dtype=torch.float64)
+    x = torch.randn(3, 1, 24, dtype=torch.float64)
+    f = torch.compile(project, backend="aot_eager", fullgraph=True)  # traced: the row-dot form
+    assert torch.allclose(f(lin, x), F.linear(x, lin.weight, lin.bias), rtol=1e-12, atol=1e-12)
+    assert project(lin, x) is not None and torch.equal(project(lin, x), lin(x))  # eager: nn.Linear itself
+
+
+def test_compiled_greedy_equals_transformers_generate(tmp_path, compiled):
+    transformers = pytest.importorskip("transformers")
+    m, step = compiled
+    save_pretrained(m, tmp_path)
+    hf = transformers.NemotronHForCausalLM.from_pretrained(tmp_path).eval()
+    for prompt in _prompts([13, 4], seed=1):
+        ids = torch.tensor([prompt])
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                               eos_token_id=None)[0, len(prompt):].tolist()
+        got = generate(m, [prompt], GREEDY, decode_step=step)
+        assert got.completions[0].token_ids == expected
+    assert step.compiled and step.calls >= 38 and step.compile_seconds > 0
+
+
+def test_compiled_steps_match_a_float64_model_and_batches_left_padded(compiled):
+    m, step = compiled
+    ref = _model(seed=5, dtype=torch.float64)
+    prompts = _prompts([9, 3, 6], seed=2)
+    with torch.inference_mode():
+        for prompt in prompts[:1]:
+            cache, cache64 = m.allocate_cache(1, 30), ref.allocate_cache(1, 30)
+            m(torch.tensor([prompt]), cache)
+            ref(torch.tensor([prompt]), cache64)
+            for t in range(12):
+                tok = torch.tensor([[3 + 7 * t % 90]])
+                got, want = step(tok, cache), ref(tok, cache64)
+                assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+    batched = generate(m, prompts, GREEDY, decode_step=step)  # left padding through the compiled step
+    alone = [generate(m, [p], GREEDY).completions[0].token_ids for p in prompts]  # eager, one by one
+    assert [c.token_ids for c in batched.completions] == alone
+    assert step.fallback_reason is None
+
+
+def test_compile_failure_falls_back_to_eager_with_a_reason(monkeypatch):
+    def broken(model, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("InductorError: C++ compile error\nlong trace")
+        return call
+
+    monkeypatch.setattr(D.torch, "compile", broken)
+    m = _model(seed=6)
+    step = D.CompiledDecode(m)
+    prompt = _prompts([7], seed=6)
+    got = generate(m, prompt, GREEDY, decode_step=step)
+    assert got.completions[0].token_ids == generate(_model(seed=6), prompt, GREEDY).completions[0].token_ids
+    assert not step.compiled and step.fallback_reason.startswith("RuntimeError: InductorError: C++ compile error")
+    assert "\n" not in step.fallback_reason
+
+
+@pytest.mark.parametrize("column_major_tall", [False, True])
+def test_huge_page_arena_keeps_values_parameters_and_training(tmp_path, column_major_tall):
+    m = _model(seed=7)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    objects = {n: id(p) for n, p in m.named_parameters()}
+    D.relayout_linear_weights(m, column_major_tall=column_major_tall)
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    if sys.platform.startswith("linux"):
+        assert linears[0].weight.data_ptr() % D.HUGE_PAGE == 0  # the arena starts on a huge-page boundary
+    for mod in linears:
+        w = mod.weight
+        tall = w.shape[0] > w.shape[1]
+        assert w.stride() == ((1, w.shape[0]) if column_major_tall and tall else (w.shape[1], 1))
+    for n, p in m.named_parameters():
+        assert id(p) == objects[n] and torch.equal(p.detach(), before[n]), n
+    # still trainable, and checkpoints round-trip
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    loss, n = m(ids[:, :-1], labels=ids[:, 1:])
+    (loss / n).backward()
+    opt.step()
+    assert not torch.equal(m.lm_head.weight.detach(), before["lm_head.weight"])
+    save_pretrained(m, tmp_path)
+    back = load_pretrained(tmp_path)
+    for name, p in back.named_parameters():
+        assert torch.equal(p, dict(m.named_parameters())[name].detach()), name
