@@ -132,6 +132,22 @@ def alternate(runs: dict, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def compiled_ms(model, step, context: int, steps: int = 32, reps: int = 5) -> float:
+    """Whole-model decode ms/token of a ``CompiledDecode`` with ``context`` tokens in the cache (zeros)."""
+    cache = model.allocate_cache(1, context + steps + 1)
+    best = float("inf")
+    with torch.inference_mode():
+        for r in range(reps + 1):
+            cache.seq_len = context
+            tok = torch.zeros(1, dtype=torch.long)
+            t = time.perf_counter()
+            for _ in range(steps):
+                tok = step(tok[:, None], cache)[:, -1].argmax(-1)
+            if r:  # the first pass may compile for a new length
+                best = min(best, (time.perf_counter() - t) / steps)
+    return 1e3 * best
+
+
 def context_curve_ms(model, context: int, steps: int = 32, reps: int = 5) -> tuple[float, float, float]:
     """(Mamba mixers, attention mixers, whole model) decode ms/token with ``context`` tokens in the cache.
 
@@ -246,13 +262,18 @@ def main() -> None:
     if args.no_curve:
         return
     name = args.curve_profile
-    nano = pairs[name][0] if name in pairs else build_pair(load_profile(name))[0]  # the eager model
-    print(f"\ncontext curve ({name}, batch 1): decode ms/token with the context already cached")
-    print("| context | Mamba layers ms/token | attention layers ms/token | whole model ms/token |")
-    print("|---:|---:|---:|---:|")
+    if name not in pairs:
+        nano = build_pair(load_profile(name))[0]
+        pairs[name] = (nano, None, *((None, None, 0.0) if args.no_compile else compiled_copy(nano)))
+    nano, _, twin, step, _ = pairs[name]
+    print(f"\ncontext curve ({name}, batch 1): decode ms/token with the context already cached "
+          "(eager layer split through hooks)")
+    print("| context | Mamba layers ms/token | attention layers ms/token | whole model ms/token | compiled ms/token |")
+    print("|---:|---:|---:|---:|---:|")
     for ctx in args.contexts:
         m, a, w = context_curve_ms(nano, ctx)
-        print(f"| {ctx} | {m:.2f} | {a:.2f} | {w:.2f} |", flush=True)
+        c = compiled_ms(twin, step, ctx) if step is not None else float("nan")
+        print(f"| {ctx} | {m:.2f} | {a:.2f} | {w:.2f} | {c:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

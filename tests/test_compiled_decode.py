@@ -123,3 +123,17 @@ def test_huge_page_arena_keeps_values_parameters_and_training(tmp_path, column_m
     back = load_pretrained(tmp_path)
     for name, p in back.named_parameters():
         assert torch.equal(p, dict(m.named_parameters())[name].detach()), name
+
+
+def test_two_compiled_models_each_use_their_own_weights(compiled):
+    """Guards on the modules are skipped, and dynamo keys compiled code on ``forward``'s code object, which
+    every model shares: the weights must still come from the model being called."""
+    m, step = compiled
+    other = _model(seed=8)
+    other_step = D.CompiledDecode(other)
+    prompt = _prompts([5], seed=3)
+    for model, s in ((other, other_step), (m, step)):
+        got = generate(model, prompt, GREEDY, decode_step=s).completions[0].token_ids
+        assert got == generate(model, prompt, GREEDY).completions[0].token_ids
+    assert generate(m, prompt, GREEDY).completions[0].token_ids != \
+        generate(other, prompt, GREEDY).completions[0].token_ids
