@@ -1,20 +1,24 @@
-"""Single-token decode throughput: nano vs transformers' NemotronH, same weights, same threads, fp32.
+"""Single-token decode throughput: nano (eager and compiled) vs transformers' NemotronH, same weights,
+same threads, fp32.
 
     .venv/bin/python benchmarks/decode_throughput.py --threads 1
     .venv/bin/python benchmarks/decode_throughput.py --settings small:256:128 --reps 5 --no-curve
 
 Each run prefills the prompt through the model's own cache, then decodes greedily one token at a time
-(``model(tok[:, None], cache)`` for nano; ``hf(tok[:, None], cache=out.cache, use_cache=True)`` for
-transformers) and times the decode steps only. Runs alternate A B A B so machine noise hits both alike;
-the table gives medians. Decode on a CPU streams every weight once per token, so the table also gives
-the weight-streaming limit: this machine's fp32 matrix-vector bandwidth (measured here, same thread
-count) divided by the fp32 weight bytes a token reads (every matrix; the embedding table is a row
-lookup, so it counts unless it is tied to lm_head). "GEMVs-only" times the model's own matrix-vector
-products back to back (each weight once, in its decode layout, nothing in between): what the BLAS reaches
-on these shapes, so the last column is the share of a step that is not per-token overhead. With --batch
-the limit columns compare decode steps/s (a step reads the weights once for the whole batch). The curve
-shows decode ms/token at growing context: flat for the Mamba layers, growing for attention (it reads the
-whole KV cache every token).
+(``model(tok[:, None], cache)`` for nano eager; its ``CompiledDecode`` for nano compiled, on a copy of the
+same weights; ``hf(tok[:, None], cache=out.cache, use_cache=True)`` for transformers) and times the decode
+steps only. Runs alternate A B C A B C (the bandwidth probes too) so machine noise hits all alike; the
+table gives medians. The
+compile (the first two steps of the compiled copy) is timed apart, in the last column.
+
+Decode on a CPU streams every weight once per token, so the table also gives the weight-streaming limit:
+the fp32 weight bytes a token reads (every matrix; the embedding table is a row lookup, so it counts
+unless it is tied to lm_head) over this machine's bandwidth, measured here at the same thread count, on
+2 MiB pages as nano keeps its decode weights. Two bandwidths: MKL's fp32 GEMV on a 4096 x 16384 matrix
+(issue #3's "GEMV limit") and a plain streaming read (``sum`` of 256 MB), which on this CPU is faster
+than any GEMV measured here. With --batch the limit columns compare decode steps/s (a step reads the
+weights once for the whole batch). The curve shows decode ms/token at growing context: flat for the
+Mamba layers, growing for attention (it reads the whole KV cache every token).
 """
 
 from __future__ import annotations
@@ -43,28 +47,26 @@ def _huge(numel: int) -> torch.Tensor:
     return t.copy_(torch.randn(numel))
 
 
-def gemv_bandwidth_gbs(rows: int = 4096, cols: int = 16384, reps: int = 15) -> float:
-    """Best-of fp32 ``W @ x`` rate in GB/s of W streamed (W much larger than the caches, on huge pages)."""
-    W, x = _huge(rows * cols).view(rows, cols), torch.randn(cols)
-    W @ x
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        W @ x
-        best = min(best, time.perf_counter() - t)
-    return W.numel() * 4 / best / 1e9
+def bandwidth_runner(kind: str, burst: int = 5):
+    """A runner for ``alternate`` returning seconds per byte streamed (the best of a short burst): ``"gemv"``,
+    MKL's fp32 ``W @ x`` with a 4096 x 16384 W; ``"read"``, ``sum`` of 256 MB. Both far larger than the caches,
+    on huge pages. Timed between the decode runs, so the limit sees the same machine the decode does."""
+    if kind == "gemv":
+        W, x = _huge(4096 * 16384).view(4096, 16384), torch.randn(16384)
+        op, nbytes = (lambda: W @ x), W.numel() * 4
+    else:
+        a = _huge(64 << 20)
+        op, nbytes = a.sum, a.numel() * 4
+    op()
 
-
-def read_bandwidth_gbs(numel: int = 64 << 20, reps: int = 15) -> float:
-    """Best-of fp32 streaming-read rate in GB/s: ``a.sum()`` over 256 MB on huge pages (no matrix shape)."""
-    a = _huge(numel)
-    a.sum()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t)
-    return numel * 4 / best / 1e9
+    def run() -> float:
+        best = float("inf")
+        for _ in range(burst):
+            t = time.perf_counter()
+            op()
+            best = min(best, time.perf_counter() - t)
+        return best / nbytes
+    return run
 
 
 def weight_bytes_per_token(model: NanoForCausalLM) -> int:
@@ -194,21 +196,6 @@ def context_curve_ms(model, context: int, steps: int = 32, reps: int = 5) -> tup
     return 1e3 * best["mamba"], 1e3 * best["attention"], 1e3 * best["all"]
 
 
-def model_gemv_s(model, reps: int = 7) -> float:
-    """Seconds per token of the model's matrix-vector products alone (each Linear weight once, in order, in
-    the layout decode uses): what the BLAS reaches on these shapes, with no other work in between."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = [torch.randn(1, m.in_features) for m in linears]
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(reps):
-            t = time.perf_counter()
-            for m, x in zip(linears, xs):
-                torch.nn.functional.linear(x, m.weight)
-            best = min(best, time.perf_counter() - t)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="+", default=["small:256:128", "small:2048:512", "medium:256:128"],
@@ -223,16 +210,16 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="time the eager nano decode only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    gemv_bw, read_bw = gemv_bandwidth_gbs(), read_bandwidth_gbs()
-    bw = max(gemv_bw, read_bw)
-    print(f"threads={args.threads}  batch={args.batch}  fp32 GEMV bandwidth (4096x16384 W @ x, best of 15)="
-          f"{gemv_bw:.1f} GB/s  streaming read (sum of 256 MB, best of 15)={read_bw:.1f} GB/s  "
-          f"load average={os.getloadavg()[0]:.2f}  torch={torch.__version__}")
-    print(f"streaming limit = {bw:.1f} GB/s (the higher of the two) / weight bytes per token")
+    print(f"threads={args.threads}  batch={args.batch}  load average={os.getloadavg()[0]:.2f}  "
+          f"torch={torch.__version__}")
+    print("GEMV limit = GEMV bandwidth (MKL fp32 W @ x, W 4096 x 16384) / weight bytes per token: issue #3's limit; "
+          "read limit = the same with a plain streaming read (sum of 256 MB). Both measured between the decode "
+          "runs, huge pages, medians.")
     print("| profile | prompt | generate | transformers tok/s | nano eager tok/s | vs transformers "
-          "| nano compiled tok/s | vs transformers | weight MB/token | streaming limit tok/s | eager % of limit "
-          "| compiled % of limit | MKL GEMVs-only % of limit | compile s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| nano compiled tok/s | vs transformers | weight MB/token | GEMV GB/s | GEMV limit tok/s | eager % "
+          "| compiled % | read GB/s | compiled % of read limit | compile s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    bandwidth = {kind: bandwidth_runner(kind) for kind in ("gemv", "read")}
     pairs: dict[str, tuple] = {}
     for setting in args.settings:
         name, prompt_len, gen = setting.split(":")
@@ -249,16 +236,16 @@ def main() -> None:
             runs["compiled"] = nano_decoder(twin, prompt, gen, step)
         if not args.no_hf:
             runs["hf"] = hf_decoder(hf, prompt, gen)
-        med = alternate(runs, args.reps)  # the warm-up also puts nano's weights in their decode layout
+        med = alternate({**runs, **bandwidth}, args.reps)  # the warm-up also sets the eager decode layout
         wbytes = weight_bytes_per_token(nano)
-        limit = bw * 1e9 / wbytes
-        gemv_limit = 1 / model_gemv_s(nano)
+        gemv_bw, read_bw = 1e-9 / med.pop("gemv"), 1e-9 / med.pop("read")  # GB/s
+        limit, read_limit = gemv_bw * 1e9 / wbytes, read_bw * 1e9 / wbytes
         tps = {k: args.batch / v for k, v in med.items()}
         hf_tps, nano_tps, comp_tps = tps.get("hf", float("nan")), tps["nano"], tps.get("compiled", float("nan"))
         print(f"| {name} | {prompt_len} | {gen} | {hf_tps:.0f} | {nano_tps:.0f} | {nano_tps / hf_tps:.2f}x | "
-              f"{comp_tps:.0f} | {comp_tps / hf_tps:.2f}x | {wbytes / 1e6:.1f} | {limit:.0f} | "
-              f"{100 * nano_tps / limit:.0f}% | {100 * comp_tps / limit:.0f}% | {100 * gemv_limit / limit:.0f}% | "
-              f"{compile_s:.0f} |", flush=True)
+              f"{comp_tps:.0f} | {comp_tps / hf_tps:.2f}x | {wbytes / 1e6:.1f} | {gemv_bw:.1f} | {limit:.0f} | "
+              f"{100 * nano_tps / limit:.0f}% | {100 * comp_tps / limit:.0f}% | {read_bw:.1f} | "
+              f"{100 * comp_tps / read_limit:.0f}% | {compile_s:.0f} |", flush=True)
     if args.no_curve:
         return
     name = args.curve_profile

@@ -19,8 +19,10 @@ back to the eager model and says why in ``fallback_reason``.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import time
+import types
 
 import torch
 from torch import nn
@@ -47,7 +49,10 @@ class CompiledDecode:
         skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
         if skip is not None:  # the per-parameter guards cost ~0.15 ms a step; the weights never change here
             options["guard_filter_fn"] = skip
-        self._compiled = torch.compile(model, options=options or None)
+        # Dynamo keeps compiled code on the code object it traced. Without module guards, code compiled for one
+        # model would be taken by another of other shapes (``NanoForCausalLM.forward`` is shared), so each
+        # instance traces its own copy of ``_step``: its own cache, only ever called with its own model.
+        self._compiled = torch.compile(_own_copy(_step), options=options or None)
 
     @property
     def compiled(self) -> bool:
@@ -60,7 +65,7 @@ class CompiledDecode:
 
         before, frames, t = cache.seq_len, counters["frames"]["total"], time.perf_counter()
         try:
-            logits = self._compiled(input_ids, cache)
+            logits = self._compiled(self.model, input_ids, cache)
         except Exception as e:  # compile failures surface here, before the step has changed the cache
             if cache.seq_len != before:
                 raise
@@ -70,6 +75,19 @@ class CompiledDecode:
             self.compile_seconds += time.perf_counter() - t
         self.calls += 1
         return logits
+
+
+def _step(model, input_ids, cache):
+    return model(input_ids, cache)
+
+
+_copies = itertools.count()
+
+
+def _own_copy(fn):
+    """``fn`` with a code object of its own (so dynamo gives it a cache of its own)."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_copies)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 HUGE_PAGE = 2 << 20

@@ -22,8 +22,8 @@ PATTERN = dict(hybrid_override_pattern="M-M*-M*", n_groups=2, mamba_num_heads=8,
                num_key_value_heads=2)
 
 
-def _model(seed=0, dtype=torch.float32):
-    m = NanoForCausalLM(tiny_config(**PATTERN)).eval()
+def _model(seed=0, dtype=torch.float32, **overrides):
+    m = NanoForCausalLM(tiny_config(**{**PATTERN, **overrides})).eval()
     randomize(m, seed)
     return m.to(dtype)
 
@@ -125,15 +125,17 @@ def test_huge_page_arena_keeps_values_parameters_and_training(tmp_path, column_m
         assert torch.equal(p, dict(m.named_parameters())[name].detach()), name
 
 
-def test_two_compiled_models_each_use_their_own_weights(compiled):
-    """Guards on the modules are skipped, and dynamo keys compiled code on ``forward``'s code object, which
-    every model shares: the weights must still come from the model being called."""
+def test_two_compiled_models_each_use_their_own_weights_and_shapes(compiled):
+    """Guards on the modules are skipped, and dynamo keeps compiled code on the code object it traced: each
+    CompiledDecode must still run its own model, also when the two differ only in a width the cache does
+    not show (the MLP's), with no fallback to eager."""
     m, step = compiled
-    other = _model(seed=8)
+    other = _model(seed=8, intermediate_size=2 * m.config.intermediate_size)
     other_step = D.CompiledDecode(other)
     prompt = _prompts([5], seed=3)
     for model, s in ((other, other_step), (m, step)):
         got = generate(model, prompt, GREEDY, decode_step=s).completions[0].token_ids
         assert got == generate(model, prompt, GREEDY).completions[0].token_ids
+        assert s.compiled, s.fallback_reason
     assert generate(m, prompt, GREEDY).completions[0].token_ids != \
         generate(other, prompt, GREEDY).completions[0].token_ids
