@@ -71,6 +71,7 @@ class BenchOptions:
     prefill_chunk: int = 2048  # prompt tokens per forward
     seed: int = 0  # random weights of profiles and the twin, and the prompt ids
     plot: str | None = None  # a .png path the CLI will write (checked before the long run)
+    compile: bool = False  # decode through nanocli_model.decode.CompiledDecode (compiled in the warm-up)
 
 
 @dataclass
@@ -178,6 +179,7 @@ class BenchResult:
     torch_version: str
     machine: str
     notes: list[str] = field(default_factory=list)
+    decode: str = "eager"  # "compiled": the decode steps ran through CompiledDecode (--compile)
 
     @property
     def hybrid(self) -> ModelInfo:
@@ -197,7 +199,7 @@ class BenchResult:
                 "dtype": self.dtype, "threads": self.threads, "batch": self.batch, "repeats": self.repeats,
                 "kernels": self.kernels, "load_before": self.load_before, "load_after": self.load_after,
                 "seconds": self.seconds, "torch_version": self.torch_version, "machine": self.machine,
-                "notes": self.notes}
+                "notes": self.notes, "decode": self.decode}
 
 
 # ------------------------------------------------------------------------------------- input parsing
@@ -379,7 +381,8 @@ def _prompt(vocab: int, length: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=g).tolist()
 
 
-def _generate_once(model, prompt: list[int], batch: int, output: int, cache, chunk: int) -> tuple[Run, Any]:
+def _generate_once(model, prompt: list[int], batch: int, output: int, cache, chunk: int,
+                   step=None) -> tuple[Run, Any]:
     """One greedy generation with EOS ignored, every decode step timed through the token callback."""
     from nanocli_model.generation import SamplingParams, generate
 
@@ -391,7 +394,7 @@ def _generate_once(model, prompt: list[int], batch: int, output: int, cache, chu
 
     params = SamplingParams(temperature=0.0, max_new_tokens=output, ignore_eos=True, seed=0)
     r = generate(model, [prompt] * batch, params, cache=cache, prefill_chunk=chunk,
-                 max_context=len(prompt) + output, on_token=on_token)
+                 max_context=len(prompt) + output, on_token=on_token, decode_step=step)
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     run = Run(prefill_seconds=r.prefill_seconds, decode_seconds=r.decode_seconds, prefill_tokens=r.prompt_tokens,
               output_tokens=r.generated_tokens, decode_tokens=r.decode_tokens, step_seconds=steps)
@@ -425,7 +428,7 @@ def _largest_batch(config: NanoConfig, plan: _Plan, context: int, free: int) -> 
 
 
 def _measure(model, plan: _Plan, prompt: list[int], output: int, batch: int, chunk: int, runs: list[Run],
-             peaks: list[tuple[int, str]]) -> int:
+             peaks: list[tuple[int, str]], step=None) -> int:
     """One timed run of ``model`` appended to ``runs``; returns the bytes its cache really holds."""
     import torch
 
@@ -434,7 +437,7 @@ def _measure(model, plan: _Plan, prompt: list[int], output: int, batch: int, chu
     if plan.device == "cuda":  # what the allocator really handed out for it
         measured = sum(t.untyped_storage().nbytes() for t in cache.tensors())
     try:
-        run, r = _generate_once(model, prompt, batch, output, cache, chunk)
+        run, r = _generate_once(model, prompt, batch, output, cache, chunk, step)
     except torch.cuda.OutOfMemoryError:
         raise BenchError(f"out of GPU memory at batch {batch} x {len(prompt) + output:,} tokens; give a smaller "
                          "--batch or shorter --lengths") from None
@@ -465,14 +468,14 @@ def _summarise(role: str, config: NanoConfig, plan: _Plan, prompt: int, output: 
                "output_tokens_per_s": r.output_tokens / r.total_seconds} for r in runs])
 
 
-def _warm_up(model, chunk: int) -> None:
-    """Untimed: the first cached decode step re-lays the CPU weights out for decode (model.py), and the
-    first calls pay one-off allocator / kernel set-up costs."""
+def _warm_up(model, chunk: int, step=None) -> None:
+    """Untimed: the first cached decode step re-lays the CPU weights out for decode (model.py), a compiled
+    ``step`` compiles, and the first calls pay one-off allocator / kernel set-up costs."""
     from nanocli_model.generation import SamplingParams, generate
 
     prompt = _prompt(model.config.vocab_size, min(64, chunk), seed=1)
     generate(model, [prompt], SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True, seed=0),
-             prefill_chunk=chunk, max_context=len(prompt) + 8)
+             prefill_chunk=chunk, max_context=len(prompt) + 8, decode_step=step)
 
 
 def _load_average() -> tuple[float, float, float] | None:
@@ -512,9 +515,18 @@ def run(o: BenchOptions, hooks: BenchHooks | None = None) -> BenchResult:
         hooks.status(f"building the pure-attention twin: {infos[1].pattern} ({infos[1].params:,} parameters vs "
                      f"{infos[0].params:,})")
         models["transformer"] = _build(configs["transformer"], plan, o.seed + 1)
+    steps = {role: None for role in models}
+    if o.compile:
+        from nanocli_model.decode import CompiledDecode
+
+        hooks.status("compiling the decode steps (torch.compile; cached on disk for the next run)")
+        steps = {role: CompiledDecode(model) for role, model in models.items()}
     with torch.inference_mode():
-        for model in models.values():
-            _warm_up(model, o.prefill_chunk)
+        for role, model in models.items():
+            _warm_up(model, o.prefill_chunk, steps[role])
+    for role, step in steps.items():
+        if step is not None and step.fallback_reason:
+            notes.append(f"{role}: --compile fell back to eager: {step.fallback_reason}")
 
     pairs = []
     for i, (p_len, out_len) in enumerate(plan.lengths):
@@ -528,7 +540,7 @@ def run(o: BenchOptions, hooks: BenchHooks | None = None) -> BenchResult:
         for rep in range(plan.repeats):
             for role, model in models.items():  # A B A B: machine noise hits both alike
                 measured[role] = _measure(model, plan, prompt, out_len, batches[role], o.prefill_chunk,
-                                          runs[role], peaks[role])
+                                          runs[role], peaks[role], steps[role])
                 last = runs[role][-1]
                 hooks.status(f"{p_len}:{out_len} {role} run {rep + 1}/{plan.repeats}: batch {batches[role]}, "
                              f"{last.output_tokens / last.total_seconds:,.1f} output tok/s")
@@ -541,4 +553,5 @@ def run(o: BenchOptions, hooks: BenchHooks | None = None) -> BenchResult:
         dtype=plan.dtype, threads=torch.get_num_threads(), batch=str(plan.batch), repeats=plan.repeats,
         kernels=kernels.backend_for(models["hybrid"].lm_head.weight), load_before=load_before,
         load_after=_load_average(), seconds=time.perf_counter() - started, torch_version=torch.__version__,
-        machine=f"{platform.machine()}, {os.cpu_count()} CPUs", notes=notes)
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs", notes=notes,
+        decode="compiled" if o.compile and all(s and s.compiled for s in steps.values()) else "eager")

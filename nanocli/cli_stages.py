@@ -188,6 +188,8 @@ def bench_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write tokens/s per pair and ms per output "
                                               "token vs context to this .png.")] = None,
+    compile_decode: Annotated[bool, typer.Option("--compile", help="Decode through torch.compile'd steps (as "
+                                                 "nano generate --compile), compiled before the timing.")] = False,
 ) -> None:
     """Generation throughput of a model, and the report's hybrid-vs-Transformer comparison.
 
@@ -206,7 +208,7 @@ def bench_command(
     options = bench.BenchOptions(model=model, compare_transformer=compare_transformer, lengths=lengths,
                                  batch=batch, device=device, dtype=dtype, threads=threads, repeats=repeats,
                                  quick=quick, prefill_chunk=prefill_chunk, seed=seed,
-                                 plot=None if plot is None else str(plot))
+                                 plot=None if plot is None else str(plot), compile=compile_decode)
     from rich.console import Console
 
     err = Console(stderr=True, highlight=False)

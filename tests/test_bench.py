@@ -142,6 +142,13 @@ def test_checkpoint_directory(tmp_path):
     assert r.pairs[0].hybrid.cache_measured == memory.cache_bytes(c, 1, 16, "fp32").total
 
 
+def test_compile_times_compiled_steps(tmp_path):
+    r = bench.run(BenchOptions(model="tiny", quick=True, lengths="8:16", threads=1, compile=True,
+                               compare_transformer=False))
+    assert r.decode == "compiled" and not r.notes and r.to_json()["decode"] == "compiled"
+    assert r.pairs[0].hybrid.decode_tokens_per_s > 0
+
+
 # -------------------------------------------------------------------------------------------- CLI
 def nano_bench(capsys, monkeypatch, *args):
     """``nano bench ARGS`` in-process: (exit code, stdout, stderr)."""
