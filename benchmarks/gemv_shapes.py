@@ -1,0 +1,75 @@
+"""fp32 matrix-vector rate (GB/s of weight streamed) on the decode shapes: MKL vs the compiled row-dot GEMV.
+
+    .venv/bin/python benchmarks/gemv_shapes.py            # 1 thread, huge pages, the medium profile's shapes
+
+For each (out, in) shape it makes enough copies of the matrix to fill ~300 MB (far beyond the 32 MB L3) and
+streams through them in turn, as a decode step does: each matrix is read from memory, not from a cache.
+Three ways to compute ``W @ x``: MKL on the row-major weight (``F.linear``), MKL on a column-major copy (what
+nano's eager decode stores for tall weights), and ``(x * W).sum(-1)`` compiled by inductor (what nano's
+compiled decode step runs, ``layers.project``). Best and median of 9 passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nanocli_model.decode import _huge_page_arena
+
+# medium profile: in_proj, out_proj, up_proj, down_proj, q/o_proj, k/v_proj, lm_head; then a long-row GEMV
+SHAPES = [(3616, 768), (768, 1536), (3072, 768), (768, 3072), (768, 768), (256, 768), (16384, 768), (4096, 16384)]
+
+
+def _huge(shape: tuple[int, int], huge: bool) -> torch.Tensor:
+    n = shape[0] * shape[1]
+    t = _huge_page_arena(n * 4).view(torch.float32) if huge else torch.empty(n)
+    return t.copy_(torch.randn(n)).view(shape)
+
+
+def _timed(calls, reps: int) -> tuple[float, float]:
+    for f in calls:
+        f()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for f in calls:
+            f()
+        times.append(time.perf_counter() - t)
+    return min(times), statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--no-huge-pages", action="store_true", help="ordinary 4 KiB pages")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    row_dot = torch.compile(lambda x, W: (x * W).sum(-1), dynamic=False)
+    print(f"threads={args.threads}  huge pages={not args.no_huge_pages}  GB/s best / median of {args.reps} passes")
+    print("| out x in | copies | MKL row-major | MKL column-major | compiled row-dot |")
+    print("|---|---:|---:|---:|---:|")
+    with torch.inference_mode():
+        for out, inn in SHAPES:
+            nbytes = out * inn * 4
+            copies = max(1, int(300e6 // nbytes))
+            Ws = [_huge((out, inn), not args.no_huge_pages) for _ in range(copies)]
+            x = torch.randn(1, inn)
+            torch._dynamo.reset()  # one compile per shape, not a recompile limit
+            assert torch.allclose(row_dot(x, Ws[0]), F.linear(x, Ws[0])[0], rtol=1e-3, atol=1e-3)
+            rates = [_timed([lambda W=W, x=x: F.linear(x, W) for W in Ws], args.reps)]
+            cols = [_huge((inn, out), not args.no_huge_pages).copy_(W.t()).t() for W in Ws]  # column-major
+            rates.append(_timed([lambda W=W, x=x: F.linear(x, W) for W in cols], args.reps))
+            del cols
+            rates.append(_timed([lambda W=W, x=x: row_dot(x, W) for W in Ws], args.reps))
+            total = nbytes * copies / 1e9
+            cells = " | ".join(f"{total / best:.1f} / {total / med:.1f}" for best, med in rates)
+            print(f"| {out} x {inn} | {copies} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
