@@ -256,7 +256,7 @@ def generate_command(
                                            "answer, timings).")] = False,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Multi-turn chat: /think, "
                                               "/no_think, /budget N, /reset, /exit.")] = False,
-    compile_decode: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step: 1.7-1.9x "
+    compile_decode: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step: 1.7-2.1x "
                                                  "decode tokens/s on CPU, after a compile of seconds to a "
                                                  "minute (cached on disk). Pays for long outputs.")] = False,
 ) -> None:

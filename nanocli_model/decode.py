@@ -7,7 +7,7 @@ element-wise work between two projections becomes one C++ loop, and every projec
 row-wise dot product (``layers.project``) that inductor lowers to one vectorised loop over the weight rows.
 Inductor would inline the RMSNorm that makes a projection's input into the GEMV loop (recomputing it for
 every weight row); the compile options make it store such vectors instead. Measured on the 2-core CPU of
-docs/BENCHMARKS.md: 1.5-2x eager decode.
+docs/BENCHMARKS.md: 1.7-2.1x eager decode.
 
 Only single-token steps are compiled (prefill stays eager: its GEMMs already run at full speed, and every
 prompt length would be another compile). The first step compiles for its cache position, the second once
