@@ -117,8 +117,8 @@ def relayout_linear_weights(model: nn.Module, column_major_tall: bool) -> None:
     weights, seen = [], set()
     for module in model.modules():
         w = getattr(module, "weight", None)
-        if (isinstance(module, nn.Linear) and w.device.type == "cpu" and w.dtype.is_floating_point
-                and id(w) not in seen):
+        if (isinstance(module, nn.Linear) and type(w.data) is torch.Tensor  # not a DTensor shard (FSDP)
+                and w.device.type == "cpu" and w.dtype.is_floating_point and id(w) not in seen):
             seen.add(id(w))
             weights.append(w)
     if not weights:
