@@ -404,7 +404,7 @@ def show_generation_stats(result) -> None:
               + (f" | compiled decode (compile {s.compile_seconds:.1f} s)" if result.decode == "compiled" else ""),
               style="dim", markup=False)
     if result.decode.startswith("eager ("):  # --compile asked for, and it fell back
-        err.print(f"note: --compile: {result.decode[len('eager (compile failed: '):-1]}", markup=False)
+        err.print(f"note: --compile: decode ran {result.decode}", markup=False)
 
 
 CHAT_HELP = "/think, /no_think, /budget N (or off), /reset, /exit; Ctrl-C stops an answer"

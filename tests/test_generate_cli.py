@@ -171,3 +171,21 @@ def test_compile_gives_the_eager_tokens_and_says_so(capsys, monkeypatch, model_d
     assert compiled["decode"] == "compiled" and compiled["compile_seconds"] > 0
     code, out, err = run(capsys, monkeypatch, "-m", model_dir, *args, "--compile")
     assert code == 0 and "compiled decode (compile" in " ".join(err.split())
+
+
+def test_a_failed_compile_falls_back_to_eager_and_says_why(capsys, monkeypatch, model_dir):
+    import torch
+
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("InductorError: no C++ compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    args = ("What is 2+2?", "--greedy", "--max-new-tokens", "8", "--ignore-eos")
+    eager = gen_json(capsys, monkeypatch, model_dir, *args)
+    fell = gen_json(capsys, monkeypatch, model_dir, *args, "--compile")
+    assert fell["outputs"][0]["generated_ids"] == eager["outputs"][0]["generated_ids"]
+    assert fell["decode"].startswith("eager (compile failed: RuntimeError: InductorError: no C++ compiler")
+    code, out, err = run(capsys, monkeypatch, "-m", model_dir, *args, "--compile")
+    assert code == 0 and "note: --compile: decode ran eager (compile failed" in " ".join(err.split())
