@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 
 from nanocli_model import NanoConfig
@@ -9,6 +12,11 @@ from nanocli_model import NanoConfig
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, hybrid_override_pattern="M-M*-M",
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, mamba_num_heads=8, mamba_head_dim=4,
             n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=8, max_position_embeddings=512)
+
+
+# torch.compile on CPU builds C++ kernels: tests that compile for real need a compiler on the PATH.
+needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                               reason="torch.compile on CPU needs a C++ compiler (g++ or clang++)")
 
 
 def tiny_config(**overrides) -> NanoConfig:

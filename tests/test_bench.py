@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from model_utils import needs_cxx
 from nanocli import bench, cli
 from nanocli.bench import BenchError, BenchOptions
 from nanocli.profiles import load_model_profile
@@ -142,6 +143,7 @@ def test_checkpoint_directory(tmp_path):
     assert r.pairs[0].hybrid.cache_measured == memory.cache_bytes(c, 1, 16, "fp32").total
 
 
+@needs_cxx
 def test_compile_times_compiled_steps(tmp_path):
     r = bench.run(BenchOptions(model="tiny", quick=True, lengths="8:16", threads=1, compile=True,
                                compare_transformer=False))

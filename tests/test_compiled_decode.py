@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_utils import randomize, tiny_config
+from model_utils import needs_cxx, randomize, tiny_config
 from nanocli_model import NanoForCausalLM, load_pretrained, save_pretrained
 from nanocli_model import decode as D
 from nanocli_model.generation import SamplingParams, generate
@@ -48,6 +48,7 @@ def test_row_dot_projection_equals_linear_in_float64():
     assert project(lin, x) is not None and torch.equal(project(lin, x), lin(x))  # eager: nn.Linear itself
 
 
+@needs_cxx
 def test_compiled_greedy_equals_transformers_generate(tmp_path, compiled):
     transformers = pytest.importorskip("transformers")
     m, step = compiled
@@ -62,6 +63,7 @@ def test_compiled_greedy_equals_transformers_generate(tmp_path, compiled):
     assert step.compiled and step.calls >= 38 and step.compile_seconds > 0
 
 
+@needs_cxx
 def test_compiled_steps_match_a_float64_model_and_batches_left_padded(compiled):
     m, step = compiled
     ref = _model(seed=5, dtype=torch.float64)
@@ -125,6 +127,7 @@ def test_huge_page_arena_keeps_values_parameters_and_training(tmp_path, column_m
         assert torch.equal(p, dict(m.named_parameters())[name].detach()), name
 
 
+@needs_cxx
 def test_two_compiled_models_each_use_their_own_weights_and_shapes(compiled):
     """Guards on the modules are skipped, and dynamo keeps compiled code on the code object it traced: each
     CompiledDecode must still run its own model, also when the two differ only in a width the cache does

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from model_utils import randomize, tiny_config
+from model_utils import needs_cxx, randomize, tiny_config
 from nanocli import cli
 from nanocli_model import NanoForCausalLM, save_pretrained
 from nanocli_model.tokenizer import build_test_tokenizer
@@ -162,6 +162,7 @@ def test_truncate_left_keeps_the_end(capsys, monkeypatch, model_dir):
     assert len(d["outputs"][0]["prompt_ids"]) == 60
 
 
+@needs_cxx
 def test_compile_gives_the_eager_tokens_and_says_so(capsys, monkeypatch, model_dir):
     args = ("What is 2+2?", "--greedy", "--max-new-tokens", "12", "--ignore-eos")
     eager = gen_json(capsys, monkeypatch, model_dir, *args)
