@@ -127,7 +127,7 @@ def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)``, except inside a compiled CPU decode step (``decode.CompiledDecode``), where one-token
     rows are written as a row-wise dot product, ``(x[..., None, :] * W).sum(-1)``: inductor lowers that to
     one vectorised loop streaming W row by row, which on this CPU reads the model's (tall and square)
-    matrices 1.2-2x faster than MKL's GEMV (docs/BENCHMARKS.md). Eager code and prefill take ``linear(x)``.
+    matrices 1.1-2x faster than MKL's GEMV (docs/BENCHMARKS.md). Eager code and prefill take ``linear(x)``.
     """
     if (x.shape[-2] == 1 and x.device.type == "cpu" and type(linear) is nn.Linear
             and torch.compiler.is_compiling()):
