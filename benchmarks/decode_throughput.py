@@ -37,13 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_throughput import build_pair, load_profile  # noqa: E402
 
 from nanocli_model import NanoForCausalLM  # noqa: E402
-from nanocli_model.decode import CompiledDecode, _huge_page_arena  # noqa: E402
+from nanocli_model.decode import CompiledDecode, huge_page_arena  # noqa: E402
 from nanocli_model.layers import Attention, Mamba2Mixer  # noqa: E402
 
 
 def _huge(numel: int) -> torch.Tensor:
     """float32 random numbers on 2 MiB pages, as nano's decode keeps its weights (the fastest this machine reads)."""
-    t = _huge_page_arena(numel * 4).view(torch.float32)
+    t = huge_page_arena(numel * 4).view(torch.float32)
     return t.copy_(torch.randn(numel))
 
 

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanocli_model.decode import _huge_page_arena
+from nanocli_model.decode import huge_page_arena
 
 # medium profile: in_proj, out_proj, up_proj, down_proj, q/o_proj, k/v_proj, lm_head; then a long-row GEMV
 SHAPES = [(3616, 768), (768, 1536), (3072, 768), (768, 3072), (768, 768), (256, 768), (16384, 768), (4096, 16384)]
@@ -26,7 +26,7 @@ SHAPES = [(3616, 768), (768, 1536), (3072, 768), (768, 3072), (768, 768), (256, 
 
 def _huge(shape: tuple[int, int], huge: bool) -> torch.Tensor:
     n = shape[0] * shape[1]
-    t = _huge_page_arena(n * 4).view(torch.float32) if huge else torch.empty(n)
+    t = huge_page_arena(n * 4).view(torch.float32) if huge else torch.empty(n)
     return t.copy_(torch.randn(n)).view(shape)
 
 

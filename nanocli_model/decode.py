@@ -45,6 +45,9 @@ class CompiledDecode:
         self.fallback_reason: str | None = None
         self.calls = 0
         self.compile_seconds = 0.0  # wall time of the calls that compiled (the first two, or a new batch size)
+        from torch._dynamo.utils import counters
+
+        self._frames = counters["frames"]  # dynamo counts every frame it compiles here
         relayout_linear_weights(model, column_major_tall=False)
         model._decode_layout_done = True  # stays row-major: no column-major switch inside the compiled step
         options = {}
@@ -71,9 +74,7 @@ class CompiledDecode:
     def __call__(self, input_ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         if input_ids.shape[1] != 1 or self.fallback_reason is not None:
             return self.model(input_ids, cache)
-        from torch._dynamo.utils import counters
-
-        before, frames, t = cache.seq_len, counters["frames"]["total"], time.perf_counter()
+        before, frames, t = cache.seq_len, self._frames["total"], time.perf_counter()
         try:
             logits = self._compiled(self.model, input_ids, cache)
         except Exception as e:  # compile failures surface here, before the step has changed the cache
@@ -81,7 +82,7 @@ class CompiledDecode:
                 raise
             self.fallback_reason = _one_line(e)
             return self.model(input_ids, cache)
-        if counters["frames"]["total"] != frames:  # this call compiled
+        if self._frames["total"] != frames:  # this call compiled
             self.compile_seconds += time.perf_counter() - t
         self.calls += 1
         return logits
@@ -124,7 +125,7 @@ def relayout_linear_weights(model: nn.Module, column_major_tall: bool) -> None:
     if not weights:
         return
     sizes = [-(-w.numel() * w.element_size() // 64) * 64 for w in weights]  # 64-byte aligned slots
-    arena = _huge_page_arena(sum(sizes))
+    arena = huge_page_arena(sum(sizes))
     offset = 0
     with torch.no_grad(), torch.inference_mode(False):  # the new storage stays usable for training
         for w, size in zip(weights, sizes):
@@ -138,7 +139,7 @@ def relayout_linear_weights(model: nn.Module, column_major_tall: bool) -> None:
             offset += size
 
 
-def _huge_page_arena(nbytes: int) -> torch.Tensor:
+def huge_page_arena(nbytes: int) -> torch.Tensor:
     """A uint8 tensor of ``nbytes`` starting on a 2 MiB boundary, asking the kernel for huge pages."""
     length = -(-(nbytes + HUGE_PAGE) // HUGE_PAGE) * HUGE_PAGE  # room to align the start
     try:

@@ -284,7 +284,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     _reset_peak_memory(device)
 
     step = decode_step or model
-    compiling = getattr(step, "compile_seconds", 0.0)
+    compiled_before = getattr(step, "compile_seconds", 0.0)
     with torch.inference_mode():
         t0 = _now(device)
         logits = _prefill(model, ids, mask, int(pad.max()), cache, prefill_chunk)  # (b, V)
@@ -309,7 +309,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
             c.thinking_tokens, c.budget_forced, c.answer_start = state.tokens, state.forced_end, state.answer_start
     generated = sum(len(c.token_ids) for c in completions)
     peak, source = _peak_memory(device)
-    compiling = getattr(step, "compile_seconds", 0.0) - compiling
+    compiling = getattr(step, "compile_seconds", 0.0) - compiled_before  # seconds this call spent compiling
     return GenerationResult(completions, int(mask.sum()), generated, prefill_seconds=t1 - t0,
                             decode_seconds=t2 - t1 - compiling, decode_tokens=generated - b, peak_memory_bytes=peak,
                             peak_memory_source=source, seed=seed, compile_seconds=compiling)
