@@ -24,7 +24,7 @@ class AttentionCache:
 
 @dataclass
 class MambaCache:
-    conv: torch.Tensor  # (b, conv_dim, conv_kernel - 1), model dtype: the last inputs of x|B|C
+    conv: torch.Tensor  # (b, conv_dim, conv_kernel - 1) channel-last view, model dtype: the last inputs of x|B|C
     ssm: torch.Tensor  # (b, heads, head_dim, state), mamba_ssm_cache_dtype
 
 
@@ -52,8 +52,11 @@ class HybridCache:
                 layers.append(AttentionCache(torch.zeros(shape, dtype=dtype, device=device),
                                              torch.zeros(shape, dtype=dtype, device=device)))
             elif kind == MAMBA:
+                # (b, conv_dim, K-1) as a view of a (b, K-1, conv_dim) buffer: channel-last, the layout
+                # causal-conv1d's initial/final states need (kernels.py); the reference reads it time-major
+                conv = torch.zeros(batch, c.conv_kernel - 1, c.mamba_conv_dim, dtype=dtype, device=device)
                 layers.append(MambaCache(
-                    torch.zeros(batch, c.mamba_conv_dim, c.conv_kernel - 1, dtype=dtype, device=device),
+                    conv.transpose(1, 2),
                     torch.zeros(batch, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size, dtype=ssm_dtype,
                                 device=device)))
             else:
@@ -92,6 +95,17 @@ class HybridCache:
             self.pad_len = pad
         self._pending = n_new
         return self.seq_len
+
+    def left_pad(self, lengths: torch.Tensor) -> None:
+        """Declare the prompts' left-padding lengths (b,) before the first forward, so a padded prompt can be
+        prefilled in chunks of any size (an ``attention_mask`` at the first call declares it for a prompt given
+        whole). Padding positions then add nothing to any state and are no keys for attention."""
+        if self.seq_len > 0:
+            raise CacheError("left padding is declared before the first call (the prompt); later calls continue "
+                             "every row")
+        if lengths.shape != (self.batch,):
+            raise CacheError(f"left_pad: expected {self.batch} lengths, got shape {tuple(lengths.shape)}")
+        self.pad_len = lengths if bool(lengths.any()) else None
 
     def commit(self) -> None:
         self.seq_len += self._pending

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton decorates its own library functions (tl.cumsum, ...) when it is first imported, for the interpreter
+# only if TRITON_INTERPRET is set by then, and torch.compile may import triton in any earlier test. Without a
+# GPU the only Triton code the suite runs is test_kernels_triton.py's, interpreted: set it for the session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
