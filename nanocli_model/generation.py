@@ -287,7 +287,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     compiled_before = getattr(step, "compile_seconds", 0.0)
     with torch.inference_mode():
         t0 = _now(device)
-        logits = _prefill(model, ids, mask, int(pad.max()), cache, prefill_chunk)  # (b, V)
+        logits = _prefill(model, ids, pad.to(device), cache, prefill_chunk)  # (b, V)
         seen = _seen_tokens(ids, mask, logits.shape[-1]) if params.repetition_penalty != 1.0 else None
         out = torch.full((b, params.max_new_tokens), PAD_ID, dtype=torch.long, device=device)  # (b, N)
         loop = _DecodeLoop(b, params, thinking, stop_sequences, on_token)
@@ -389,17 +389,23 @@ def _left_pad(prompts: list[list[int]], vocab: int | None,
     return ids.to(device), mask.to(device), pad
 
 
-def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, max_pad: int, cache, chunk: int) -> torch.Tensor:
-    """Run the prompts through the model in chunks; the last position's logits (b, V).
+def _prefill(model, ids: torch.Tensor, pad: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Run the prompts through the model in chunks of ``chunk`` tokens; the last position's logits (b, V).
 
-    The mask is accepted only at the first call, so the first chunk spans the whole padded region
-    plus at least one real token of every row; later chunks are ``chunk`` tokens each.
+    Left padding is declared to the cache once (``HybridCache.left_pad``), so no forward is longer than
+    ``chunk`` (fit-check's estimate assumes so) even when one prompt is far longer than another: a chunk that
+    is all padding for a row adds nothing to that row's state. Inside the padded region chunks are at least
+    2 tokens (a single-token forward is a decode step, which is never padding).
     """
     T = ids.shape[1]
-    first = min(T, max(chunk, max_pad + 1))
-    logits = model(ids[:, :first], cache, logits_to_keep=1, attention_mask=mask[:, :first] if max_pad else None)
-    for start in range(first, T, chunk):
-        logits = model(ids[:, start:start + chunk], cache, logits_to_keep=1)
+    max_pad = int(pad.max())
+    if max_pad:
+        cache.left_pad(pad)
+    start = 0
+    while start < T:
+        n = max(chunk, 2) if start < max_pad else chunk
+        logits = model(ids[:, start:start + n], cache, logits_to_keep=1)
+        start += n
     return logits[:, -1]  # (b, V)
 
 

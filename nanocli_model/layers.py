@@ -275,12 +275,36 @@ class Attention(nn.Module):
                     # A CausalBias (not a boolean tensor) keeps SDPA on its fused kernels, so a chunked
                     # prefill never materialises a (T, start+T) score matrix.
                     mask = causal_lower_right(T, start + T)
-        if pad is not None:  # left padding: the first pad[i] positions of row i are no keys for anyone
-            mask, causal = padded_causal_mask(pad, start, T), False  # (b, 1, T, start+T)
-        # GQA: query head i reads KV head i // (n_heads / n_kv)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
-                                             enable_gqa=self.n_kv != self.n_heads)  # (b, nh, T, d)
+        if pad is not None and T > 1:  # left padding: the first pad[i] positions of row i are no keys for anyone
+            out = self._padded_rows(q, k, v, pad, start)  # (b, nh, T, d)
+        else:  # GQA: query head i reads KV head i // (n_heads / n_kv)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                                                 enable_gqa=self.n_kv != self.n_heads)  # (b, nh, T, d)
         return self.o_proj(out.transpose(1, 2).reshape(b, T, self.n_heads * self.head_dim))
+
+    def _padded_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor,
+                     start: int) -> torch.Tensor:
+        """A left-padded prefill chunk, one row at a time: row i's queries from its first real position pad[i]
+        attend to its keys pad[i]..start+T-1, causal and aligned bottom-right.
+
+        Each call is a plain causal attention of the row's real tokens, so SDPA stays on its fused kernels
+        (flash / memory-efficient: no score matrix, no K/V copies). One call for the batch would need a
+        boolean (b, 1, T, S) mask, and a boolean mask with GQA sends SDPA to its math kernel, whose memory grows
+        as b x heads x T x S (fit-check's estimate assumes the fused kernels). Padding queries get zeros: no
+        real token reads them. q (b, nh, T, d); k, v (b, kv, start+T, d). Returns (b, nh, T, d).
+        """
+        T = q.shape[2]
+        out = torch.zeros_like(q)  # (b, nh, T, d)
+        for i, p in enumerate(pad.tolist()):  # one host read of the (b,) pad lengths per chunk
+            first = max(p - start, 0)  # the row's first real query in this chunk
+            if first >= T:
+                continue  # the whole chunk is padding for this row
+            qi, ki, vi = q[i:i + 1, :, first:], k[i:i + 1, :, p:], v[i:i + 1, :, p:]  # (1, nh, Tq, d), (1, kv, S, d)
+            Tq, S = qi.shape[2], ki.shape[2]
+            mask = None if Tq == S else causal_lower_right(Tq, S)
+            out[i:i + 1, :, first:] = F.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_heads)
+        return out
 
     def _train(self, x: torch.Tensor) -> torch.Tensor:
         """Training forward (no cache, no padding) through ``_CausalGQAttention``: with one KV head every

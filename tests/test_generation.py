@@ -173,7 +173,7 @@ def test_greedy_with_repetition_penalty_equals_transformers(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ batching
-@pytest.mark.parametrize("lengths,chunk", [((3, 11, 7), 2048), ((3, 11, 7), 4), ((1, 13), 3), ((6, 6), 2)])
+@pytest.mark.parametrize("lengths,chunk", [((3, 11, 7), 2048), ((3, 11, 7), 4), ((1, 13), 3), ((6, 6), 2), ((2, 9), 1)])
 def test_batched_left_padded_equals_each_prompt_alone(lengths, chunk):
     m = _model(seed=sum(lengths))
     prompts = _prompts(lengths, seed=chunk)

@@ -161,6 +161,38 @@ def test_left_padded_prefill_then_decode_equals_each_prompt_alone():
 
 
 @torch.no_grad()
+def test_left_padded_prefill_keeps_sdpa_on_its_fused_kernels():
+    # On CUDA a boolean attention mask together with GQA sends SDPA to its math kernel, whose memory grows as
+    # batch x heads x T x S (far above fit-check's estimate). Left-padded prefill chunks must never pass one:
+    # each row runs as a plain causal attention of its real tokens.
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import CausalBias
+    from torch.overrides import TorchFunctionMode
+
+    top = []
+
+    class Spy(TorchFunctionMode):  # sees what nano asks SDPA for (not CausalBias's own inner calls)
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.scaled_dot_product_attention:
+                q, mask_ = args[0], kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+                top.append((q.shape[-2], mask_, kwargs.get("enable_gqa", False)))
+            return func(*args, **kwargs)
+
+    m = _model(seed=2)
+    g = torch.Generator().manual_seed(2)
+    ids, mask = _left_pad([torch.randint(1, 96, (n,), generator=g).tolist() for n in (4, 17, 10)])
+    cache = m.allocate_cache(3, 24)
+    cache.left_pad((1 - mask).sum(1))
+    with Spy():
+        for chunk in (slice(0, 8), slice(8, 17)):  # chunked prefill: row 0 is all padding in the first chunk
+            m(ids[:, chunk], cache)
+    prefill = [(T, mask_, gqa) for T, mask_, gqa in top if T > 1]
+    assert prefill and all(mask_ is None or isinstance(mask_, CausalBias) for _, mask_, _ in prefill)
+    assert any(gqa for _, _, gqa in prefill)  # the tiny model is GQA (4 query heads on 2 KV heads)
+
+
+@torch.no_grad()
 def test_padding_matches_transformers_left_padding(tmp_path):
     transformers = pytest.importorskip("transformers")
     from nanocli_model import load_pretrained, save_pretrained
