@@ -293,3 +293,276 @@ def test_convert_rejects_other_models_and_unavailable_backends(monkeypatch):
     monkeypatch.setattr(fp8, "fp8_available", lambda device: False)
     with pytest.raises(ConfigError, match="backend"):
         convert_to_fp8(tiny_model(), FP8Recipe(backend="scaled_mm"))
+
+
+# ---------------------------------------------------------------------------------------------- GEMM forms
+# The single block-wise _scaled_mm runs on CUDA sm90 only; on this CPU torch refuses block-wise scales. A
+# stand-in _scaled_mm that enforces torch's checks for them (ScaledBlas.cpp) holds the layouts to account.
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _size_stride(scale, dim, size, stride) -> bool:
+    """torch's check_size_stride: the stride is not checked where the size is 1."""
+    return scale.size(dim) == size and (size <= 1 or scale.stride(dim) == stride)
+
+
+class FakeBlockwiseScaledMM:
+    """torch._scaled_mm as CUDA sm90 with cuBLASLt >= 12.9 takes block-wise scales: the same checks (pairs,
+    dtypes, sizes, strides, dims % 16), the product computed from the dequantized operands in float64.
+    Tensorwise and row-wise scales (and anything torch would refuse) go to the real CPU _scaled_mm.
+
+    ``padded_ld``: 128x128 scales need their row stride rounded up to a multiple of 4 (some torch versions).
+    ``wrong``: reads every scale tensor's memory as if it were row-major contiguous (a layout bug).
+    """
+
+    PAIRS = (("128x128", "1x128"), ("1x128", "128x128"), ("1x128", "1x128"))  # torch's order
+
+    def __init__(self, real, padded_ld=False, wrong=False):
+        self.real, self.padded_ld, self.wrong = real, padded_ld, wrong
+        self.calls: list = []  # a block-wise (lhs, rhs) pair, or "delegated"
+
+    @staticmethod
+    def _fp8(t) -> bool:
+        return t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+    def is_1x128(self, t, s) -> bool:
+        return (self._fp8(t) and s.dtype == torch.float32 and s.dim() == 2 and _size_stride(s, 0, t.size(0), 1)
+                and _size_stride(s, 1, _cdiv(t.size(1), 128), t.size(0)))
+
+    def is_128x128(self, t, s) -> bool:
+        nc = _cdiv(t.size(1), 128)
+        ld = _cdiv(nc, 4) * 4 if self.padded_ld else nc
+        return (self._fp8(t) and s.dtype == torch.float32 and s.dim() == 2
+                and _size_stride(s, 0, _cdiv(t.size(0), 128), ld) and _size_stride(s, 1, nc, 1))
+
+    def dequantize(self, t, s, kind):
+        """float64 values of t (R, C) with scales s in ``kind``'s grouping (read through s's strides)."""
+        if self.wrong:
+            s = torch.as_strided(s, s.shape, (s.shape[1], 1))
+        rows = torch.arange(t.size(0)) // (1 if kind == "1x128" else 128)
+        cols = torch.arange(t.size(1)) // 128
+        return t.double() * s.double()[rows][:, cols]
+
+    def __call__(self, mat1, mat2, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None,
+                 use_fast_accum=False):
+        def delegate():
+            self.calls.append("delegated")
+            return self.real(mat1, mat2, scale_a=scale_a, scale_b=scale_b, bias=bias, scale_result=scale_result,
+                             out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+
+        a, bt, sbt = mat1, mat2.t(), scale_b.t()  # torch checks scale_b.t() against mat2.t() (N, K)
+        tensorwise = scale_a.numel() == 1 and scale_b.numel() == 1
+        rowwise = (scale_a.dim() == 2 and tuple(scale_a.shape) == (a.size(0), 1) and scale_a.is_contiguous()
+                   and sbt.dim() == 2 and tuple(sbt.shape) == (bt.size(0), 1) and sbt.is_contiguous())
+        if tensorwise or rowwise:  # torch tries these first
+            return delegate()
+        checks = {"1x128": self.is_1x128, "128x128": self.is_128x128}
+        pair = next(((lhs, rhs) for lhs, rhs in self.PAIRS if checks[lhs](a, scale_a) and checks[rhs](bt, sbt)),
+                    None)
+        if pair is None:
+            return delegate()  # the real one refuses it: "Invalid scaling configuration"
+        if a.size(1) % 16 or mat2.size(0) % 16 or mat2.size(1) % 16:
+            raise RuntimeError(f"mat1 {tuple(a.shape)} / mat2 {tuple(mat2.shape)} must be divisible by 16")
+        self.calls.append(pair)
+        out = self.dequantize(a, scale_a, pair[0]) @ self.dequantize(bt, sbt, pair[1]).t()  # (M, N) float64
+        return out.to(out_dtype if out_dtype is not None else torch.bfloat16)
+
+
+@pytest.fixture
+def fresh_probe():
+    """The probe's per-device cache cleared before and after (it remembers what torch._scaled_mm did)."""
+    fp8._probe_gemm.cache_clear()
+    yield
+    fp8._probe_gemm.cache_clear()
+
+
+@pytest.fixture
+def fake_mm(monkeypatch, fresh_probe):
+    """Install a FakeBlockwiseScaledMM as torch._scaled_mm (for this test only); returns the installer."""
+    real = torch._scaled_mm
+
+    def install(**kwargs) -> FakeBlockwiseScaledMM:
+        fake = FakeBlockwiseScaledMM(real, **kwargs)
+        monkeypatch.setattr(torch, "_scaled_mm", fake)
+        fp8._probe_gemm.cache_clear()
+        return fake
+
+    return install
+
+
+def counting_real_mm(monkeypatch) -> list:
+    calls: list = []
+    real = torch._scaled_mm
+
+    def counted(*args, **kwargs):
+        calls.append("real")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counted)
+    return calls
+
+
+ACT, BLK = (1, 128), (128, 128)
+
+
+def three_gemms(M, N, K, seed=0, block=128):
+    """(name, A, B) of a Linear's forward, dgrad and wgrad, quantized as _FP8LinearFn does."""
+    g = gen(seed)
+    x, w, gy = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(M, N, generator=g)
+    x[:, :7] *= 50  # uneven tiles: scales differ from tile to tile
+    w[: N // 2] *= 0.01
+    act, blk = (1, block), (block, block)
+    qw = fp8._quantize(w, blk)
+    return [("forward", fp8._quantize(x, act), qw),  # (M, K) x (N, K): contraction over K
+            ("dgrad", fp8._quantize(gy, act), qw.t()),  # (M, N) x (K, N): contraction over N
+            ("wgrad", fp8._quantize(gy.t(), act), fp8._quantize(x.t(), act))]  # (N, M) x (K, M): over M
+
+
+EXPECTED_PAIR = {"forward": ("1x128", "128x128"), "dgrad": ("1x128", "128x128"), "wgrad": ("1x128", "1x128")}
+
+
+@needs_scaled_mm
+@pytest.mark.parametrize("padded_ld", [False, True])
+def test_probe_picks_the_single_blockwise_call_where_torch_takes_it(fake_mm, padded_ld):
+    fake = fake_mm(padded_ld=padded_ld)
+    probe = fp8.gemm_probe("cpu")
+    assert probe.form == "blockwise" and probe.reason == ""
+    assert probe.layout == fp8.BlockwiseLayout(padded_ld=padded_ld, align=16)  # plain tried first
+    refused = fake.calls.count("delegated") - 1  # the row-wise probe is delegated too
+    assert refused == (1 if padded_ld else 0)  # the plain 128x128 layout was refused where padding is needed
+    assert fp8.gemm_form("cpu") == "blockwise" and fp8.gemm_reason("cpu") == ""
+    assert fp8.describe_gemm("cpu") == "block-wise single _scaled_mm (cuBLASLt)"
+    assert fp8_available("cpu")
+    assert fp8.gemm_form("cpu", FP8Recipe(block=64)) == "per-block"
+    assert "128" in fp8.gemm_reason("cpu", FP8Recipe(block=64))
+    assert fp8.gemm_form("cpu", FP8Recipe(scaling="tensorwise")) == "tensorwise"
+    assert fp8.gemm_form("cpu", FP8Recipe(backend="emulate")) == "emulate"
+
+
+@needs_scaled_mm
+@pytest.mark.parametrize("padded_ld", [False, True])
+@pytest.mark.parametrize("M,N,K", [(200, 300, 520), (37, 150, 300), (130, 257, 129), (300, 20, 256),
+                                   (16, 384, 384)])
+def test_single_blockwise_call_equals_emulation(fake_mm, padded_ld, M, N, K):
+    fake = fake_mm(padded_ld=padded_ld)
+    assert fp8.gemm_form("cpu") == "blockwise"
+    for name, a, b in three_gemms(M, N, K):
+        fake.calls.clear()
+        got = fp8._gemm(a, b, "scaled_mm")
+        want = fp8._gemm(a, b, "emulate")
+        assert got.shape == want.shape == (a.q.shape[0], b.q.shape[0])
+        assert nrel(got, want) < 1e-5, name
+        contraction = a.q.shape[1]
+        # exactly one _scaled_mm per GEMM: block-wise where the contraction has several blocks, else row-wise
+        assert fake.calls == [EXPECTED_PAIR[name] if contraction > 128 else "delegated"], (name, fake.calls)
+
+
+@needs_scaled_mm
+def test_single_blockwise_call_through_the_linear(fake_mm, monkeypatch):
+    fake = fake_mm()
+    assert fp8.gemm_form("cpu") == "blockwise"  # probed now: the calls below are the GEMMs' own
+    lin, x, gy = problem((2, 100), 300, 200, seed=11)  # 200 tokens: every contraction has 2+ blocks
+    emulated = run_linear(lin, x, gy, FP8Recipe(backend="emulate"))
+    fake.calls.clear()
+    real = run_linear(lin, x, gy, FP8Recipe(backend="scaled_mm"))
+    assert fake.calls == [("1x128", "128x128"), ("1x128", "128x128"), ("1x128", "1x128")]  # y, gx, gW
+    for a, b in zip(real, emulated):
+        assert nrel(a, b) < 1e-5
+    monkeypatch.setattr(fp8, "_mm_align", lambda device: 16)  # what a GPU needs: the single call stays
+    fake.calls.clear()
+    padded = run_linear(lin, x, gy, FP8Recipe(backend="scaled_mm"))
+    assert len(fake.calls) == 3 and "delegated" not in fake.calls
+    for a, b in zip(padded, emulated):
+        assert nrel(a, b) < 1e-5
+
+
+@needs_scaled_mm
+def test_other_block_lengths_keep_the_loop(fake_mm):
+    fake = fake_mm()
+    assert fp8.gemm_form("cpu") == "blockwise"
+    for name, a, b in three_gemms(200, 300, 520, block=64):
+        fake.calls.clear()
+        assert nrel(fp8._gemm(a, b, "scaled_mm"), fp8._gemm(a, b, "emulate")) < 1e-5
+        assert fake.calls == ["delegated"] * a.s.shape[1], name  # one row-wise call per 64-wide block
+
+
+@needs_scaled_mm
+def test_real_cpu_refuses_blockwise_scales_and_keeps_the_loop(monkeypatch, fresh_probe):
+    probe = fp8.gemm_probe("cpu")
+    assert probe.form == "per-block" and probe.layout is None
+    assert "refused block-wise scales" in probe.reason and "Invalid scaling configuration" in probe.reason
+    assert fp8.gemm_form("cpu") == "per-block" and fp8.gemm_reason("cpu") == probe.reason
+    assert fp8.describe_gemm("cpu").startswith("per-128-block _scaled_mm loop: torch._scaled_mm refused")
+    calls = counting_real_mm(monkeypatch)
+    for name, a, b in three_gemms(200, 300, 520):
+        calls.clear()
+        assert nrel(fp8._gemm(a, b, "scaled_mm"), fp8._gemm(a, b, "emulate")) < 1e-6, name
+        assert len(calls) == a.s.shape[1]  # one call per contraction block
+
+
+@needs_scaled_mm
+def test_a_wrong_single_call_is_never_used(fake_mm):
+    fake = fake_mm(wrong=True)  # accepts the layouts, misreads the scales
+    probe = fp8.gemm_probe("cpu")
+    assert ("1x128", "128x128") in fake.calls  # it was tried
+    assert probe.form == "per-block" and probe.layout is None
+    assert "wrong block-wise results" in probe.reason
+    for name, a, b in three_gemms(200, 300, 520):
+        fake.calls.clear()
+        assert nrel(fp8._gemm(a, b, "scaled_mm"), fp8._gemm(a, b, "emulate")) < 1e-6, name
+        assert fake.calls == ["delegated"] * a.s.shape[1]  # the per-block loop
+
+
+def test_scale_layouts_match_torchs_checks():
+    """The layouts on their own: shapes and strides as torch's block-wise checks want them."""
+    q = fp8._quantize(torch.randn(40, 300, generator=gen(12)), ACT)  # (40, 300): 3 K tiles
+    s = fp8._blockwise_scale(q, "1x128", 48, padded_ld=False)
+    assert s.shape == (48, 3) and s.stride() == (1, 48)  # column-major, padded rows 1.0
+    assert torch.equal(s[:40], q.s) and (s[40:] == 1).all()
+    w = fp8._quantize(torch.randn(160, 300, generator=gen(13)), BLK)  # (2, 3) blocks
+    plain = fp8._blockwise_scale(w, "128x128", 160, padded_ld=False)
+    padded = fp8._blockwise_scale(w, "128x128", 160, padded_ld=True)
+    assert plain.shape == padded.shape == (2, 3) and plain.stride() == (3, 1) and padded.stride() == (4, 1)
+    assert torch.equal(plain, w.s) and torch.equal(padded, w.s)
+    assert fp8._blockwise_pair(q, w) == ("1x128", "128x128")
+    assert fp8._blockwise_pair(q, q) == ("1x128", "1x128")
+    assert fp8._blockwise_pair(w, q) is None  # (128x128, 1x128): not vouched for by the probe, the loop runs
+    one_tile = fp8._quantize(torch.randn(4, 100, generator=gen(14)), ACT)  # one K tile: a row-wise call
+    assert fp8._blockwise_pair(one_tile, fp8._quantize(torch.randn(8, 100, generator=gen(15)), BLK)) is None
+
+
+def test_convert_reports_the_gemm_form(fake_mm):
+    m = tiny_model()
+    report = convert_to_fp8(m, FP8Recipe(backend="emulate"))
+    assert report["gemm_form"] == "emulate" and report["gemm"].startswith("emulated (quantize-dequantize")
+    assert "'emulate'" in report["gemm"]
+    if SCALED_MM:
+        report = convert_to_fp8(m, FP8Recipe())
+        assert report["gemm_form"] == "per-block"
+        assert report["gemm"].startswith("per-128-block _scaled_mm loop: torch._scaled_mm refused block-wise")
+        assert convert_to_fp8(m, FP8Recipe(scaling="tensorwise"))["gemm"] == "tensorwise single _scaled_mm"
+        fake_mm()
+        report = convert_to_fp8(m, FP8Recipe())
+        assert report["gemm_form"] == "blockwise" and report["gemm"] == "block-wise single _scaled_mm (cuBLASLt)"
+    assert len(report["fp8"]) == 6 and "lm_head" in report["high_precision"]  # the old keys are unchanged
+
+
+def test_auto_on_a_gpu_without_fp8_says_it_emulates(monkeypatch, fresh_probe):
+    """backend auto on a CUDA device where no FP8 GEMM runs (an sm80, say): emulated, and the result says so."""
+    def no_fp8(*args, **kwargs):
+        raise RuntimeError("torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0 "
+                           "or 8.9, or ROCm MI300+")
+
+    monkeypatch.setattr(torch, "_scaled_mm", no_fp8)
+    monkeypatch.setattr(fp8, "_model_device", lambda model: torch.device("cuda", 0))
+    report = convert_to_fp8(tiny_model(), FP8Recipe(backend="auto"))
+    assert report["gemm_form"] == "emulate"
+    assert report["gemm"].startswith("emulated (quantize-dequantize float32 matmul): torch._scaled_mm does not "
+                                     "run on cuda:0: ")
+    assert fp8.gemm_reason("cuda:0") in report["gemm"] and fp8.gemm_reason("cuda:0")
+    assert fp8._resolve_backend("auto", torch.device("cuda", 0)) == "emulate"
+    assert len(report["fp8"]) == 6
+    with pytest.raises(ConfigError, match="scaled_mm"):
+        convert_to_fp8(tiny_model(), FP8Recipe(backend="scaled_mm"))

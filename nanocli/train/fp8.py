@@ -18,12 +18,26 @@ The recipe
     ``scaling="tensorwise"`` is Nemotron-H's per-tensor current scaling instead: one scale per tensor from its
     current amax (that paper kept 4 layers at each end in BF16; set ``keep_high_precision=4``).
 
-Two backends, one switch (``FP8Recipe.backend``)
-    ``scaled_mm``: real FP8 GEMMs, ``torch._scaled_mm`` on E4M3 operands with row/column scales, one call
-    per contraction block (a single call for tensorwise). It runs on this CPU and on CUDA sm89+ GPUs.
+Backends (``FP8Recipe.backend``) and the three forms of a real FP8 GEMM
+    ``scaled_mm``: real FP8 GEMMs, ``torch._scaled_mm`` on E4M3 operands, in one of three forms:
+    "blockwise", ONE call per GEMM with block-wise scales (1x128 x 128x128 for forward and dgrad, 1x128 x
+    1x128 for wgrad; cuBLASLt on CUDA sm90 with CUDA >= 12.9, block 128 only); "per-block", one call per
+    128-wide contraction block with row/column scales, accumulated in float32 (any device where row-wise
+    ``_scaled_mm`` runs: this CPU, CUDA sm89+); "tensorwise", one call per GEMM with per-tensor scales.
     ``emulate``: the same quantized E4M3 values dequantized to float32 and multiplied with a plain matmul.
-    Both see identical quantized operands, so they differ only by float32 summation order (~1e-6 relative;
+    All see identical quantized operands, so they differ only by float32 summation order (~1e-6 relative;
     the tests check it). ``auto`` picks ``scaled_mm`` where :func:`fp8_available` says it runs.
+
+    Which form runs is decided by a probe, once per device (:func:`gemm_probe`, :func:`gemm_form`,
+    :func:`gemm_reason`, :func:`describe_gemm`): row-wise ``_scaled_mm`` with float32 output must run (else
+    "emulate"), and the single block-wise call must give the emulation's result on a small random GEMM with
+    several contraction blocks, ragged sizes and scales spread over 2^-6..2^6, for each scale pair used (else
+    "per-block", with torch's refusal or "wrong results" as the reason). Layouts are tried in turn, 128x128
+    scales with a plain or a 4-padded row stride, sizes padded to 16 or 128, and the first one that is right
+    is the one used, so a wrong layout never runs. ``convert_to_fp8`` returns the form and reason ("gemm"),
+    so an emulation on a GPU is never silent. On this CPU torch refuses block-wise scales ("Invalid scaling
+    configuration"), so the CPU runs the per-block loop; the tests check the single call's layouts against a
+    stand-in ``_scaled_mm`` that enforces torch's checks.
 
 torchao
     ``torchao.float8`` (Float8Linear's autograd Function) runs forward and backward on CPU, with real
@@ -31,8 +45,8 @@ torchao
     tensorwise option uses it when torchao is installed (it is optional; :class:`_FP8LinearFn` computes the
     same thing without it and the tests hold the two together). Its block-wise training
     (``torchao.prototype.blockwise_fp8_training``) needs triton kernels, i.e. a GPU, so block-wise is
-    implemented here. On a GPU the per-block ``_scaled_mm`` loop is correct but slow; fused block-scaled
-    kernels are the place for speed there.
+    implemented here: the single block-wise ``_scaled_mm`` on Hopper, the per-block loop (correct but slower)
+    elsewhere.
 """
 
 from __future__ import annotations
@@ -154,30 +168,177 @@ def _dequantize(qt: Quantized) -> Tensor:
 # GEMMs: C = A @ B^T with A (M, K), B (N, K) quantized in tiles of the same length along K
 # ---------------------------------------------------------------------------------------------------------
 
-@functools.cache
-def _probe_scaled_mm(device: str) -> bool:
+BLOCKWISE_BLOCK = 128  # the only block length torch._scaled_mm's block-wise scales take
+# (mat1, mat2) block-wise scale pairs used here, of those torch._scaled_mm accepts: forward and dgrad
+# (activations or gradients 1x128, weight 128x128) and wgrad (both 1x128). torch also accepts
+# (128x128, 1x128); nothing here produces it, so the probe does not vouch for it and it takes the loop.
+_BLOCKWISE_PAIRS = (("1x128", "128x128"), ("1x128", "1x128"))
+_PROBE_TOLERANCE = 1e-3  # relative error a correct single call stays far below (~1e-6); wrong layouts give ~1
+
+GEMM_FORMS = ("blockwise", "per-block", "tensorwise", "emulate")
+"""What :func:`gemm_form` reports: "blockwise": one ``torch._scaled_mm`` per GEMM with block-wise scales
+(cuBLASLt, CUDA sm90); "per-block": one ``_scaled_mm`` per contraction block with row/column scales;
+"tensorwise": one ``_scaled_mm`` per GEMM with per-tensor scales; "emulate": quantize-dequantize and a
+float32 matmul."""
+
+
+class BlockwiseLayout(NamedTuple):
+    """How the single block-wise call's operands are laid out, as the probe found torch to accept them."""
+
+    padded_ld: bool  # 128x128 scales' row stride rounded up to a multiple of 4 (some torch versions)
+    align: int  # M, N and K zero-padded to a multiple of this (torch checks 16)
+
+
+_LAYOUTS = (BlockwiseLayout(False, 16), BlockwiseLayout(True, 16),
+            BlockwiseLayout(False, 128), BlockwiseLayout(True, 128))  # tried in this order
+
+
+class GemmProbe(NamedTuple):
+    """What the probe found on one device for block-wise scaling."""
+
+    form: str  # "blockwise", "per-block" or "emulate"
+    reason: str  # why not the single block-wise call ("" when it runs)
+    layout: BlockwiseLayout | None  # the single call's layout (form "blockwise" only)
+
+
+def _device_key(device: str | torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def _failure(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _nrel(got: Tensor, want: Tensor) -> float:
+    """||got - want|| / ||want|| in float64; inf when got is not finite."""
+    got, want = got.double(), want.double()
+    if not bool(torch.isfinite(got).all()):
+        return float("inf")
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def _probe_rowwise(device: str) -> str:
+    """"" when _scaled_mm runs E4M3 GEMMs with row-wise scales, float32 output on ``device``; else why not."""
     try:
         a = torch.ones(16, 32, device=device).to(E4M3)  # (M, K)
         b = torch.ones(16, 32, device=device).to(E4M3)  # (N, K)
         ones_m = torch.ones(16, 1, device=device)
         out = torch._scaled_mm(a, b.t(), scale_a=ones_m, scale_b=ones_m.t().contiguous(),
                                out_dtype=torch.float32)  # (M, N) rowwise scales, float32 out: what we use
-        return bool((out == 32).all())
-    except (RuntimeError, TypeError, AttributeError, NotImplementedError, ValueError):
-        return False
+        if not bool((out == 32).all()):
+            return f"torch._scaled_mm gave a wrong row-wise result on {device}"
+        return ""
+    except Exception as e:  # noqa: BLE001 - any failure means "does not run here"; the reason says which
+        return f"torch._scaled_mm does not run on {device}: {_failure(e)}"
+
+
+def _probe_operands(device: str) -> list[tuple[Quantized, Quantized]]:
+    """Small random block-wise GEMMs, one per pair used: ragged M, N, K (3 contraction blocks, the last one
+    partial; 2 weight block rows) and scales spread over 2^-6..2^6, so that any mislaid scale shows."""
+    g = torch.Generator().manual_seed(0)
+
+    def operand(rows: int, cols: int, tile: tuple[int, int]) -> Quantized:
+        tr, tc = min(tile[0], rows), min(tile[1], cols)
+        q = ((torch.rand(rows, cols, generator=g) * 2 - 1) * E4M3_MAX).to(E4M3)
+        s = torch.exp2(torch.randint(-6, 7, (-(-rows // tr), -(-cols // tc)), generator=g).float())
+        return Quantized(q.to(device), s.to(device), (tr, tc))
+
+    M, N, K = 40, 160, 320
+    act, blk = (1, BLOCKWISE_BLOCK), (BLOCKWISE_BLOCK, BLOCKWISE_BLOCK)
+    x = operand(M, K, act)
+    return [(x, operand(N, K, blk)), (x, operand(N, K, act))]  # (1x128, 128x128), (1x128, 1x128)
+
+
+def _probe_blockwise(device: str, layout: BlockwiseLayout) -> str:
+    """"" when one block-wise _scaled_mm in ``layout`` gives the emulation's result on ``device``; else why."""
+    try:
+        for a, b in _probe_operands(device):
+            pair = _blockwise_pair(a, b)
+            want = _dequantize(a).double() @ _dequantize(b).double().t()  # float64: no TF32 in the reference
+            err = _nrel(_gemm_blockwise(a, b, pair, layout), want)
+            if not err < _PROBE_TOLERANCE:
+                return (f"gave wrong block-wise results ({pair[0]} x {pair[1]} scales, checked against "
+                        "the emulation)")
+        return ""
+    except Exception as e:  # noqa: BLE001 - any failure means "not this layout"; the reason says which
+        return f"refused block-wise scales: {_failure(e)}"
+
+
+@functools.cache
+def _probe_gemm(device: str) -> GemmProbe:
+    """Which FP8 GEMM form runs on ``device`` (a normalized device string), tried once per device."""
+    reason = _probe_rowwise(device)
+    if reason:
+        return GemmProbe("emulate", reason, None)
+    failures: list[str] = []
+    for layout in _LAYOUTS:
+        why = _probe_blockwise(device, layout)
+        if not why:
+            return GemmProbe("blockwise", "", layout)
+        if why not in failures:
+            failures.append(why)
+    return GemmProbe("per-block", "torch._scaled_mm " + "; ".join(failures), None)
+
+
+def gemm_probe(device: str | torch.device) -> GemmProbe:
+    """The probe's finding for ``device`` (cached per device): form, reason and the single call's layout."""
+    return _probe_gemm(_device_key(device))
 
 
 def fp8_available(device: str | torch.device) -> bool:
     """Whether real FP8 GEMMs (``torch._scaled_mm``, E4M3, row-wise scales, float32 output) run on ``device``."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return _probe_scaled_mm(str(device))
+    return gemm_probe(device).form != "emulate"
+
+
+def _gemm_choice(device: str | torch.device, recipe: FP8Recipe | None) -> tuple[str, str]:
+    """(form, reason) of the GEMMs ``recipe`` runs on ``device``; the reason is "" for the best form."""
+    recipe = recipe if recipe is not None else FP8Recipe()
+    if recipe.backend == "emulate":
+        return "emulate", "fp8 backend 'emulate' was asked for"
+    probe = gemm_probe(device)
+    if probe.form == "emulate":
+        return "emulate", probe.reason
+    if recipe.scaling == "tensorwise":
+        return "tensorwise", ""
+    if recipe.block != BLOCKWISE_BLOCK:
+        return "per-block", (f"fp8 block {recipe.block}: torch._scaled_mm's block-wise scales take "
+                             f"{BLOCKWISE_BLOCK}-wide blocks only")
+    return probe.form, probe.reason
+
+
+def gemm_form(device: str | torch.device, recipe: FP8Recipe | None = None) -> str:
+    """Which form the FP8 GEMMs of ``recipe`` (default: block-wise, backend auto) take on ``device``: one of
+    :data:`GEMM_FORMS`. :func:`gemm_reason` says why when it is not the best one."""
+    return _gemm_choice(device, recipe)[0]
+
+
+def gemm_reason(device: str | torch.device, recipe: FP8Recipe | None = None) -> str:
+    """Why :func:`gemm_form` is less than the best form ("" when it is the best)."""
+    return _gemm_choice(device, recipe)[1]
+
+
+def describe_gemm(device: str | torch.device, recipe: FP8Recipe | None = None) -> str:
+    """One line for people: the form of ``recipe``'s FP8 GEMMs on ``device``, and why when not the best."""
+    recipe = recipe if recipe is not None else FP8Recipe()
+    form, reason = _gemm_choice(device, recipe)
+    text = {"blockwise": "block-wise single _scaled_mm (cuBLASLt)",
+            "per-block": f"per-{recipe.block}-block _scaled_mm loop",
+            "tensorwise": "tensorwise single _scaled_mm",
+            "emulate": "emulated (quantize-dequantize float32 matmul)"}[form]
+    return f"{text}: {reason}" if reason else text
 
 
 def _mm_align(device: torch.device) -> int:
     """Multiple that _scaled_mm needs every dimension padded to: none on CPU, 16 on GPUs."""
     return 1 if device.type == "cpu" else 16
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
 
 
 def _pad_fp8(q: Tensor, rows: int, cols: int) -> Tensor:
@@ -188,14 +349,76 @@ def _pad_fp8(q: Tensor, rows: int, cols: int) -> Tensor:
     return out
 
 
+def _blockwise_kinds(qt: Quantized) -> tuple[str, ...]:
+    """The block-wise scale types of torch._scaled_mm whose grouping ``qt``'s tiles have ("1x128", "128x128"),
+    none unless the tiles are 128 long along the contraction (columns) and there is more than one of them."""
+    R, (tr, tc) = qt.q.shape[0], qt.tile
+    if tc != BLOCKWISE_BLOCK or qt.s.shape[1] < 2:
+        return ()
+    kinds = ("1x128",) if tr == 1 else ()
+    if tr == BLOCKWISE_BLOCK or tr == R <= BLOCKWISE_BLOCK:  # a clipped tile: one block row
+        kinds += ("128x128",)
+    return kinds
+
+
+def _blockwise_pair(a: Quantized, b: Quantized) -> tuple[str, str] | None:
+    """The (mat1, mat2) block-wise scale pair for C = A @ B^T, or None when the single call cannot take it."""
+    ka, kb = _blockwise_kinds(a), _blockwise_kinds(b)
+    return next((p for p in _BLOCKWISE_PAIRS if p[0] in ka and p[1] in kb), None)
+
+
+def _blockwise_scale(qt: Quantized, kind: str, rows: int, padded_ld: bool) -> Tensor:
+    """qt's scales laid out as torch._scaled_mm checks them for qt's values zero-padded to ``rows`` rows.
+
+    1x128: (rows, nK), column-major (stride (1, rows)), the padded rows' scales 1.0. 128x128: (nR, nK),
+    row-major with row stride nK, or round_up(nK, 4) when ``padded_ld``; padding the rows to a multiple of 16
+    or 128 never adds a block row.
+    """
+    s = qt.s  # (R, nK) for 1x128 tiles, (nR, nK) for 128x128 blocks, float32 contiguous
+    if kind == "1x128":
+        out = s.new_ones(s.shape[1], rows)  # (nK, rows)
+        out[:, : s.shape[0]] = s.t()
+        return out.t()  # (rows, nK), strides (1, rows)
+    nr, nk = s.shape
+    if nr != -(-rows // BLOCKWISE_BLOCK):
+        raise AssertionError(f"128x128 scales {tuple(s.shape)} do not fit {rows} rows")
+    ld = _round_up(nk, 4) if padded_ld else nk
+    if ld == nk:
+        return s.contiguous()
+    out = s.new_ones(nr, ld)
+    out[:, :nk] = s
+    return out[:, :nk]  # (nR, nK), strides (ld, 1)
+
+
+def _gemm_blockwise(a: Quantized, b: Quantized, pair: tuple[str, str], layout: BlockwiseLayout) -> Tensor:
+    """Real FP8 in ONE torch._scaled_mm with block-wise scales (cuBLASLt, CUDA sm90): float32 (M, N).
+
+    mat1 is A (Mp, Kp) row-major, mat2 is B^T (Kp, Np) column-major; torch checks scale_a against mat1 and
+    scale_b.t() against mat2.t() = B (Np, Kp), so scale_b is B's scales in B's layout, transposed.
+    """
+    (M, K), N = a.q.shape, b.q.shape[0]
+    Mp, Np, Kp = (_round_up(n, layout.align) for n in (M, N, K))  # zeros add nothing, 1.0 scales on them
+    aq, bq = _pad_fp8(a.q, Mp, Kp), _pad_fp8(b.q, Np, Kp)
+    sa = _blockwise_scale(a, pair[0], Mp, layout.padded_ld)
+    sb = _blockwise_scale(b, pair[1], Np, layout.padded_ld).t()
+    out = torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)  # (Mp, Np)
+    return out[:M, :N]
+
+
 def _gemm_scaled_mm(a: Quantized, b: Quantized) -> Tensor:
-    """Real FP8: one _scaled_mm per contraction block, partial products accumulated in float32."""
+    """Real FP8: the single block-wise call where the probe found it right on this device, else one
+    _scaled_mm per contraction block with row/column scales, partial products accumulated in float32."""
     (M, K), N, tk = a.q.shape, b.q.shape[0], a.tile[1]
     if a.s.numel() == 1 and b.s.numel() == 1 and _mm_align(a.q.device) == 1:  # tensorwise: one GEMM
         return torch._scaled_mm(a.q, b.q.t(), scale_a=a.s.reshape(()), scale_b=b.s.reshape(()),
                                 out_dtype=torch.float32)  # (M, N)
+    pair = _blockwise_pair(a, b)
+    if pair is not None:
+        probe = gemm_probe(a.q.device)
+        if probe.layout is not None:
+            return _gemm_blockwise(a, b, pair, probe.layout)
     align = _mm_align(a.q.device)
-    Mp, Np, Kp = (-(-n // align) * align for n in (M, N, K))
+    Mp, Np, Kp = (_round_up(n, align) for n in (M, N, K))
     aq, bq = _pad_fp8(a.q, Mp, Kp), _pad_fp8(b.q, Np, Kp)  # (Mp, Kp), (Np, Kp): zeros add nothing
     sa = F.pad(a.s.repeat_interleave(a.tile[0], dim=0)[:M], (0, 0, 0, Mp - M), value=1.0)  # (Mp, nK)
     sb = F.pad(b.s.repeat_interleave(b.tile[0], dim=0)[:N], (0, 0, 0, Np - N), value=1.0)  # (Np, nK)
@@ -373,21 +596,29 @@ def revert_fp8(model: nn.Module) -> None:
             _replace(model, name, _to_linear(module))
 
 
-def convert_to_fp8(model: nn.Module, recipe: FP8Recipe) -> dict[str, list[str]]:
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def convert_to_fp8(model: nn.Module, recipe: FP8Recipe) -> dict[str, list[str] | str]:
     """Swap the ``nn.Linear`` modules of ``model.backbone.layers`` for FP8Linear, in place.
 
     The first and last ``recipe.keep_high_precision`` layers holding a Linear stay as they are, and so do the
     embeddings and lm_head. Parameters are shared, not copied, so optimizers and checkpoints are unaffected.
-    Returns ``{"fp8": [module names], "high_precision": [names of the Linears left as they are]}``.
+    Returns ``{"fp8": [module names], "high_precision": [names of the Linears left as they are],
+    "gemm_form": one of GEMM_FORMS, "gemm": how the FP8 GEMMs run on the model's device}``; "gemm" says
+    why when that is less than the best form, and an emulation (backend "auto" where no FP8 GEMM runs) is
+    always named as one, with the reason.
     """
     layers = getattr(getattr(model, "backbone", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise TypeError("convert_to_fp8 needs a model with backbone.layers (a NanoForCausalLM)")
+    device = _model_device(model)
     if recipe.backend == "scaled_mm":
-        device = next(model.parameters()).device
         if not fp8_available(device):
-            raise ConfigError(f"fp8 backend 'scaled_mm': torch._scaled_mm does not run on {device}; "
-                              "use backend 'auto' or 'emulate'")
+            why = gemm_probe(device).reason
+            raise ConfigError(f"fp8 backend 'scaled_mm': torch._scaled_mm does not run on {device}"
+                              f"{f' ({why})' if why else ''}; use backend 'auto' or 'emulate'")
     revert_fp8(model)
     gemm_layers = [i for i, layer in enumerate(layers) if any(isinstance(m, nn.Linear) for m in layer.modules())]
     n = recipe.keep_high_precision
@@ -400,4 +631,5 @@ def convert_to_fp8(model: nn.Module, recipe: FP8Recipe) -> dict[str, list[str]]:
                 _replace(layers[i], name, FP8Linear.from_linear(module, recipe))
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     return {"fp8": [name for name, m in linears if isinstance(m, FP8Linear)],
-            "high_precision": [name for name, m in linears if not isinstance(m, FP8Linear)]}
+            "high_precision": [name for name, m in linears if not isinstance(m, FP8Linear)],
+            "gemm_form": gemm_form(device, recipe), "gemm": describe_gemm(device, recipe)}
