@@ -172,7 +172,7 @@ class BenchResult:
     threads: int
     batch: str  # "1", "4" or "max"
     repeats: int
-    kernels: str  # "cuda" (mamba-ssm kernels) or "reference"
+    kernels: str  # "mamba-ssm+causal-conv1d", "mamba-ssm" (conv in PyTorch) or "reference"
     load_before: tuple[float, float, float] | None  # os.getloadavg() at the start and the end
     load_after: tuple[float, float, float] | None
     seconds: float  # the whole benchmark, wall clock
@@ -180,6 +180,7 @@ class BenchResult:
     machine: str
     notes: list[str] = field(default_factory=list)
     decode: str = "eager"  # "compiled": the decode steps ran through CompiledDecode (--compile)
+    kernels_detail: str = ""  # kernels.KernelStatus.describe(): which runs, and why the others do not
 
     @property
     def hybrid(self) -> ModelInfo:
@@ -199,7 +200,7 @@ class BenchResult:
                 "dtype": self.dtype, "threads": self.threads, "batch": self.batch, "repeats": self.repeats,
                 "kernels": self.kernels, "load_before": self.load_before, "load_after": self.load_after,
                 "seconds": self.seconds, "torch_version": self.torch_version, "machine": self.machine,
-                "notes": self.notes, "decode": self.decode}
+                "notes": self.notes, "decode": self.decode, "kernels_detail": self.kernels_detail}
 
 
 # ------------------------------------------------------------------------------------- input parsing
@@ -414,13 +415,13 @@ def curve(prompt: int, step_seconds: list[float], points: int = CURVE_POINTS) ->
     return out
 
 
-def _largest_batch(config: NanoConfig, plan: _Plan, context: int, free: int) -> int:
-    """CUDA: the largest batch ``fit.estimate`` says fits in the free memory (weights already resident)."""
+def _largest_batch(config: NanoConfig, plan: _Plan, context: int, free: int, chunk: int) -> int:
+    """CUDA: the largest batch ``fit.estimate`` says fits in the free memory (weights already resident), with
+    prompts prefilled ``chunk`` tokens at a time (``--prefill-chunk``: the activations grow with it)."""
     from nanocli_model import fit
 
     budget = int(free * GPU_MEMORY_SHARE) + fit.weights_bytes(config, plan.dtype)
-    n = fit.max_batch(config, budget, context=context, dtype=plan.dtype,
-                      prefill_chunk=min(context, 2048))
+    n = fit.max_batch(config, budget, context=context, dtype=plan.dtype, prefill_chunk=min(context, chunk))
     if n == 0:
         raise BenchError(f"--batch max: not even one sequence of {context:,} tokens fits in the free GPU memory "
                          f"({free / 2**30:.2f} GiB); use shorter --lengths")
@@ -532,8 +533,8 @@ def run(o: BenchOptions, hooks: BenchHooks | None = None) -> BenchResult:
     for i, (p_len, out_len) in enumerate(plan.lengths):
         prompt = _prompt(plan.config.vocab_size, p_len, seed=o.seed + i)
         free = torch.cuda.mem_get_info()[0] if plan.batch == "max" else 0
-        batches = {role: plan.batch if plan.batch != "max" else _largest_batch(configs[role], plan, p_len + out_len,
-                                                                                free) for role in models}
+        batches = {role: plan.batch if plan.batch != "max" else
+                   _largest_batch(configs[role], plan, p_len + out_len, free, o.prefill_chunk) for role in models}
         runs: dict[str, list[Run]] = {role: [] for role in models}
         peaks: dict[str, list[tuple[int, str]]] = {role: [] for role in models}
         measured: dict[str, int] = {}
@@ -548,10 +549,11 @@ def run(o: BenchOptions, hooks: BenchHooks | None = None) -> BenchResult:
                               peaks[role]) for role in models}
         pairs.append(PairResult(p_len, out_len, m["hybrid"], m.get("transformer")))
 
+    ran = kernels.status(models["hybrid"].lm_head.weight.device)
     return BenchResult(
         models=infos, pairs=pairs, device=plan.device if plan.device == "cpu" else torch.cuda.get_device_name(),
         dtype=plan.dtype, threads=torch.get_num_threads(), batch=str(plan.batch), repeats=plan.repeats,
-        kernels=kernels.backend_for(models["hybrid"].lm_head.weight), load_before=load_before,
+        kernels=ran.label, kernels_detail=ran.describe(), load_before=load_before,
         load_after=_load_average(), seconds=time.perf_counter() - started, torch_version=torch.__version__,
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs", notes=notes,
         decode="compiled" if o.compile and all(s and s.compiled for s in steps.values()) else "eager")

@@ -90,14 +90,27 @@ def profiles_command() -> None:
 
 @app.command("info")
 def info_command(
-    target: Annotated[str, typer.Argument(help="A model directory (with config.json), a config.json or "
-                                                "profile .yaml file, or a model profile name.")],
+    target: Annotated[str | None, typer.Argument(help="A model directory (with config.json), a config.json or "
+                                                       "profile .yaml file, or a model profile name.")] = None,
+    kernels: Annotated[bool, typer.Option("--kernels", help="Say which GPU kernels nano runs on this machine "
+                                          "(mamba-ssm's Triton scan/step, causal-conv1d's conv) and why any is "
+                                          "missing; imports torch (a second or two).")] = False,
 ) -> None:
     """Show a model's architecture, its parameters per layer kind and its memory at 128k context."""
     from . import ui
-    from .summary import resolve_model
 
-    ui.show_model_info(resolve_model(target))
+    if target is None and not kernels:
+        raise NanoError("give a model (a directory, config.json, profile .yaml or profile name), or --kernels")
+    if target is not None:
+        from .summary import resolve_model
+
+        ui.show_model_info(resolve_model(target))
+    if kernels:
+        import torch
+
+        from nanocli_model import kernels as kernel_mod
+
+        ui.show_kernels(kernel_mod.status("cuda"), torch.cuda.is_available())
 
 
 @app.command("demo")

@@ -30,7 +30,8 @@ class MeasureOutOfMemory(NanoError):
 @dataclass(frozen=True)
 class Measurement:
     device: str
-    kernels: str  # "cuda" (mamba-ssm kernels) or "reference" (pure PyTorch on the GPU)
+    kernels: str  # "mamba-ssm+causal-conv1d", "mamba-ssm" (conv in PyTorch) or "reference" (pure PyTorch)
+    kernels_detail: str  # kernels.KernelStatus.describe(): which runs, and why the others do not
     weights: int  # bytes allocated by the model's parameters
     cache: int  # bytes allocated by the HybridCache
     peak_allocated: int  # torch.cuda.max_memory_allocated over build + prefill + decode
@@ -119,6 +120,7 @@ def run(config: NanoConfig, *, context: int, batch: int, dtype: str, ssm_dtype: 
         used = query_device(device_index).used
     except (NvmlUnavailable, NanoError):
         pass
-    return Measurement(device=torch.cuda.get_device_name(dev), kernels=kernels.backend_for(model.lm_head.weight),
+    ran = kernels.status(dev)
+    return Measurement(device=torch.cuda.get_device_name(dev), kernels=ran.label, kernels_detail=ran.describe(),
                        weights=weights, cache=cache_bytes, peak_allocated=torch.cuda.max_memory_allocated(dev),
                        peak_reserved=torch.cuda.max_memory_reserved(dev), nvml_used=used, seconds=seconds)

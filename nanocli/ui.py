@@ -9,6 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from nanocli_model.errors import NanoError
 
@@ -135,6 +136,15 @@ def show_model_info(s: ModelSummary) -> None:
     mem.add_row(f"Mamba state (conv bf16, SSM {c.mamba_ssm_cache_dtype})", human_bytes(s.state_bytes))
     mem.add_row("[bold]total[/bold]", f"[bold]{human_bytes(s.weight_bytes + s.kv_bytes + s.state_bytes)}[/bold]")
     out.print(mem)
+
+
+def show_kernels(status, gpu_visible: bool) -> None:
+    """``nano info --kernels``: what CUDA tensors run with this install (kernels.KernelStatus), and why."""
+    out = console()
+    out.print(Text(status.describe()))
+    if not gpu_visible:
+        out.print(Text("no CUDA GPU is visible here: on this machine every tensor runs the pure-PyTorch reference",
+                       style="dim"))
 
 
 def _share(part: int, total: int) -> str:
@@ -352,7 +362,8 @@ def show_fit_check(r: FitCheckResult, measured: Measurement | None = None, plot_
 def measure_table(r: FitCheckResult, m: Measurement) -> Table:
     e = r.estimate
     table = Table(title=f"Measured on {m.device} ({m.kernels} kernels; prefill + decode {m.seconds:.1f} s)",
-                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, caption=Text(m.kernels_detail),
+                  caption_justify="left")
     for name in ("", "estimate", "measured", "difference"):
         table.add_column(name, justify="left" if not name else "right", no_wrap=True)
 
@@ -400,9 +411,11 @@ def show_generation_stats(result) -> None:
     err.print(f"prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} tokens | "
               f"prefill {s.prefill_tokens_per_s:,.1f} tok/s, decode {s.decode_tokens_per_s:,.1f} tok/s | "
               f"peak memory {human_bytes(s.peak_memory_bytes)} ({s.peak_memory_source}) | "
-              f"{result.device} {result.dtype}"
+              f"{result.device} {result.dtype} | kernels {result.kernels}"
               + (f" | compiled decode (compile {s.compile_seconds:.1f} s)" if result.decode == "compiled" else ""),
               style="dim", markup=False)
+    if result.device != "cpu" and result.kernels != "mamba-ssm+causal-conv1d":  # a GPU without every kernel
+        err.print(f"note: {result.kernels_detail}", markup=False, highlight=False)
     if result.decode.startswith("eager ("):  # --compile asked for, and it fell back
         err.print(f"note: --compile: decode ran {result.decode}", markup=False)
 
@@ -575,7 +588,9 @@ def show_pretrain_result(r) -> None:
     if r.mfu is not None:
         t.add_row("MFU", f"{100 * r.mfu:.1f}%")
     if r.fp8:
-        t.add_row("fp8", f"{len(r.fp8['fp8'])} linear layers in FP8, {len(r.fp8['high_precision'])} kept in bf16")
+        gemm = f"; GEMMs: {r.fp8['gemm']}" if r.fp8.get("gemm") else ""
+        t.add_row("fp8", f"{len(r.fp8['fp8'])} linear layers in FP8, {len(r.fp8['high_precision'])} kept in bf16"
+                  f"{gemm}")
     t.add_row("checkpoint", str(r.final))
     if r.plot:
         t.add_row("loss curve", str(r.plot))

@@ -175,6 +175,8 @@ def show_bench(r, plot_path: str | None = None) -> None:
     out.print(f"[bold]nano bench[/bold]: {h.name} ({h.source}) | {r.device} {r.dtype}, {r.threads} thread(s), "
               f"batch {r.batch} | {r.repeats} run(s) per model, interleaved, medians | kernels {r.kernels}"
               + (" | compiled decode" if r.decode == "compiled" else ""))
+    if r.device != "cpu" and r.kernels_detail:  # on a GPU: which kernels ran, and why any other did not
+        out.print(r.kernels_detail, style="dim", markup=False, highlight=False)
     models = Table(box=box.SIMPLE_HEAD, show_edge=False)
     for name, justify in (("model", "left"), ("pattern", "left"), ("M/-/*", "right"), ("parameters", "right"),
                           ("KV / token", "right"), ("Mamba state / seq", "right")):

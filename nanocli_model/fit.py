@@ -14,13 +14,17 @@ layer at a time (inference frees each layer's buffers before the next):
 
 * every layer: the residual stream and the normed layer input, ``2 b T h s``;
 * Mamba: ``in_proj`` output ``b T (2I + 2GN + H) s`` and conv output ``b T C s`` (both live to the end of
-  the layer), plus the largest of: the conv's input copies ``2 b T C s``; the scan's float32 chunk
-  states with their passed-on copy ``b ceil(T/Q) H P N (4 + s)``; the float32 output ``b T I (4 + s)``;
-  and the float32 gated RMSNorm, three ``b T I 4`` buffers at once;
+  the layer), plus the largest of: the conv's contiguous input ``b T C s``; the scan's contiguous operands
+  x, B, C, dt ``b T (I + 2GN + H) s`` (``kernels.py``: 32-bit offsets) with its float32 chunk states and
+  their passed-on copy ``b ceil(T/Q) H P N (4 + s)``; the float32 output ``b T I (4 + s)``; and the
+  float32 gated RMSNorm, three ``b T I 4`` buffers at once;
 * attention: q, the kernel output and the o_proj input copy ``3 b T heads d s`` + o_proj output. The
   default (``flash``) assumes a fused causal kernel (flash / memory-efficient) that never materialises the
   (T x S) score matrix; ``eager`` adds scores and probabilities ``2 b heads T S s``, K/V expanded to the
-  query heads ``2 b heads S d s`` and the boolean mask with its additive copy ``T S (1 + s)``;
+  query heads ``2 b heads S d s`` and the boolean mask with its additive copy ``T S (1 + s)``. Left-padded
+  batches need no term of their own: their prefill runs one row at a time on the same fused kernel
+  (``layers.Attention._padded_rows``) and no forward is longer than the prefill chunk
+  (``HybridCache.left_pad``);
 * MLP: up_proj output ``b T F s`` + down_proj output;
 * the end: the last position's logits, in the model dtype and as float32, ``b V (s + 4)``.
 
@@ -147,10 +151,11 @@ def activation_bytes(c: NanoConfig, batch: int, chunk: int, context: int, dtype:
         scan = max(states * (4 + s),  # float32 chunk states + the passed-on states (model dtype)
                    states * s + batch * nc * G * Q * Q * 4 + n * H * P * s)  # states + C^T B + output
         scan += 2 * batch * H * nc * Q * 4  # dt and its cumulative sum, float32
+        scan += n * (inner + 2 * G * N + H) * s  # the contiguous x, B, C, dt the kernels are given
         layers[MAMBA] = {
             "in_proj output": n * c.mamba_in_proj_dim * s,
             "conv output": n * conv * s,
-            "scan / gated-norm buffers": max(2 * n * conv * s, scan, n * inner * (4 + s), 3 * n * inner * 4),
+            "scan / gated-norm buffers": max(n * conv * s, scan, n * inner * (4 + s), 3 * n * inner * 4),
         }
     if c.count(ATTENTION):
         heads, d = c.num_attention_heads, c.head_dim

@@ -62,6 +62,21 @@ def test_twin_that_cannot_match_is_an_error():
 
 
 # ---------------------------------------------------------------------------------------- parsing
+def test_batch_max_plans_with_the_given_prefill_chunk():
+    # --batch max sizes the batch with fit.estimate at --prefill-chunk (the activations grow with it)
+    from nanocli_model import fit
+
+    c = load_model_profile("nemotron-nano-9b-v2").config
+    plan = bench._Plan(c, "9b", "profile", None, [(8192, 1024)], "max", "cuda", "bf16", 1)
+    free = 60 * 2**30
+    sizes = {chunk: bench._largest_batch(c, plan, 9216, free, chunk) for chunk in (512, 8192)}
+    budget = int(free * bench.GPU_MEMORY_SHARE) + fit.weights_bytes(c, "bf16")
+    for chunk, n in sizes.items():
+        assert n == min(bench.MAX_AUTO_BATCH, fit.max_batch(c, budget, context=9216, dtype="bf16",
+                                                             prefill_chunk=chunk))
+    assert sizes[512] > sizes[8192]
+
+
 def test_parse_lengths():
     assert bench.parse_lengths("512:1024, 8k:16k") == [(512, 1024), (8192, 16384)]
     assert bench.parse_lengths("1_024:2048") == [(1024, 2048)]

@@ -81,6 +81,17 @@ def test_info_model_directory(tmp_path):
     assert "330,720" in result.stdout
 
 
+def test_info_kernels_says_what_runs_and_why():
+    # `make install` puts mamba-ssm's Triton ops in the venv; causal-conv1d needs CUDA to build and is absent
+    result = nano("info", "--kernels")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "scan/step mamba-ssm 2.3.2.post1 (Triton)" in text
+    assert "conv pure PyTorch (causal-conv1d not importable" in text
+    assert "no CUDA GPU is visible here" in text
+    assert "give a model" in assert_one_line_error(nano("info"))
+
+
 def test_info_missing_path_is_one_line_error():
     line = assert_one_line_error(nano("info", "/nonexistent"))
     assert "/nonexistent" in line

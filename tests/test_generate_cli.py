@@ -52,6 +52,21 @@ def test_greedy_is_deterministic_and_reports_timings(capsys, monkeypatch, model_
     assert a["outputs"][0]["generated_ids"] == b["outputs"][0]["generated_ids"]
     assert a["generated_tokens"] >= 1 and a["prompt_tokens"] == len(a["outputs"][0]["prompt_ids"])
     assert a["decode_tokens_per_s"] > 0 and a["peak_memory_bytes"] > 0
+    assert a["kernels"] == "reference" and "CUDA tensors" in a["kernels_detail"]  # says what ran, and why
+
+
+def test_stats_line_names_the_kernels_and_a_gpu_without_them_says_why(capsys, monkeypatch, model_dir):
+    from nanocli import ui
+    from nanocli.stages.generate import GenerateResult
+
+    code, _, err = run(capsys, monkeypatch, "-m", model_dir, "hi", "--greedy", "--max-new-tokens", "2")
+    assert code == 0 and "kernels reference" in " ".join(err.split())  # (rich wraps at the terminal width)
+    stats = type("S", (), dict(prompt_tokens=3, generated_tokens=2, prefill_tokens_per_s=1.0, compile_seconds=0.0,
+                               decode_tokens_per_s=1.0, peak_memory_bytes=1, peak_memory_source="cuda"))()
+    detail = "kernels: scan/step mamba-ssm 2.3.2.post1 (Triton), conv pure PyTorch (causal-conv1d not importable)"
+    ui.show_generation_stats(GenerateResult([], stats, "cuda", "bfloat16", "eager", "mamba-ssm", detail))
+    err = capsys.readouterr().err
+    assert "kernels mamba-ssm" in err and "note: " + detail in " ".join(err.split())
 
 
 def test_seeded_sampling_is_reproducible(capsys, monkeypatch, model_dir):

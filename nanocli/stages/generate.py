@@ -74,6 +74,8 @@ class GenerateResult:
     device: str
     dtype: str
     decode: str = "eager"  # eager | compiled | eager (compile failed: why)
+    kernels: str = "reference"  # kernels.KernelStatus.label: mamba-ssm+causal-conv1d | mamba-ssm | reference
+    kernels_detail: str = ""  # kernels.KernelStatus.describe(): which runs, and why the others do not
 
     def to_json(self) -> dict:
         s = self.stats
@@ -84,7 +86,7 @@ class GenerateResult:
             "prefill_tokens_per_s": s.prefill_tokens_per_s, "decode_tokens_per_s": s.decode_tokens_per_s,
             "peak_memory_bytes": s.peak_memory_bytes, "peak_memory_source": s.peak_memory_source,
             "seed": s.seed, "device": self.device, "dtype": self.dtype, "decode": self.decode,
-            "compile_seconds": s.compile_seconds,
+            "compile_seconds": s.compile_seconds, "kernels": self.kernels, "kernels_detail": self.kernels_detail,
         }
 
 
@@ -96,6 +98,7 @@ class Loaded:
     device: str
     dtype: str
     decode_step: object = None  # a nanocli_model.decode.CompiledDecode with --compile, else None (the model)
+    kernels: object = None  # nanocli_model.kernels.KernelStatus on the model's device
 
     @property
     def decode(self) -> str:
@@ -139,7 +142,10 @@ def load(options: GenerateOptions) -> Loaded:
         from nanocli_model.decode import CompiledDecode
 
         step = CompiledDecode(model)
-    return Loaded(model, tokenizer, device, str(model.dtype).replace("torch.", ""), step)
+    from nanocli_model import kernels
+
+    return Loaded(model, tokenizer, device, str(model.dtype).replace("torch.", ""), step,
+                  kernels.status(model.device))
 
 
 # ---------------------------------------------------------------------------------------- prompts
@@ -312,7 +318,9 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
         reason = "stop" if stopped[i] else completion.finish_reason
         outputs.append(Output(ids[i], completion.token_ids, texts[i], thinking_text.strip("\n"), answer.strip(),
                               reason, completion.thinking_tokens, completion.budget_forced))
-    return GenerateResult(outputs, stats, loaded.device, loaded.dtype, loaded.decode)
+    ran = loaded.kernels
+    return GenerateResult(outputs, stats, loaded.device, loaded.dtype, loaded.decode,
+                          ran.label if ran else "reference", ran.describe() if ran else "")
 
 
 def out_of_memory(options: GenerateOptions, batch: int, context: int) -> GenerateError:
