@@ -209,3 +209,22 @@ def test_left_padded_rows_equal_their_prompts_alone(calls, tiny_model):
                                   + [m(follow[i:i + 1, j:j + 1], c1) for j in range(3)], 1)
             assert rel_err(batched[i:i + 1], alone) < 1e-4, f"row {i}"
     assert calls["scan"] and calls["step"]
+
+
+def test_padded_generation_in_chunks_matches_the_reference(calls, tiny_model):
+    # A short prompt beside a long one: the padding is longer than the prefill chunk, yet no forward exceeds
+    # the chunk (fit-check's assumption) and the kernels' tokens equal the reference's.
+    from nanocli_model.generation import SamplingParams, generate
+
+    m, seen = tiny_model, []
+    hook = m.backbone.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    prompts = [[5, 9, 13], list(range(20, 37))]
+    params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+    try:
+        got = [c.token_ids for c in generate(m, prompts, params, prefill_chunk=4).completions]
+    finally:
+        hook.remove()
+    with kernels.use("reference"):
+        want = [c.token_ids for c in generate(m, prompts, params, prefill_chunk=4).completions]
+    assert got == want and calls["scan"] and calls["step"]
+    assert max(seen) == 4 and seen[:5] == [4, 4, 4, 4, 1]  # 17 prompt tokens in chunks of 4, then decode
