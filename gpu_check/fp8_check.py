@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 from common import Results, rel, verdict  # noqa: E402
 
-from nanocli.train import fp8  # noqa: E402
+from nanocli.train import fp8, fp8_gemm  # noqa: E402
 
 DEV = torch.device("cpu" if args.smoke else "cuda")
 R = Results("fp8", args.out, args.deadline, tracebacks=args.smoke)
@@ -64,12 +64,12 @@ def timed(fn, reps=10):
 @contextlib.contextmanager
 def per_block_loop():
     """nano's _gemm_scaled_mm as it runs where the probe did not vouch for the single call: the loop."""
-    real = fp8.gemm_probe
-    fp8.gemm_probe = lambda device: fp8.GemmProbe("per-block", "forced by the GPU check", None)
+    real = fp8_gemm.gemm_probe
+    fp8_gemm.gemm_probe = lambda device: fp8.GemmProbe("per-block", "forced by the GPU check", None)
     try:
         yield
     finally:
-        fp8.gemm_probe = real
+        fp8_gemm.gemm_probe = real
 
 
 # ------------------------------------------------------------------------------------- 1. the probe
@@ -105,29 +105,29 @@ def check_gemms(probe):
     w = torch.randn(N, K, device=DEV, generator=g) * 0.02
     gy = torch.randn(M, N, device=DEV, generator=g).to(torch.bfloat16)
     act, blk = (1, 128), (128, 128)
-    pairs = {"forward 1x128 x 128x128": (fp8._quantize(x, act), fp8._quantize(w, blk)),
-             "wgrad 1x128 x 1x128": (fp8._quantize(gy.t(), act), fp8._quantize(x.t(), act))}
+    pairs = {"forward 1x128 x 128x128": (fp8.quantize(x, act), fp8.quantize(w, blk)),
+             "wgrad 1x128 x 1x128": (fp8.quantize(gy.t(), act), fp8.quantize(x.t(), act))}
     for name, (a, b) in pairs.items():
-        pair = fp8._blockwise_pair(a, b)
-        ref = fp8._gemm(a, b, "emulate")
-        nano = fp8._gemm(a, b, "scaled_mm")
+        pair = fp8_gemm._blockwise_pair(a, b)
+        ref = fp8.gemm(a, b, "emulate")
+        nano = fp8.gemm(a, b, "scaled_mm")
         with per_block_loop():
-            loop = fp8._gemm(a, b, "scaled_mm")
+            loop = fp8.gemm(a, b, "scaled_mm")
         single = probe.layout is not None and pair is not None
         R.record(f"{name}: nano _gemm(scaled_mm) vs emulate", verdict(rel(nano, ref) < 1e-3), rel(nano, ref),
                  f"ran the {'single block-wise call' if single else 'per-block loop'} (pair {pair})")
         R.record(f"{name}: per-block loop vs emulate", verdict(rel(loop, ref) < 1e-3), rel(loop, ref))
     a, b = pairs["forward 1x128 x 128x128"]
-    R.record("fp8 forward GEMM vs bf16 x @ w.T (quantization error)", "INFO", rel(fp8._gemm(a, b, "scaled_mm"),
+    R.record("fp8 forward GEMM vs bf16 x @ w.T (quantization error)", "INFO", rel(fp8.gemm(a, b, "scaled_mm"),
                                                                                x.float() @ w.t()))
     reps = 2 if args.smoke else 10
-    t_nano = timed(lambda: fp8._gemm(a, b, "scaled_mm"), reps)
+    t_nano = timed(lambda: fp8.gemm(a, b, "scaled_mm"), reps)
     with per_block_loop():
-        t_loop = timed(lambda: fp8._gemm(a, b, "scaled_mm"), reps)
-    t_emu = timed(lambda: fp8._gemm(a, b, "emulate"), reps)
+        t_loop = timed(lambda: fp8.gemm(a, b, "scaled_mm"), reps)
+    t_emu = timed(lambda: fp8.gemm(a, b, "emulate"), reps)
     wb = w.to(torch.bfloat16)
     t_bf16 = timed(lambda: x @ wb.t(), reps)
-    t_q = timed(lambda: (fp8._quantize(x, act), fp8._quantize(w, blk)), reps)
+    t_q = timed(lambda: (fp8.quantize(x, act), fp8.quantize(w, blk)), reps)
     R.record(f"ms per {M}x{K}x{N} GEMM: nano _gemm(scaled_mm) [{probe.form}]", "INFO", t_nano,
              f"per-block loop {t_loop:.2f} ms, emulate {t_emu:.2f} ms, bf16 matmul {t_bf16:.2f} ms, "
              f"quantizing both operands {t_q:.2f} ms")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from model_utils import randomize, tiny_config
-from nanocli.train import fp8
+from nanocli.train import fp8, fp8_gemm
 from nanocli.train.fp8 import (
     FP8Linear,
     FP8Recipe,
@@ -174,7 +174,7 @@ def test_blockwise_accumulates_per_contraction_block():
 def test_scaled_mm_padding_for_gpu_alignment(monkeypatch):
     lin, x, gy = problem((37,), 150, 24, seed=5)
     plain = run_linear(lin, x, gy, FP8Recipe(backend="scaled_mm"))
-    monkeypatch.setattr(fp8, "_mm_align", lambda device: 16)  # what a GPU needs, exercised on CPU
+    monkeypatch.setattr(fp8_gemm, "_mm_align", lambda device: 16)  # what a GPU needs, exercised on CPU
     padded = run_linear(lin, x, gy, FP8Recipe(backend="scaled_mm"))
     for a, b in zip(plain, padded):
         assert nrel(a, b) < 1e-6
@@ -373,9 +373,9 @@ class FakeBlockwiseScaledMM:
 @pytest.fixture
 def fresh_probe():
     """The probe's per-device cache cleared before and after (it remembers what torch._scaled_mm did)."""
-    fp8._probe_gemm.cache_clear()
+    fp8_gemm._probe_gemm.cache_clear()
     yield
-    fp8._probe_gemm.cache_clear()
+    fp8_gemm._probe_gemm.cache_clear()
 
 
 @pytest.fixture
@@ -386,7 +386,7 @@ def fake_mm(monkeypatch, fresh_probe):
     def install(**kwargs) -> FakeBlockwiseScaledMM:
         fake = FakeBlockwiseScaledMM(real, **kwargs)
         monkeypatch.setattr(torch, "_scaled_mm", fake)
-        fp8._probe_gemm.cache_clear()
+        fp8_gemm._probe_gemm.cache_clear()
         return fake
 
     return install
@@ -414,10 +414,10 @@ def three_gemms(M, N, K, seed=0, block=128):
     x[:, :7] *= 50  # uneven tiles: scales differ from tile to tile
     w[: N // 2] *= 0.01
     act, blk = (1, block), (block, block)
-    qw = fp8._quantize(w, blk)
-    return [("forward", fp8._quantize(x, act), qw),  # (M, K) x (N, K): contraction over K
-            ("dgrad", fp8._quantize(gy, act), qw.t()),  # (M, N) x (K, N): contraction over N
-            ("wgrad", fp8._quantize(gy.t(), act), fp8._quantize(x.t(), act))]  # (N, M) x (K, M): over M
+    qw = fp8.quantize(w, blk)
+    return [("forward", fp8.quantize(x, act), qw),  # (M, K) x (N, K): contraction over K
+            ("dgrad", fp8.quantize(gy, act), qw.t()),  # (M, N) x (K, N): contraction over N
+            ("wgrad", fp8.quantize(gy.t(), act), fp8.quantize(x.t(), act))]  # (N, M) x (K, M): over M
 
 
 EXPECTED_PAIR = {"forward": ("1x128", "128x128"), "dgrad": ("1x128", "128x128"), "wgrad": ("1x128", "1x128")}
@@ -450,8 +450,8 @@ def test_single_blockwise_call_equals_emulation(fake_mm, padded_ld, M, N, K):
     assert fp8.gemm_form("cpu") == "blockwise"
     for name, a, b in three_gemms(M, N, K):
         fake.calls.clear()
-        got = fp8._gemm(a, b, "scaled_mm")
-        want = fp8._gemm(a, b, "emulate")
+        got = fp8.gemm(a, b, "scaled_mm")
+        want = fp8.gemm(a, b, "emulate")
         assert got.shape == want.shape == (a.q.shape[0], b.q.shape[0])
         assert nrel(got, want) < 1e-5, name
         contraction = a.q.shape[1]
@@ -470,7 +470,7 @@ def test_single_blockwise_call_through_the_linear(fake_mm, monkeypatch):
     assert fake.calls == [("1x128", "128x128"), ("1x128", "128x128"), ("1x128", "1x128")]  # y, gx, gW
     for a, b in zip(real, emulated):
         assert nrel(a, b) < 1e-5
-    monkeypatch.setattr(fp8, "_mm_align", lambda device: 16)  # what a GPU needs: the single call stays
+    monkeypatch.setattr(fp8_gemm, "_mm_align", lambda device: 16)  # what a GPU needs: the single call stays
     fake.calls.clear()
     padded = run_linear(lin, x, gy, FP8Recipe(backend="scaled_mm"))
     assert len(fake.calls) == 3 and "delegated" not in fake.calls
@@ -484,7 +484,7 @@ def test_other_block_lengths_keep_the_loop(fake_mm):
     assert fp8.gemm_form("cpu") == "blockwise"
     for name, a, b in three_gemms(200, 300, 520, block=64):
         fake.calls.clear()
-        assert nrel(fp8._gemm(a, b, "scaled_mm"), fp8._gemm(a, b, "emulate")) < 1e-5
+        assert nrel(fp8.gemm(a, b, "scaled_mm"), fp8.gemm(a, b, "emulate")) < 1e-5
         assert fake.calls == ["delegated"] * a.s.shape[1], name  # one row-wise call per 64-wide block
 
 
@@ -498,7 +498,7 @@ def test_real_cpu_refuses_blockwise_scales_and_keeps_the_loop(monkeypatch, fresh
     calls = counting_real_mm(monkeypatch)
     for name, a, b in three_gemms(200, 300, 520):
         calls.clear()
-        assert nrel(fp8._gemm(a, b, "scaled_mm"), fp8._gemm(a, b, "emulate")) < 1e-6, name
+        assert nrel(fp8.gemm(a, b, "scaled_mm"), fp8.gemm(a, b, "emulate")) < 1e-6, name
         assert len(calls) == a.s.shape[1]  # one call per contraction block
 
 
@@ -511,26 +511,26 @@ def test_a_wrong_single_call_is_never_used(fake_mm):
     assert "wrong block-wise results" in probe.reason
     for name, a, b in three_gemms(200, 300, 520):
         fake.calls.clear()
-        assert nrel(fp8._gemm(a, b, "scaled_mm"), fp8._gemm(a, b, "emulate")) < 1e-6, name
+        assert nrel(fp8.gemm(a, b, "scaled_mm"), fp8.gemm(a, b, "emulate")) < 1e-6, name
         assert fake.calls == ["delegated"] * a.s.shape[1]  # the per-block loop
 
 
 def test_scale_layouts_match_torchs_checks():
     """The layouts on their own: shapes and strides as torch's block-wise checks want them."""
-    q = fp8._quantize(torch.randn(40, 300, generator=gen(12)), ACT)  # (40, 300): 3 K tiles
-    s = fp8._blockwise_scale(q, "1x128", 48, padded_ld=False)
+    q = fp8.quantize(torch.randn(40, 300, generator=gen(12)), ACT)  # (40, 300): 3 K tiles
+    s = fp8_gemm._blockwise_scale(q, "1x128", 48, padded_ld=False)
     assert s.shape == (48, 3) and s.stride() == (1, 48)  # column-major, padded rows 1.0
     assert torch.equal(s[:40], q.s) and (s[40:] == 1).all()
-    w = fp8._quantize(torch.randn(160, 300, generator=gen(13)), BLK)  # (2, 3) blocks
-    plain = fp8._blockwise_scale(w, "128x128", 160, padded_ld=False)
-    padded = fp8._blockwise_scale(w, "128x128", 160, padded_ld=True)
+    w = fp8.quantize(torch.randn(160, 300, generator=gen(13)), BLK)  # (2, 3) blocks
+    plain = fp8_gemm._blockwise_scale(w, "128x128", 160, padded_ld=False)
+    padded = fp8_gemm._blockwise_scale(w, "128x128", 160, padded_ld=True)
     assert plain.shape == padded.shape == (2, 3) and plain.stride() == (3, 1) and padded.stride() == (4, 1)
     assert torch.equal(plain, w.s) and torch.equal(padded, w.s)
-    assert fp8._blockwise_pair(q, w) == ("1x128", "128x128")
-    assert fp8._blockwise_pair(q, q) == ("1x128", "1x128")
-    assert fp8._blockwise_pair(w, q) is None  # (128x128, 1x128): not vouched for by the probe, the loop runs
-    one_tile = fp8._quantize(torch.randn(4, 100, generator=gen(14)), ACT)  # one K tile: a row-wise call
-    assert fp8._blockwise_pair(one_tile, fp8._quantize(torch.randn(8, 100, generator=gen(15)), BLK)) is None
+    assert fp8_gemm._blockwise_pair(q, w) == ("1x128", "128x128")
+    assert fp8_gemm._blockwise_pair(q, q) == ("1x128", "1x128")
+    assert fp8_gemm._blockwise_pair(w, q) is None  # (128x128, 1x128): not vouched for by the probe, the loop runs
+    one_tile = fp8.quantize(torch.randn(4, 100, generator=gen(14)), ACT)  # one K tile: a row-wise call
+    assert fp8_gemm._blockwise_pair(one_tile, fp8.quantize(torch.randn(8, 100, generator=gen(15)), BLK)) is None
 
 
 def test_convert_reports_the_gemm_form(fake_mm):
