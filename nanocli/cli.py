@@ -1,44 +1,36 @@
-"""The ``nano`` command: thin typer commands; logic lives in the modules they call, rendering in ``ui.py``.
+"""The ``nano`` command: the app, its command list and the error mapping.
 
-Errors: every ``NanoError`` raised by a command is caught in ``main()`` and printed as one line,
-``error: <message>``, on stderr, with the error's exit code (2; 3 for a stage that is not built
-yet; 1 for a failed check of ``nano demo``) and no traceback. Importing this module does not import torch.
+Each command lives in ``commands/<name>.py`` (its options, its call into the stage, its rendering) and is
+imported only when it runs: ``main`` registers just the command on the command line (every command for
+``nano --help``), so ``nano fit-check`` never imports what ``nano pretrain`` needs (nor torch).
+
+Errors: a ``NanoError`` from a command, and a bad flag or value on the command line, end as one line,
+``error: <message>``, on stderr, with exit code 2 (a ``NanoError`` may carry its own: 1 for a failed check)
+and no traceback.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+import sys
 
 import typer
 
 from nanocli_model.errors import NanoError
 
-from .roadmap import STAGES, Stage, not_built_message
+from . import commands
 
-
-class NotBuiltError(NanoError):
-    """A pipeline command whose issue has not landed yet."""
-
-    exit_code = 3
-
-
-app = typer.Typer(
-    name="nano",
-    help="nano: pretrain, align, prune, distill and serve hybrid Mamba-Transformer (NemotronH) models.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-)
+HELP = "nano: pretrain, align, prune, distill and serve hybrid Mamba-Transformer (NemotronH) models."
+OUT_OF_MEMORY = ("CUDA out of memory: lower --batch, the context (--context / --max-new-tokens / --seq-len) or "
+                 "--prefill-chunk; `nano fit-check --model MODEL --context N --batch B --gpu auto` predicts what fits")
 
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"nano {_package_version()}")
+        typer.echo(f"nano {package_version()}")
         raise typer.Exit()
 
 
-def _package_version() -> str:
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -49,473 +41,51 @@ def _package_version() -> str:
         return __version__
 
 
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
-) -> None:
-    """nano: pretrain, align, prune, distill and serve hybrid Mamba-Transformer (NemotronH) models."""
+def build_app(only: str | None = None) -> typer.Typer:
+    """The typer app with every command, or with ``only`` that one (what ``main`` runs)."""
+    app = typer.Typer(name="nano", help=HELP, no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_show_locals=False)
+
+    @app.callback()
+    def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+        """nano: pretrain, align, prune, distill and serve hybrid Mamba-Transformer (NemotronH) models."""
+
+    commands.register(app, only)
+    return app
 
 
-def _add_placeholder(st: Stage) -> None:
-    """Register ``nano <command>`` for a stage not built yet: it says so and exits with code 3."""
-
-    def command(ctx: typer.Context) -> None:
-        raise NotBuiltError(not_built_message(st.command))
-
-    help_text = (f"{st.summary}\n\nNot built yet: issue #{st.issue} will build it. "
-                 "Until then this command exits with code 3.")
-    app.command(st.command, help=help_text, short_help=f"{st.short} (not built yet, #{st.issue}).",
-                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
+def _command_in(args: list[str]) -> str | None:
+    """The command named on the command line (its first word), if it is one of nano's."""
+    first = next((a for a in args if not a.startswith("-")), None)
+    return first if first in commands.NAMES else None
 
 
-for _stage in STAGES:
-    if not _stage.built:
-        _add_placeholder(_stage)
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise SystemExit(code)
 
 
-@app.command("profiles")
-def profiles_command() -> None:
-    """List the shipped model profiles (layers, parameters, bf16 weights, KV cache at 128k) and GPU profiles.
-
-    Profiles live in profiles/models and profiles/gpus (or $NANO_PROFILES_DIR).
-    """
-    from . import ui
-    from .profiles import list_gpu_profiles, list_model_profiles
-    from .summary import summarize
-
-    models = [summarize(p.name, p.config, p.description) for p in list_model_profiles()]
-    ui.show_profiles(models, list_gpu_profiles())
-
-
-@app.command("info")
-def info_command(
-    target: Annotated[str | None, typer.Argument(help="A model directory (with config.json), a config.json or "
-                                                       "profile .yaml file, or a model profile name.")] = None,
-    kernels: Annotated[bool, typer.Option("--kernels", help="Say which GPU kernels nano runs on this machine "
-                                          "(mamba-ssm's Triton scan/step, causal-conv1d's conv) and why any is "
-                                          "missing; imports torch (a second or two).")] = False,
-) -> None:
-    """Show a model's architecture, its parameters per layer kind and its memory at 128k context."""
-    from . import ui
-
-    if target is None and not kernels:
-        raise NanoError("give a model (a directory, config.json, profile .yaml or profile name), or --kernels")
-    if target is not None:
-        from .summary import resolve_model
-
-        ui.show_model_info(resolve_model(target))
-    if kernels:
-        import torch
-
-        from nanocli_model import kernels as kernel_mod
-
-        ui.show_kernels(kernel_mod.status("cuda"), torch.cuda.is_available())
-
-
-@app.command("demo")
-def demo_command(
-    recipe: Annotated[str, typer.Option("--recipe", help="The pipeline recipe (name in profiles/recipes/ or a "
-                                        ".yaml path).")] = "demo",
-    out: Annotated[Path | None, typer.Option("--out", help="Where the stages write (default: the recipe's, "
-                                             "runs/demo).")] = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Delete earlier artifacts and start over.")] = False,
-    library_check: Annotated[bool, typer.Option("--library-check", help="Only check the model library on "
-                                                "--profile (save/load, cached decode, cache bytes).")] = False,
-    profile: Annotated[str, typer.Option("--profile", help="With --library-check: the model profile.")] = "small",
-) -> None:
-    """The report's pipeline in miniature (`make demo`): pretrain -> SFT -> GRPO -> prune -> distill on CPU.
-
-    Every stage writes ordinary checkpoints under OUT/<stage>/; a rerun resumes or skips finished stages.
-    Then every model is evaluated the same way (held-out accuracy, reasoning on and off), fit-check runs on
-    the released Nemotron-Nano profiles, and the final model answers a question.
-    """
-    from . import ui
-
-    if library_check:
-        from . import demo
-
-        report = demo.run()
-        result = demo.run_model(profile, out or Path("runs/demo-model"))
-        ui.show_demo(report.models, report.gpus, report.stages, result)
-        demo.check(result)
-        return
-    from . import pipeline
-
-    plan = pipeline.read(recipe, None if out is None else str(out))
-    total = len(plan.sections)
-    index = {s.name: i + 1 for i, s in enumerate(plan.sections)}
-    hooks = pipeline.Hooks(stage=lambda name, kind: ui.DemoStage(index[name], total, name, kind),
-                           status=lambda msg: ui.console().print(f"[dim]{msg}[/]"))
-    result = pipeline.run(plan, fresh=fresh, hooks=hooks)
-    ui.show_demo_result(result)
-
-
-@app.command("fit-check")
-def fit_check_command(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="A checkpoint directory (config.json; "
-                                              "safetensors headers when present), a config.json, or a model "
-                                              "profile name such as nemotron-nano-9b-v2.")] = None,
-    gpu: Annotated[str, typer.Option("--gpu", help="A GPU profile (a10g, l4, h100-80gb, ...) or 'auto': the "
-                                     "local GPU's free memory through NVML.")] = "auto",
-    device_index: Annotated[str, typer.Option("--device-index", help="Which local GPU --gpu auto reads.")] = "0",
-    context: Annotated[str, typer.Option("--context", help="Tokens per sequence (prompt + output), e.g. "
-                                         "131072 or 128k.")] = "131072",
-    batch: Annotated[str, typer.Option("--batch", help="Sequences served at once.")] = "1",
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Weights: bf16, fp16, fp8 or fp32 "
-                                              "(default: the checkpoint's stored dtype, else bf16).")] = None,
-    ssm_cache_dtype: Annotated[str | None, typer.Option("--ssm-cache-dtype", help="Mamba SSM state: fp32 or "
-                                                        "bf16 (default: the config's, fp32).")] = None,
-    prefill_chunk: Annotated[str, typer.Option("--prefill-chunk", help="Tokens per prefill forward (capped "
-                                               "at the context); sets the activation peak.")] = "2048",
-    attention: Annotated[str, typer.Option("--attention", help="flash: a fused kernel, no score matrix; "
-                                           "eager: the (chunk x context) scores are materialised.")] = "flash",
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (bytes) for CI.")] = False,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write memory vs context (hybrid vs "
-                                              "all-attention, GPU limit) to this .png.")] = None,
-    measure: Annotated[bool, typer.Option("--measure", help="CUDA only: build the model with random weights "
-                                          "on the GPU, prefill + decode, report measured peak memory.")] = False,
-) -> None:
-    """Check whether a model fits a GPU at a context and batch, before loading anything.
-
-    Adds up the weights (exact from safetensors headers when present), the attention KV cache,
-    the Mamba conv and SSM state, and the activation peak of a chunked prefill.
-    Judges them against a GPU profile's budget or the local GPU's free memory (NVML).
-    Shows every term, the verdict, the largest context, batch and prefill chunk that fit,
-    and what the same model would need if every Mamba layer were attention.
-    Never loads weights or imports torch (except --measure).
-    Exit codes: 0 fits, 1 does not fit, 2 bad input.
-    """
-    from .stages import fit_check
-
-    if model is None:
-        raise fit_check.FitCheckError("--model is required: a checkpoint directory, a config.json or a model "
-                                      "profile name (see `nano profiles`)")
-    options = fit_check.FitCheckOptions(
-        model=model, gpu=gpu, device_index=fit_check.parse_count(device_index, "--device-index", minimum=0),
-        context=context, batch=fit_check.parse_count(batch, "--batch"), dtype=dtype,
-        ssm_cache_dtype=ssm_cache_dtype, prefill_chunk=prefill_chunk, attention=attention)
-    if measure:
-        from . import measure as measure_mod
-
-        measure_mod.require_cuda()  # before NVML / profile questions: say the real obstacle first
-    result = fit_check.run(options)
-    measured = None
-    if measure:
-        e = result.estimate
-        measured = measure_mod.run(result.model.config, context=e.context, batch=e.batch, dtype=e.dtype,
-                                   ssm_dtype=e.ssm_dtype, prefill_chunk=result.prefill_chunk,
-                                   device_index=options.device_index)
-    plot_path = None
-    if plot is not None:
-        from .plot import plot_fit
-
-        plot_path = str(plot_fit(result, plot))
-    if json_out:
-        import json
-        from dataclasses import asdict
-
-        data = result.to_json()
-        data["plot"] = plot_path
-        data["measured"] = None if measured is None else asdict(measured)
-        typer.echo(json.dumps(data, indent=2))
-    else:
-        from . import ui  # rich, only when rendering for people
-
-        ui.show_fit_check(result, measured, plot_path)
-    raise typer.Exit(result.exit_code)
-
-
-@app.command("generate")
-def generate_command(
-    prompt: Annotated[str | None, typer.Argument(help="The prompt (or use --file, stdin, --input).")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="A NemotronH directory: config.json, "
-                                              "safetensors, tokenizer.json, tokenizer_config.json.")] = None,
-    file: Annotated[Path | None, typer.Option("--file", help="Read the prompt from this file.")] = None,
-    system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
-    think: Annotated[bool | None, typer.Option("--think/--no-think", help="Reasoning on (/think) or off "
-                                               "(/no_think); default: as the messages say (on).")] = None,
-    thinking_budget: Annotated[int | None, typer.Option("--thinking-budget", help="End the thinking after "
-                                                        "N tokens (at the next newline within the grace "
-                                                        "window, else at once) and let the model answer.")] = None,
-    thinking_grace: Annotated[int, typer.Option("--thinking-grace", help="Tokens to wait for a newline "
-                                                "after the budget (model card: 500).")] = 500,
-    hide_thinking: Annotated[bool, typer.Option("--hide-thinking", help="Do not show the thinking span.")] = False,
-    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt untemplated.")] = False,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Argmax decoding (= --temperature 0).")] = False,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy. Model card: 0.6.")] = 0.6,
-    top_k: Annotated[int, typer.Option("--top-k", help="0 = off.")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", help="1 = off. Model card: 0.95.")] = 0.95,
-    min_p: Annotated[float, typer.Option("--min-p", help="0 = off.")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="1 = off.")] = 1.0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (reproducible).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Tokens to generate at most "
-                                                       "(default: 1024, or what the context leaves).")] = None,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")] = None,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going past EOS (benchmarks).")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (stored dtype on CUDA, fp32 on CPU), bf16, "
-                                       "fp16 or fp32.")] = "auto",
-    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens per forward.")] = 2048,
-    max_context: Annotated[int | None, typer.Option("--max-context", help="Prompt + output limit (default: "
-                                                    "the model's max_position_embeddings).")] = None,
-    truncate: Annotated[str | None, typer.Option("--truncate", help="'left': cut an over-long prompt from "
-                                                 "the left instead of failing.")] = None,
-    input_file: Annotated[Path | None, typer.Option("--input", help="Batch mode: a .jsonl of {\"prompt\"} or "
-                                                    "{\"messages\"} lines.")] = None,
-    output_file: Annotated[Path | None, typer.Option("--output", help="Batch mode: write results here "
-                                                     "(.jsonl).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (ids, text, thinking, "
-                                           "answer, timings).")] = False,
-    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Multi-turn chat: /think, "
-                                              "/no_think, /budget N, /reset, /exit.")] = False,
-    compile_decode: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step: 1.7-2.1x "
-                                                 "decode tokens/s on CPU, after a compile of seconds to a "
-                                                 "minute (cached on disk). Pays for long outputs.")] = False,
-) -> None:
-    """Generate text with a NemotronH model: chat template, reasoning on/off, thinking budget, streaming.
-
-    Applies the checkpoint's chat template (or --raw), streams the thinking span dimmed and the answer
-    plainly, and prints prompt/generated tokens, prefill and decode tokens/s and peak memory on stderr.
-    """
-    from .stages import generate as gen
-
-    if model is None:
-        raise gen.GenerateError("--model is required: a NemotronH checkpoint directory")
-    if truncate not in (None, "left"):
-        raise gen.GenerateError(f"--truncate takes 'left', got {truncate!r}")
-    options = gen.GenerateOptions(
-        model=model, device=device, dtype=dtype, system=system, raw=raw, think=think,
-        thinking_budget=thinking_budget, thinking_grace=thinking_grace, temperature=0.0 if greedy else temperature,
-        top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-        max_new_tokens=max_new_tokens, stop=list(stop or []), ignore_eos=ignore_eos, prefill_chunk=prefill_chunk,
-        max_context=max_context, truncate_left=truncate == "left", compile=compile_decode)
-    from . import ui
-
-    if interactive:
-        ui.chat(gen, options)
-        return
-    if input_file is not None:
-        prompts = gen.read_jsonl(input_file)
-    else:
-        text = gen.read_prompt(prompt, file)
-        prompts = [] if text is None or not text.strip() else [text]
-    if not prompts:
-        raise gen.GenerateError("the prompt is empty: pass it as an argument, with --file, on stdin or --input")
-    loaded = gen.load(options)
-    stream = None if (json_out or input_file is not None) else ui.TextStream(hide_thinking)
-    result = gen.run(options, prompts, loaded, on_text=None if stream is None else stream.write)
-    if stream is not None:
-        stream.close()
-    if output_file is not None:
-        gen.write_jsonl(output_file, result)
-    if json_out:
-        import json
-
-        typer.echo(json.dumps(result.to_json(), indent=2))
-    elif input_file is not None and output_file is None:
-        for o in result.outputs:
-            typer.echo(json.dumps({"answer": o.answer, "thinking": o.thinking}))
-    ui.show_generation_stats(result)
-
-
-@app.command("pretrain")
-def pretrain_command(
-    profile: Annotated[str | None, typer.Option("--profile", help="Model profile to train from scratch "
-                                                "(nano profiles).")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="A NemotronH directory to continue training "
-                                              "(e.g. a long-context phase).")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Data spec: files, globs, directories, shards or "
-                                             "synthetic:reasoning; SOURCE@WEIGHT;SOURCE@WEIGHT blends.")] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Run directory (checkpoints, metrics, plot).")] = None,
-    recipe: Annotated[str | None, typer.Option("--recipe", help="Settings YAML (profiles/recipes/ name or "
-                                               "path); flags override it.")] = None,
-    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Directory with tokenizer.json "
-                                                  "(default: the model's, or trained on the data).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
-    tokens: Annotated[int | None, typer.Option("--tokens", help="Training tokens (instead of --steps).")] = None,
-    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence.")] = None,
-    global_batch: Annotated[int | None, typer.Option("--global-batch", help="Sequences per step, all "
-                                                     "processes.")] = None,
-    micro_batch: Annotated[int | None, typer.Option("--micro-batch", help="Sequences per forward per "
-                                                    "process (gradient accumulation).")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="fp32, bf16 (default) or fp8.")] = None,
-    fp8_scaling: Annotated[str | None, typer.Option("--fp8-scaling", help="blockwise (report) or "
-                                                    "tensorwise (Nemotron-H).")] = None,
-    fp8_backend: Annotated[str | None, typer.Option("--fp8-backend", help="auto, scaled_mm or emulate.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
-    min_lr: Annotated[float | None, typer.Option("--min-lr", help="LR at the end of the decay.")] = None,
-    schedule: Annotated[str | None, typer.Option("--schedule", help="wsd (default), cosine or constant.")] = None,
-    warmup: Annotated[float | None, typer.Option("--warmup", help="Warmup: fraction (<1) or steps.")] = None,
-    decay: Annotated[float | None, typer.Option("--decay", help="WSD decay: fraction (<1) or steps.")] = None,
-    decay_shape: Annotated[str | None, typer.Option("--decay-shape", help="linear, cosine or 1-sqrt.")] = None,
-    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay.")] = None,
-    grad_clip: Annotated[float | None, typer.Option("--grad-clip", help="Max gradient norm (0: off).")] = None,
-    fp8_keep: Annotated[int | None, typer.Option("--fp8-keep", help="First/last N layers kept in bf16 "
-                                                 "under fp8.")] = None,
-    max_position_embeddings: Annotated[int | None, typer.Option("--max-position-embeddings", help="Raise the "
-                                                                "model's context limit.")] = None,
-    tokenizer_vocab: Annotated[int | None, typer.Option("--tokenizer-vocab", help="BPE size when the "
-                                                        "tokenizer is trained here.")] = None,
-    heldout_fraction: Annotated[float | None, typer.Option("--heldout-fraction", help="Share of the data "
-                                                           "kept for the held-out loss.")] = None,
-    eval_batches: Annotated[int | None, typer.Option("--eval-batches", help="Held-out batches per "
-                                                     "evaluation.")] = None,
-    peak_tflops: Annotated[float | None, typer.Option("--peak-tflops", help="Device peak for MFU "
-                                                      "(default: the GPU profile's).")] = None,
-    save_every: Annotated[int | None, typer.Option("--save-every", help="Checkpoint every N steps.")] = None,
-    keep_last: Annotated[int | None, typer.Option("--keep-last", help="checkpoint-* dirs to keep.")] = None,
-    eval_every: Annotated[int | None, typer.Option("--eval-every", help="Held-out loss every N steps.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed (init and data order).")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
-    parallel: Annotated[str | None, typer.Option("--parallel", help="ddp or fsdp (under torchrun).")] = None,
-    on_nan: Annotated[str | None, typer.Option("--on-nan", help="stop (default) or skip the step.")] = None,
-    resume: Annotated[str | None, typer.Option("--resume", help="auto (newest checkpoint in --out) or a "
-                                               "checkpoint directory.")] = None,
-    cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="Token shard cache (default "
-                                                  "$NANO_CACHE or ~/.cache/nano).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
-) -> None:
-    """Pretrain a NemotronH model: WSD schedule, bf16 or FP8, exact resume, torchrun data parallel.
-
-    Checkpoints (HF NemotronH format + training state) go to OUT/checkpoint-N and OUT/final; metrics to
-    OUT/metrics.jsonl and the loss curve to OUT/loss.png. Ctrl-C or SIGTERM writes a checkpoint and exits 0.
-    """
-    from . import ui
-    from .stages import pretrain as pt
-
-    flags = dict(profile=profile, model=model, data=data, out=out, tokenizer=tokenizer, steps=steps, tokens=tokens,
-                 seq_len=seq_len, global_batch=global_batch, micro_batch=micro_batch, precision=precision,
-                 fp8_scaling=fp8_scaling, fp8_backend=fp8_backend, lr=lr, min_lr=min_lr, schedule=schedule,
-                 warmup=warmup, decay=decay, save_every=save_every, keep_last=keep_last, eval_every=eval_every,
-                 seed=seed, device=device, parallel=parallel, on_nan=on_nan, resume=resume, cache_dir=cache_dir,
-                 decay_shape=decay_shape, weight_decay=weight_decay, grad_clip=grad_clip, fp8_keep=fp8_keep,
-                 max_position_embeddings=max_position_embeddings, tokenizer_vocab=tokenizer_vocab,
-                 heldout_fraction=heldout_fraction, eval_batches=eval_batches, peak_tflops=peak_tflops,
-                 dry_run=dry_run or None)
-    options = pt.make_options(recipe, flags)
-    if options.dry_run:
-        ui.show_pretrain_plan(pt.resolve(options).describe())
-        return
-    import os
-
-    quiet = int(os.environ.get("RANK", "0")) != 0
-    with ui.TrainProgress(quiet=quiet) as bar:
-        hooks = pt.Hooks(status=bar.status, progress=bar.tokenize, start=bar.start, step=bar.step)
-        result = pt.run(options, hooks)
-    if not quiet:
-        ui.show_pretrain_result(result)
-
-
-align_app = typer.Typer(help="Align a model: SFT with reasoning on/off and budget traces, DPO, GRPO; merge.",
-                        invoke_without_command=True, no_args_is_help=False)
-app.add_typer(align_app, name="align")
-
-
-@align_app.callback()
-def align_command(
-    ctx: typer.Context,
-    method: Annotated[str | None, typer.Option("--method", help="sft (default), dpo or grpo.")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="The checkpoint to align (with its "
-                                              "tokenizer and chat template).")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="A .jsonl (TRL formats: messages, prompt/"
-                                             "completion, prompt/chosen/rejected, prompt) or "
-                                             "synthetic:reasoning?....")] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Run directory.")] = None,
-    recipe: Annotated[str | None, typer.Option("--recipe", help="Settings YAML; flags override it.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the data (instead of --steps).")] = None,
-    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Longest example in tokens.")] = None,
-    global_batch: Annotated[int | None, typer.Option("--global-batch", help="Examples / pairs / prompts per "
-                                                     "step.")] = None,
-    micro_batch: Annotated[int | None, typer.Option("--micro-batch", help="Per forward per process.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="fp32, bf16 (default) or fp8.")] = None,
-    think_mix: Annotated[float | None, typer.Option("--think-mix", help="SFT: share with reasoning on.")] = None,
-    budget_fraction: Annotated[float | None, typer.Option("--budget-fraction", help="SFT: share of reasoning-on "
-                                                          "examples cut at a thinking budget.")] = None,
-    too_long: Annotated[str | None, typer.Option("--too-long", help="truncate (default) or drop.")] = None,
-    on_error: Annotated[str | None, typer.Option("--on-error", help="Malformed JSONL lines: stop or skip.")] = None,
-    beta: Annotated[float | None, typer.Option("--beta", help="DPO beta.")] = None,
-    group_size: Annotated[int | None, typer.Option("--group-size", help="GRPO completions per prompt.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="GRPO rollout length.")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="GRPO sampling temperature.")] = None,
-    kl_beta: Annotated[float | None, typer.Option("--kl-beta", help="GRPO KL weight (0: no reference).")] = None,
-    rewards: Annotated[str | None, typer.Option("--rewards", help="GRPO rewards: built-ins (exact, format) or "
-                                                "module:function, with :weight.")] = None,
-    eval_problems: Annotated[int | None, typer.Option("--eval-problems", help="Held-out synthetic problems "
-                                                      "scored before and after (0: off).")] = None,
-    save_every: Annotated[int | None, typer.Option("--save-every", help="Checkpoint every N steps.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
-    resume: Annotated[str | None, typer.Option("--resume", help="auto or a checkpoint directory.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Read the data, print the plan, exit.")] = False,
-) -> None:
-    """Align a model: SFT (assistant-only loss, /think and /no_think mix, thinking-budget cuts), DPO, GRPO.
-
-    `nano align merge A B --weights 0.5,0.5 --out DIR` averages checkpoints. Output as `nano pretrain`:
-    OUT/checkpoint-N, OUT/final, metrics.jsonl, loss.png, plus eval.json (held-out accuracy before/after).
-    """
-    if ctx.invoked_subcommand is not None:
-        return
-    import os
-
-    from . import ui
-    from .stages import align as al
-
-    flags = dict(method=method, model=model, data=data, out=out, steps=steps, epochs=epochs, seq_len=seq_len,
-                 global_batch=global_batch, micro_batch=micro_batch, lr=lr, precision=precision, think_mix=think_mix,
-                 budget_fraction=budget_fraction, too_long=too_long, on_error=on_error, beta=beta,
-                 group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature, kl_beta=kl_beta,
-                 rewards=rewards, eval_problems=eval_problems, save_every=save_every, seed=seed, device=device,
-                 resume=resume, dry_run=dry_run or None)
-    options = al.make_options(recipe, flags)
-    quiet = int(os.environ.get("RANK", "0")) != 0
-    with ui.TrainProgress(quiet=quiet) as bar:
-        result = al.run(options, al.Hooks(status=bar.status, start=bar.start, step=bar.step))
-    if not quiet:
-        ui.show_align_result(result)
-
-
-@align_app.command("merge")
-def align_merge_command(
-    checkpoints: Annotated[list[str], typer.Argument(help="Two or more checkpoint directories.")],
-    out: Annotated[str, typer.Option("--out", help="Where the merged checkpoint goes (must not exist).")],
-    weights: Annotated[str | None, typer.Option("--weights", help="Comma-separated, summing to 1 "
-                                                "(default: equal).")] = None,
-) -> None:
-    """Write the weighted average of same-architecture checkpoints, (1-a)*w1 + a*w2 as the report merged."""
-    from .stages import align as al
-
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry point: runs the command; errors become one ``error:`` line and an exit code."""
+    args = sys.argv[1:] if args is None else args
+    app = build_app(_command_in(args))
     try:
-        w = None if weights is None else [float(x) for x in weights.split(",")]
-    except ValueError:
-        raise al.AlignError(f"--weights {weights!r}: give numbers separated by commas, e.g. 0.5,0.5") from None
-    path = al.merge(checkpoints, w, out)
-    typer.echo(f"merged {len(checkpoints)} checkpoints -> {path}")
-
-
-from .cli_stages import COMMANDS as _MORE_COMMANDS  # noqa: E402  (eval, distill, bench, prune)
-
-for _name, _command in _MORE_COMMANDS.items():
-    app.command(_name)(_command)
-
-
-def main() -> None:
-    """Console-script entry point: runs the app; a ``NanoError`` becomes one ``error:`` line and an exit code."""
-    try:
-        app(prog_name="nano")
+        code = app(args=args, prog_name="nano", standalone_mode=False)
     except NanoError as e:
-        message = " ".join(str(e).split("\n")).strip() or type(e).__name__
-        typer.echo(f"error: {message}", err=True)
-        raise SystemExit(getattr(e, "exit_code", 2)) from None
+        _fail(str(e) or type(e).__name__, getattr(e, "exit_code", 2))
+    except typer.TyperException as e:  # a bad flag or value: the parser's message, on one line
+        if type(e).__name__ == "NoArgsIsHelpError":  # `nano` / `nano align` alone: the help, as --help would
+            typer.echo(e.ctx.get_help())
+            raise SystemExit(0) from None
+        _fail(e.format_message(), e.exit_code)
+    except typer.Abort:
+        _fail("aborted", 130)
     except Exception as e:
         if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError that no stage translated
             raise
-        typer.echo("error: CUDA out of memory: lower --batch, the context (--context / --max-new-tokens / "
-                   "--seq-len) or --prefill-chunk; `nano fit-check --model MODEL --context N --batch B --gpu auto` "
-                   "predicts what fits", err=True)
-        raise SystemExit(2) from None
+        _fail(OUT_OF_MEMORY)
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from rich import box
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
-from rich.text import Text
 
 from nanocli_model.errors import NanoError
 
@@ -19,8 +18,6 @@ from .summary import KINDS, ModelSummary
 
 if TYPE_CHECKING:
     from .demo import ModelRun
-    from .measure import Measurement
-    from .stages.fit_check import FitCheckResult
 
 GIB = 2**30
 
@@ -39,6 +36,11 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+def gib(n: float) -> str:
+    """Always in GiB, two decimals (the unit of the verdict and the report)."""
+    return f"{n / GIB:.2f} GiB"
+
+
 def human_bytes(n: float) -> str:
     """Binary units: ``17776721920`` -> ``16.56 GiB``; small sizes in MiB / KiB."""
     if n >= GIB:
@@ -49,7 +51,8 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _layers(s: ModelSummary) -> str:
+def layer_counts(s: ModelSummary) -> str:
+    """``27/25/4``: the Mamba / MLP / attention layer counts."""
     counts = s.layer_counts
     return "/".join(str(counts[kind]) for kind, _, _ in KINDS)
 
@@ -64,7 +67,7 @@ def model_table(models: Sequence[ModelSummary], title: str = "Model profiles") -
     table.add_column("weights", justify="right", no_wrap=True)
     table.add_column("KV@128k", justify="right", no_wrap=True)
     for s in models:
-        table.add_row(s.name, str(s.config.num_hidden_layers), _layers(s), human_count(s.params.total),
+        table.add_row(s.name, str(s.config.num_hidden_layers), layer_counts(s), human_count(s.params.total),
                       human_bytes(s.weight_bytes), human_bytes(s.kv_bytes))
     return table
 
@@ -94,61 +97,6 @@ def show_profiles(models: Sequence[ModelSummary], gpus: Sequence[GpuProfile]) ->
     out.print(gpu_table(gpus))
     out.print("budget = memory x (1 - overhead) - reserved: what weights + caches may use. "
               "TFLOP/s: dense bf16 peak.")
-
-
-def show_model_info(s: ModelSummary) -> None:
-    """``nano info``: the architecture, then parameters per layer kind, then memory at 128k."""
-    c, p, out = s.config, s.params, console()
-    out.print(f"[bold]{s.name}[/bold]" + (f": {s.description}" if s.description else ""))
-    arch = Table(show_header=False, box=None, padding=(0, 2))
-    arch.add_column(style="dim", no_wrap=True)
-    arch.add_column(overflow="fold")
-    arch.add_row("pattern", c.hybrid_override_pattern)
-    arch.add_row("layers", f"{c.num_hidden_layers} (M/-/*: {_layers(s)})")
-    arch.add_row("hidden / vocab", f"{c.hidden_size} / {c.vocab_size}" + ("  (tied)" if c.tie_word_embeddings else ""))
-    arch.add_row("MLP (relu2)", f"{c.intermediate_size}")
-    arch.add_row("attention", f"{c.num_attention_heads} q / {c.num_key_value_heads} kv heads x {c.head_dim}")
-    arch.add_row("Mamba-2", f"{c.mamba_num_heads} heads x {c.mamba_head_dim} (inner {c.mamba_intermediate_size}), "
-                 f"{c.n_groups} groups, state {c.ssm_state_size}, conv {c.conv_kernel}, chunk {c.chunk_size}")
-    out.print(arch)
-
-    table = Table(title="Parameters", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
-    for name in ("part", "layers", "each", "total", "share"):
-        table.add_column(name, justify="left" if name == "part" else "right", no_wrap=True)
-    counts = s.layer_counts
-    for kind, label, letter in KINDS:
-        n = counts[kind]
-        each = p.per_kind[kind] // n if n else 0
-        table.add_row(f"{label} ({letter})", str(n), f"{each:,}", f"{p.per_kind[kind]:,}", _share(p.per_kind[kind], p.total))
-    table.add_row("embedding", "", "", f"{p.embedding:,}", _share(p.embedding, p.total))
-    table.add_row("lm_head", "", "", f"{p.lm_head:,}" if p.lm_head else "tied", _share(p.lm_head, p.total))
-    table.add_row("final norm", "", "", f"{p.final_norm:,}", _share(p.final_norm, p.total))
-    table.add_row("[bold]total[/bold]", str(c.num_hidden_layers), "", f"[bold]{p.total:,}[/bold]",
-                  human_count(p.total), end_section=True)
-    out.print(table)
-
-    mem = Table(title=f"Memory at {s.context:,} tokens, batch 1", title_justify="left", box=box.SIMPLE_HEAD,
-                show_edge=False)
-    mem.add_column("part", no_wrap=True)
-    mem.add_column("bytes", justify="right", no_wrap=True)
-    mem.add_row("weights (bf16)", human_bytes(s.weight_bytes))
-    mem.add_row("KV cache (bf16)", human_bytes(s.kv_bytes))
-    mem.add_row(f"Mamba state (conv bf16, SSM {c.mamba_ssm_cache_dtype})", human_bytes(s.state_bytes))
-    mem.add_row("[bold]total[/bold]", f"[bold]{human_bytes(s.weight_bytes + s.kv_bytes + s.state_bytes)}[/bold]")
-    out.print(mem)
-
-
-def show_kernels(status, gpu_visible: bool) -> None:
-    """``nano info --kernels``: what CUDA tensors run with this install (kernels.KernelStatus), and why."""
-    out = console()
-    out.print(Text(status.describe()))
-    if not gpu_visible:
-        out.print(Text("no CUDA GPU is visible here: on this machine every tensor runs the pure-PyTorch reference",
-                       style="dim"))
-
-
-def _share(part: int, total: int) -> str:
-    return f"{part / total:.1%}" if total else "-"
 
 
 def model_run_panel(run: ModelRun) -> Panel:
@@ -204,182 +152,6 @@ def show_demo(models: Sequence[ModelSummary], gpus: Sequence[GpuProfile], stages
     out.print(table)
 
 
-# ---------------------------------------------------------------------------- nano fit-check
-BAR_WIDTH = 16
-KIND_LABEL = {"mamba": "Mamba-2", "attention": "attention", "mlp": "MLP", "logits": "final norm + logits"}
-
-
-def bar(part: int, whole: int, width: int = BAR_WIDTH) -> str:
-    """A text bar: ``part / whole`` of ``width`` cells, eighths for the last cell."""
-    if whole <= 0 or part <= 0:
-        return ""
-    eighths = round(min(part / whole, 1.0) * width * 8)
-    full, rest = divmod(max(eighths, 1), 8)
-    return "█" * full + (" ▏▎▍▌▋▊▉"[rest] if rest else "")
-
-
-def gib(n: float) -> str:
-    """Always in GiB, two decimals (the unit of the verdict and the report)."""
-    return f"{n / GIB:.2f} GiB"
-
-
-def _fit_rows(r: FitCheckResult) -> list[tuple[str, int, str, str]]:
-    """(term, bytes, style, formula) for every term of the estimate, then the GPU's overheads."""
-    from nanocli_model import fit
-    from nanocli_model.memory import dtype_bytes, param_count
-
-    e, c, g, a = r.estimate, r.model.config, r.gpu, r.estimate.activations
-    s, t, b = dtype_bytes(fit.compute_dtype(e.dtype)), r.model.tensors, e.batch
-    params = t.params if t else param_count(c).total
-    if e.dtype == "fp8":
-        mm = fit.matmul_params(c)
-        how = f"{mm:,} x 1 B + {params - mm:,} x 2 B (fp8"
-    else:
-        how = f"{params:,} x {dtype_bytes(e.dtype)} B ({e.dtype}"
-    how += ", exact from headers)" if t else ")"
-    n_a, n_m = c.count("attention"), c.count("mamba")
-    rows = [("weights", e.weights, "", how),
-            ("KV cache", e.kv, "", f"{n_a} x 2 x {c.num_key_value_heads} x {c.head_dim} x {e.context:,} x {b} x {s} B"
-             if n_a else "no attention layers"),
-            ("Mamba conv state", e.conv, "", f"{n_m} x {c.mamba_conv_dim:,} x {c.conv_kernel - 1} x {b} x {s} B"
-             if n_m else "no Mamba layers"),
-            ("Mamba SSM state", e.ssm, "", f"{n_m} x {c.mamba_num_heads} x {c.mamba_head_dim} x {c.ssm_state_size} x "
-             f"{b} x {dtype_bytes(e.ssm_dtype)} B ({e.ssm_dtype})" if n_m else "no Mamba layers"),
-            ("activations", a.total, "", f"{KIND_LABEL[a.peak_kind]} layer peak, chunk {a.chunk:,} x {b} (below)"),
-            ("model total", e.total, "bold", ""),
-            ("framework + CUDA", g.framework, "dim", f"{g.framework_share:.0%} of {gib(g.total)}"),]
-    if g.source == "profile":
-        rows.append(("reserved", g.reserved, "dim", "other models on the GPU (profile)"))
-    return rows
-
-
-FORMULA_KEY = ("KV = attention layers x 2 (K, V) x kv heads x head_dim x tokens x batch x bytes; "
-               "conv = Mamba layers x (I + 2GN) channels x (kernel - 1) x batch x bytes; "
-               "SSM = Mamba layers x heads x head_dim x state x batch x bytes.")
-
-
-def fit_table(r: FitCheckResult) -> Table:
-    g = r.gpu
-    table = Table(title="Memory, term by term", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
-    table.add_column("term", no_wrap=True)
-    table.add_column("bytes", justify="right", no_wrap=True)
-    table.add_column(f"of {gib(g.available)}", no_wrap=True, min_width=BAR_WIDTH)
-    table.add_column("formula", overflow="fold", style="dim")
-    for label, n, style, how in _fit_rows(r):
-        color = "cyan" if style == "" else "white" if style == "bold" else "bright_black"
-        table.add_row(f"[{style}]{label}[/{style}]" if style else label, f"[{style}]{human_bytes(n)}[/{style}]"
-                      if style else human_bytes(n), f"[{color}]{bar(n, g.available)}[/{color}]", how,
-                      end_section=label == "model total")
-    return table
-
-
-def activation_table(r: FitCheckResult) -> Table:
-    a = r.estimate.activations
-    table = Table(title=f"Activation peak {human_bytes(a.total)} = hidden states + the largest layer working set, "
-                  f"prefill chunk {a.chunk:,} x batch {r.estimate.batch}", title_justify="left",
-                  box=box.SIMPLE_HEAD, show_edge=False)
-    table.add_column("layer", no_wrap=True)
-    table.add_column("bytes", justify="right", no_wrap=True)
-    table.add_column("buffers", overflow="fold", style="dim")
-    table.add_row("hidden states", human_bytes(a.hidden), "residual stream + normed layer input (every layer)")
-    for kind, parts in a.layers.items():
-        label = KIND_LABEL[kind] + (" [bold](peak)[/bold]" if kind == a.peak_kind else "")
-        table.add_row(label, human_bytes(a.working_set(kind)),
-                      " + ".join(f"{name} {human_bytes(n)}" for name, n in parts.items()))
-    return table
-
-
-def _gpu_line(r: FitCheckResult) -> str:
-    g = r.gpu
-    if g.source == "profile":
-        return (f"GPU: profile [bold]{g.name}[/bold]: {human_bytes(g.total)} - {g.framework_share:.0%} framework "
-                f"({human_bytes(g.framework)}) - {human_bytes(g.reserved)} reserved = "
-                f"[bold]{human_bytes(g.budget)}[/bold] for the model")
-    return (f"GPU {g.device_index}: [bold]{g.name}[/bold] (NVML {g.nvml_api}): {human_bytes(g.total)} total, "
-            f"{human_bytes(g.available)} free - {g.framework_share:.0%} of total for the framework + CUDA context "
-            f"({human_bytes(g.framework)}) = [bold]{human_bytes(g.budget)}[/bold] for the model")
-
-
-def _solve_lines(r: FitCheckResult) -> list[str]:
-    e, c, b = r.estimate, r.model.config, r.estimate.batch
-    lines = []
-    if e.weights > r.gpu.budget:
-        lines.append(f"the weights alone ({gib(e.weights)}) exceed the {gib(r.gpu.budget)} budget: no context "
-                     "or batch fits; a smaller dtype, a pruned model or a larger GPU is needed")
-    if r.max_context is None:
-        lines.append(f"largest context at batch {b}: no limit from memory (no attention layers)")
-    elif r.max_context:
-        lines.append(f"largest context at batch {b}: [bold]{r.max_context:,}[/bold] tokens")
-    if r.max_batch:
-        lines.append(f"largest batch at {e.context:,} tokens: [bold]{r.max_batch:,}[/bold]")
-    if r.max_prefill_chunk >= e.context:
-        lines.append(f"largest prefill chunk at {e.context:,} tokens: the whole prompt at once")
-    elif r.max_prefill_chunk:
-        lines.append(f"largest prefill chunk at {e.context:,} tokens, batch {b}: "
-                     f"[bold]{r.max_prefill_chunk:,}[/bold] tokens")
-    if r.all_attention is not None:
-        n = c.count("attention") + c.count("mamba")
-        cf = r.all_attention_max_context
-        fits_cf = (f"; it fits at most {cf:,} tokens at batch {b}" if cf else
-                   "" if cf is None or e.weights > r.gpu.budget else f"; it does not fit even 1 token at batch {b}")
-        lines.append(f"all-attention counterfactual ({n} attention layers with KV, no Mamba state): needs "
-                     f"{gib(r.all_attention)} at {e.context:,} tokens; the hybrid saves "
-                     f"[bold]{gib(r.all_attention - e.total)}[/bold]{fits_cf}")
-    return lines
-
-
-def show_fit_check(r: FitCheckResult, measured: Measurement | None = None, plot_path: str | None = None) -> None:
-    """``nano fit-check``: the setting, the terms with bars, the verdict, the largest values that fit."""
-    e, out = r.estimate, console()
-    t = r.model.tensors
-    src = {"profile": "profile", "config": "config.json", "checkpoint": "checkpoint"}[r.model.kind]
-    out.print(f"[bold]{r.model.name}[/bold] ({src}): {e.context:,} tokens x batch {e.batch}, {e.dtype} weights, "
-              f"SSM state {e.ssm_dtype}, prefill chunk {r.prefill_chunk:,}, {e.attention} attention")
-    if t:
-        dtypes = ", ".join(f"{k} x{v}" for k, v in t.dtypes.items())
-        out.print(f"checkpoint: {len(t.files)} safetensors file(s), headers only: {t.params:,} params stored as "
-                  f"{dtypes} ({human_bytes(t.stored_bytes)} on disk)")
-    out.print(_gpu_line(r))
-    out.print(fit_table(r))
-    out.print(f"[dim]{FORMULA_KEY}[/dim]")
-    out.print(activation_table(r))
-    if r.fits:
-        out.print(f"[bold green]FITS[/bold green]: the model needs {gib(e.total)} of {gib(r.gpu.budget)}; "
-                  f"headroom [bold]{gib(r.headroom)}[/bold] ({r.headroom_pct:.1f}%)")
-    else:
-        out.print(f"[bold red]DOES NOT FIT[/bold red]: the model needs {gib(e.total)} of {gib(r.gpu.budget)}; "
-                  f"short by [bold]{gib(-r.headroom)}[/bold] ({-r.headroom_pct:.1f}% over)")
-    for line in _solve_lines(r):
-        out.print(line)
-    for note in r.notes:
-        out.print(f"[dim]note: {note}[/dim]")
-    if plot_path:
-        out.print(f"plot: {plot_path}")
-    if measured is not None:
-        out.print(measure_table(r, measured))
-
-
-def measure_table(r: FitCheckResult, m: Measurement) -> Table:
-    e = r.estimate
-    table = Table(title=f"Measured on {m.device} ({m.kernels} kernels; prefill + decode {m.seconds:.1f} s)",
-                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, caption=Text(m.kernels_detail),
-                  caption_justify="left")
-    for name in ("", "estimate", "measured", "difference"):
-        table.add_column(name, justify="left" if not name else "right", no_wrap=True)
-
-    def row(label: str, est: int, got: int | None) -> None:
-        diff = "" if got is None or not est else f"{100.0 * (got - est) / est:+.1f}%"
-        table.add_row(label, human_bytes(est), "-" if got is None else human_bytes(got), diff)
-
-    row("weights", e.weights, m.weights)
-    row("caches (KV + conv + SSM)", e.cache, m.cache)
-    row("peak (torch max_memory_allocated)", e.total, m.peak_allocated)
-    row("torch max_memory_reserved", e.total, m.peak_reserved)
-    row("NVML used (whole GPU, incl. CUDA context)", e.total, m.nvml_used)
-    return table
-
-
-# ---------------------------------------------------------------------------------------- generate
 class TextStream:
     """Streams generated text as it arrives: the thinking span dimmed, the answer plain.
 

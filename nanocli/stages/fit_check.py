@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nanocli_model import fit
 from nanocli_model.config import ATTENTION, MAMBA, MLP, NanoConfig
@@ -31,8 +31,9 @@ from nanocli_model.errors import CheckpointError, ConfigError, NanoError
 from nanocli_model.headers import CheckpointTensors, read_checkpoint_tensors
 from nanocli_model.memory import param_count
 
-from .. import nvml
+from .. import nvml, settings
 from ..profiles import GpuProfile, ProfileError, load_gpu_profile, load_model_profile, profile_names
+from ..settings import flag
 
 GIB = 2**30
 DEFAULT_CONTEXT = 131072
@@ -54,27 +55,38 @@ class FitCheckError(NanoError):
 
 
 @dataclass
-class FitCheckOptions:
+class FitCheckOptions(settings.Group):
     """What ``nano fit-check`` is asked."""
 
-    model: str
-    """Checkpoint directory, config.json path, or model profile name."""
+    model: str | None = flag(None, aliases=("-m",))
+    """A checkpoint directory (config.json; safetensors headers when present), a config.json, or a model profile
+    name such as nemotron-nano-9b-v2."""
     gpu: str = "auto"
-    """A GPU profile name, or ``auto``: the local GPU through NVML."""
+    """A GPU profile (a10g, l4, h100-80gb, ...) or 'auto': the local GPU's free memory through NVML."""
     device_index: int = 0
-    """Which local GPU NVML reads with ``--gpu auto``."""
-    context: int = DEFAULT_CONTEXT
-    """Tokens per sequence held in the cache (prompt + generated)."""
+    """Which local GPU --gpu auto reads."""
+    context: int | str = DEFAULT_CONTEXT
+    """Tokens per sequence (prompt + output), e.g. 131072 or 128k."""
     batch: int = 1
     """Sequences served at once."""
     dtype: str | None = None
-    """Weight dtype (bf16, fp16, fp8, fp32); None: the checkpoint's stored dtype, else config torch_dtype, else bf16."""
+    """Weights: bf16, fp16, fp8 or fp32 (default: the checkpoint's stored dtype, else the config's torch_dtype,
+    else bf16)."""
     ssm_cache_dtype: str | None = None
-    """SSM state dtype; None: the config's ``mamba_ssm_cache_dtype`` (float32 for the released models)."""
-    prefill_chunk: int = fit.DEFAULT_PREFILL_CHUNK
-    """Tokens per prefill forward (capped at context): sets the activation peak."""
-    attention: str = "flash"
-    """``flash`` (fused kernel, no score matrix) or ``eager`` (the (chunk x context) scores are materialised)."""
+    """Mamba SSM state: fp32 or bf16 (default: the config's mamba_ssm_cache_dtype, fp32 for the released models)."""
+    prefill_chunk: int | str = fit.DEFAULT_PREFILL_CHUNK
+    """Tokens per prefill forward (capped at the context); sets the activation peak."""
+    attention: Literal["flash", "eager"] = "flash"
+    """flash: a fused kernel, no score matrix; eager: the (chunk x context) scores are materialised."""
+
+    def check(self) -> None:
+        if self.model is None:
+            raise settings.OptionError("--model is required: a checkpoint directory, a config.json or a model "
+                                       "profile name (see `nano profiles`)")
+        settings.at_least(self, 1, "batch")
+        settings.at_least(self, 0, "device_index")
+        for name in ("context", "prefill_chunk"):
+            parse_tokens(getattr(self, name), "--" + name.replace("_", "-"))
 
 
 @dataclass(frozen=True)
@@ -289,26 +301,8 @@ def parse_tokens(text: str | int, flag: str) -> int:
     return value
 
 
-def parse_count(text: str | int, flag: str, minimum: int = 1) -> int:
-    """A whole number >= ``minimum`` from the command line; a one-line error otherwise."""
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise FitCheckError(f"{flag}: expected a whole number, got {text!r}") from None
-    if value < minimum:
-        raise FitCheckError(f"{flag}: must be at least {minimum}, got {text!r}")
-    return value
-
-
-def _validate(o: FitCheckOptions) -> tuple[str | None, str | None]:
-    if isinstance(o.batch, bool) or not isinstance(o.batch, int) or o.batch <= 0:
-        raise FitCheckError(f"--batch: must be at least 1, got {o.batch!r}")
-    if o.device_index < 0:
-        raise FitCheckError(f"--device-index: must be >= 0, got {o.device_index}")
-    for flag, value in (("--context", o.context), ("--prefill-chunk", o.prefill_chunk)):
-        parse_tokens(value, flag)
-    if o.attention not in fit.ATTENTION_KERNELS:
-        raise FitCheckError(f"--attention: use one of {', '.join(fit.ATTENTION_KERNELS)}, got {o.attention!r}")
+def _dtypes(o: FitCheckOptions) -> tuple[str | None, str | None]:
+    """The weight and SSM dtypes in canonical spelling (any spelling is accepted), or None: the default."""
     try:
         dtype = None if o.dtype is None else fit.weight_dtype(o.dtype)
         ssm = None if o.ssm_cache_dtype is None else fit.ssm_dtype(o.ssm_cache_dtype)
@@ -320,7 +314,8 @@ def _validate(o: FitCheckOptions) -> tuple[str | None, str | None]:
 
 def run(o: FitCheckOptions, nvml_query: Callable[[int], nvml.DeviceMemory] | None = None) -> FitCheckResult:
     """Resolve, estimate, judge, solve. Raises NanoError (exit 2) for anything that cannot be answered."""
-    dtype, ssm = _validate(o)
+    settings.validate(o, FitCheckError)
+    dtype, ssm = _dtypes(o)
     context, chunk = parse_tokens(o.context, "--context"), parse_tokens(o.prefill_chunk, "--prefill-chunk")
     source = resolve_model(o.model)
     gpu = resolve_gpu(o.gpu, o.device_index, nvml_query)
