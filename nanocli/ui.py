@@ -251,53 +251,66 @@ def chat(gen, options) -> None:
 
 
 # ---------------------------------------------------------------------------------------- training
-class TrainProgress:
-    """A rich progress bar for a training run: step, loss, lr, tokens/s, ETA; status lines above it.
+class Progress:
+    """The progress widget of every long-running command: a ``report.Reporter`` on stderr.
 
-    Used as the stage's hooks (``status``, ``progress`` for tokenization, ``start``, ``step``). On a
-    terminal that is not interactive (CI, a pipe) it prints a line every ``log_every`` steps instead.
+    Status lines above the bars; one bar per counted task (tokenizing a source, scoring, a pruning phase),
+    removed when training starts; the training bar with step, loss, lr, tokens/s, MFU, the held-out loss and
+    the ETA. Where stderr is not a terminal (CI, a pipe) it prints a line every ``log_every`` steps instead.
+    ``section`` starts a new part (a stage of ``nano demo``) with a rule and fresh bars.
     """
 
     def __init__(self, log_every: int = 10, quiet: bool = False):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
-            Progress,
             TextColumn,
             TimeElapsedColumn,
             TimeRemainingColumn,
         )
+        from rich.progress import Progress as Bars
 
         self.out = Console(stderr=True, highlight=False, quiet=quiet)
         self.log_every = log_every
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                 TimeRemainingColumn(), console=self.out, transient=False)
-        self.task = None
-        self.tok_task = None
-        self.last_eval = ""
+        self.bars = Bars(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                         TimeRemainingColumn(), console=self.out, transient=False)
+        self.tasks: dict[str, int] = {}  # counted tasks by name
+        self.train: int | None = None
+        self.last_info, self.last_eval = "", ""
 
-    def __enter__(self) -> TrainProgress:
-        self.progress.start()
+    def __enter__(self) -> Progress:
+        self.bars.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        self._drop_tasks()
+        self.bars.stop()
+
+    def _drop_tasks(self) -> None:
+        for task in self.tasks.values():
+            self.bars.remove_task(task)
+        self.tasks.clear()
+
+    def section(self, title: str) -> None:
+        self._drop_tasks()
+        if self.train is not None:
+            self.bars.remove_task(self.train)
+            self.train, self.last_info, self.last_eval = None, "", ""
+        self.bars.console.rule(title)
 
     def status(self, message: str) -> None:
-        self.progress.console.print(f"[dim]{message}[/]", markup=True)
+        self.bars.console.print(message, style="dim", markup=False)
 
-    def tokenize(self, description: str, done: int, total: int) -> None:
-        if self.tok_task is None:
-            self.tok_task = self.progress.add_task("prepare", total=total or None, info=description)
-        self.progress.update(self.tok_task, completed=done, total=total or None, info=description)
+    def progress(self, task: str, done: int, total: int) -> None:
+        if task not in self.tasks:
+            self.tasks[task] = self.bars.add_task(task, total=total or None, info="")
+        self.bars.update(self.tasks[task], completed=done, total=total or None)
 
     def start(self, start: int, total: int, info: dict) -> None:
-        if self.tok_task is not None:
-            self.progress.remove_task(self.tok_task)
-            self.tok_task = None
+        self._drop_tasks()
         self.status(f"training steps {start}..{total} on {info.get('device')} x {info.get('processes')}")
-        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        self.train = self.bars.add_task("train", total=total, completed=start, info="")
 
     def step(self, m: dict) -> None:
         if "eval_loss" in m:
@@ -308,13 +321,18 @@ class TrainProgress:
             fmt = ",.0f" if unit == "tok" else ",.1f"
             self.last_info = (f"loss {m['loss']:.4f} | lr {m['lr']:.2e} | {m[rate]:{fmt}} {unit}/s"
                               + (f" | MFU {100 * m['mfu']:.1f}%" if "mfu" in m else ""))
-        info = getattr(self, "last_info", "") + self.last_eval
-        if "loss" in m:
-            self.progress.update(self.task, completed=m["step"], info=info)
-        else:
-            self.progress.update(self.task, info=info)
+        info = self.last_info + self.last_eval
+        if self.train is not None:
+            self.bars.update(self.train, info=info, **({"completed": m["step"]} if "loss" in m else {}))
         if not self.out.is_terminal and "loss" in m and m["step"] % self.log_every == 0:
             self.out.print(f"step {m['step']}: {info}", markup=False)
+
+    # the names the stages used before the Reporter protocol (removed once every stage reports through it)
+    tokenize = progress
+    update = progress
+
+
+TrainProgress = Progress
 
 
 def show_pretrain_plan(plan: dict) -> None:

@@ -5,7 +5,6 @@ pieces (console, units, the training progress bar) are ``ui``'s; ``ui`` re-expor
 from __future__ import annotations
 
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from .summary import KINDS
@@ -231,31 +230,7 @@ def show_bench(r, plot_path: str | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------- pruning
-class PruneProgress:
-    """``nano prune``'s hooks: status lines and one progress bar per phase (tokenize, importance, depth, ...)."""
-
-    def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.out = Console(stderr=True, highlight=False)
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=self.out, transient=True)
-        self.tasks: dict[str, int] = {}
-
-    def __enter__(self) -> PruneProgress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
-
-    def status(self, message: str) -> None:
-        self.progress.console.print(f"[dim]{message}[/]", markup=True)
-
-    def update(self, description: str, done: int, total: int) -> None:
-        if description not in self.tasks:
-            self.tasks[description] = self.progress.add_task(description, total=total or None)
-        self.progress.update(self.tasks[description], completed=done, total=total or None)
+PruneProgress = TrainProgress
 
 
 def _prune_shape_cells(c) -> list[str]:
