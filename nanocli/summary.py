@@ -6,12 +6,9 @@ Pure arithmetic on ``NanoConfig`` via ``nanocli_model.memory`` (no torch); ``ui.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from nanocli_model import memory
 from nanocli_model.config import ATTENTION, MAMBA, MLP, NanoConfig
-
-from .profiles import ProfileError, load_model_profile, profile_names
 
 CONTEXT_128K = 131072
 KINDS = ((MAMBA, "Mamba-2", "M"), (MLP, "MLP", "-"), (ATTENTION, "attention", "*"))
@@ -45,15 +42,8 @@ def summarize(name: str, config: NanoConfig, description: str = "", context: int
 
 
 def resolve_model(target: str) -> ModelSummary:
-    """``target`` is a model directory (its config.json), a config.json / profile .yaml file, or a profile name."""
-    path = Path(target).expanduser()
-    if path.is_dir():
-        return summarize(str(path), NanoConfig.from_json_file(path / "config.json"))
-    if path.is_file() and path.suffix == ".json":
-        return summarize(str(path), NanoConfig.from_json_file(path))
-    if path.is_file() or target in profile_names("models") or path.suffix in (".yaml", ".yml"):
-        profile = load_model_profile(target)
-        return summarize(profile.name, profile.config, profile.description)
-    known = ", ".join(profile_names("models")) or "none"
-    raise ProfileError(f"{target}: no such model directory or profile; give a directory with a config.json "
-                       f"or a model profile name ({known})")
+    """The summary of a model target (``resolve.model_target``: profile, model directory, config.json, run)."""
+    from .resolve import model_target
+
+    t = model_target(target, flag="nano info")
+    return summarize(t.name, t.config, t.description)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ from nanocli_model.headers import CheckpointTensors, read_checkpoint_tensors
 from nanocli_model.memory import param_count
 
 from .. import nvml, settings
-from ..profiles import GpuProfile, ProfileError, load_gpu_profile, load_model_profile, profile_names
+from ..profiles import GpuProfile, load_gpu_profile, profile_names
+from ..resolve import model_target
 from ..settings import flag
 
 GIB = 2**30
@@ -195,40 +195,19 @@ def _check_required(raw: dict[str, Any], config: NanoConfig, source: Path) -> No
                           "the memory (a NemotronH config.json from transformers or NVIDIA has them)")
 
 
-def _read_config(path: Path) -> NanoConfig:
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; a model directory needs a config.json")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot be read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    config = NanoConfig.from_dict(raw, source=str(path))
-    _check_required(raw, config, path)
-    return config
-
-
 def resolve_model(target: str) -> ModelSource:
-    """A checkpoint directory, a config.json, or a model profile name / .yaml path."""
-    path = Path(target).expanduser()
-    if path.is_dir():
-        config = _read_config(path / "config.json")
-        tensors = read_checkpoint_tensors(path)
-        if tensors is not None:
-            tensors = _check_tensors(tensors, config, path)
-        return ModelSource(name=str(path), kind="checkpoint" if tensors else "config", config=config,
-                           path=path, tensors=tensors)
-    if path.suffix == ".json":
-        return ModelSource(name=str(path), kind="config", config=_read_config(path), path=path)
-    if path.is_file() or path.suffix in (".yaml", ".yml") or target in profile_names("models"):
-        profile = load_model_profile(target)
-        return ModelSource(name=profile.name, kind="profile", config=profile.config, path=profile.path)
-    known = ", ".join(profile_names("models")) or "none"
-    if os.sep in target or target.startswith("."):
-        raise CheckpointError(f"{target}: no such model directory or config.json")
-    raise ProfileError(f"{target}: no such model directory, config.json or model profile; "
-                       f"known profiles: {known}")
+    """A model target (``resolve.model_target``) with, for a model directory, its safetensors headers."""
+    t = model_target(target)
+    if t.kind == "profile":
+        return ModelSource(name=t.name, kind="profile", config=t.config, path=t.path)
+    directory = t.directory  # None for a bare config.json
+    config_file = t.path if directory is None else directory / "config.json"
+    _check_required(json.loads(config_file.read_text(encoding="utf-8")), t.config, config_file)
+    tensors = read_checkpoint_tensors(directory) if directory is not None else None
+    if tensors is not None:
+        tensors = _check_tensors(tensors, t.config, directory)
+    return ModelSource(name=t.name, kind="checkpoint" if tensors else "config", config=t.config,
+                       path=directory or t.path, tensors=tensors)
 
 
 def _check_tensors(tensors: CheckpointTensors, config: NanoConfig, path: Path) -> CheckpointTensors:

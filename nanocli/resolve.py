@@ -1,0 +1,132 @@
+"""What a command names, resolved in one place: model targets, devices, dtypes and the token cache directory.
+
+A *model target* is what ``--model`` (``--teacher``, ``--student``, ``nano info TARGET``) may name: a model
+profile (``tiny``, ``nemotron-nano-9b-v2`` or a ``.yaml`` file), a model directory (``config.json`` with or
+without weights), a ``config.json`` file, or a run directory of ``nano pretrain`` / ``align`` / ``distill``
+(its ``final/`` checkpoint, else its newest ``checkpoint-N/``). Commands say which kinds they accept.
+Everything here is cheap: no torch at import (``torch_dtype`` and ``device`` import it when called).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from nanocli_model.config import NanoConfig
+from nanocli_model.errors import CheckpointError, ConfigError, NanoError
+
+from .profiles import ProfileError, load_model_profile, profile_names
+
+Kind = Literal["profile", "checkpoint", "config", "run"]
+DEVICES = ("auto", "cpu", "cuda")
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # nano's names -> torch's
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """A resolved model target: its config and where it came from."""
+
+    name: str  # the profile name, or the path as given
+    kind: Kind  # profile | checkpoint (a directory with config.json) | config (a config.json file) | run
+    config: NanoConfig
+    path: Path | None  # the profile YAML, the model directory or the config.json
+    description: str | None = None  # a profile's one-line description
+
+    @property
+    def directory(self) -> Path | None:
+        """The model directory to load weights from (checkpoint and run targets), else None."""
+        return self.path if self.kind in ("checkpoint", "run") else None
+
+
+def read_config(path: Path) -> NanoConfig:
+    """A ``config.json`` as a ``NanoConfig``; a one-line ``ConfigError`` naming the file otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; a model directory needs a config.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+    return NanoConfig.from_dict(raw, source=str(path))
+
+
+def run_checkpoint(run: Path) -> Path | None:
+    """A run directory's model: ``final/``, else its newest complete ``checkpoint-N/``; None if it has neither."""
+    if (run / "final" / "config.json").is_file():
+        return run / "final"
+    steps = [(int(m.group(1)), p) for p in run.glob("checkpoint-*")
+             if (m := _CHECKPOINT.fullmatch(p.name)) and (p / "config.json").is_file()]
+    return max(steps)[1] if steps else None
+
+
+def model_target(target: str, flag: str = "--model", kinds: tuple[Kind, ...] = ("profile", "checkpoint", "config",
+                                                                                "run")) -> ModelTarget:
+    """Resolve ``target`` to one of ``kinds``; a one-line error naming ``flag`` and what was found otherwise."""
+    path = Path(target).expanduser()
+    found: ModelTarget | None = None
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            found = ModelTarget(str(path), "checkpoint", read_config(path / "config.json"), path)
+        elif (model := run_checkpoint(path)) is not None:
+            found = ModelTarget(str(path), "run", read_config(model / "config.json"), model)
+        else:
+            raise CheckpointError(f"{flag} {target}: no config.json in this directory (nor a final/ or "
+                                  "checkpoint-N/ of a run); give a NemotronH model directory")
+    elif path.suffix == ".json" and path.is_file():
+        found = ModelTarget(str(path), "config", read_config(path), path)
+    elif path.is_file() or path.suffix in (".yaml", ".yml") or target in profile_names("models"):
+        profile = load_model_profile(target)
+        found = ModelTarget(profile.name, "profile", profile.config, profile.path, profile.description)
+    if found is None:
+        known = ", ".join(profile_names("models")) or "none"
+        if os.sep in target or target.startswith("."):
+            raise CheckpointError(f"{flag} {target}: no such model directory or config.json")
+        raise ProfileError(f"{flag} {target}: no such model directory, config.json or model profile; "
+                           f"known profiles: {known}")
+    if found.kind not in kinds:
+        wanted = " or ".join({"profile": "a model profile", "checkpoint": "a model directory",
+                              "config": "a config.json", "run": "a run directory"}[k] for k in kinds)
+        raise NanoError(f"{flag} {target}: this is {_article(found.kind)}; give {wanted}")
+    return found
+
+
+def _article(kind: Kind) -> str:
+    return {"profile": "a model profile", "checkpoint": "a model directory", "config": "a config.json",
+            "run": "a run directory"}[kind]
+
+
+def device(name: str, flag: str = "--device") -> str:
+    """``auto`` -> ``cuda`` where a CUDA GPU is visible, else ``cpu``; ``cuda`` without one is a one-line error."""
+    if name not in DEVICES:
+        raise ConfigError(f"{flag} {name!r} is unknown; use one of {', '.join(DEVICES)}")
+    if name == "cpu":
+        return name
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if name == "cuda":
+        raise ConfigError(f"{flag} cuda: no CUDA GPU is visible; use {flag} cpu")
+    return "cpu"
+
+
+def torch_dtype(name: str):
+    """``bf16`` -> ``torch.bfloat16`` (also fp16, fp32); a one-line error for anything else."""
+    import torch
+
+    if name not in TORCH_DTYPES:
+        raise ConfigError(f"dtype {name!r}: use one of {', '.join(TORCH_DTYPES)}")
+    return getattr(torch, TORCH_DTYPES[name])
+
+
+def cache_dir(value: str | None) -> Path:
+    """Where tokenized shards are cached: ``value``, else ``$NANO_CACHE``, else ``~/.cache/nano``."""
+    return Path(value or os.environ.get("NANO_CACHE") or Path.home() / ".cache" / "nano")
