@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from nanocli.stages import align as al
+from nanocli.train.checkpoints import checkpoint_name, list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +68,131 @@ def test_grpo_rolls_out_groups_and_logs_rewards(base, tmp_path):
     assert r.steps_done == 2 and all({"reward", "reward_exact", "reward_format", "clip_fraction"} <= set(m)
                                      for m in rows)
     assert all(0 < m["completion_tokens"] <= 24 for m in rows)
+
+
+@pytest.fixture
+def chars_reward(tmp_path, monkeypatch) -> str:
+    """A reward that differs between the completions of a group (the toy base rarely earns ``exact``/``format``,
+    and a group of equal rewards has zero advantages: nothing would move)."""
+    (tmp_path / "nano_test_rewards.py").write_text("def chars(completion, record):\n    return len(completion) / 10\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "nano_test_rewards:chars"
+
+
+def grpo(base: Path, out: Path, **kw) -> al.AlignResult:
+    o = dict(global_batch=2, group_size=4, max_new_tokens=24, data="synthetic:reasoning?docs=50&difficulty=1")
+    return align(base, out, "grpo", **{**o, **kw})
+
+
+def metrics(out: Path) -> list[dict]:
+    return [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+def weights(out: Path, name: str = "final") -> dict[str, torch.Tensor]:
+    return load_file(str(out / name / "model.safetensors"))
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grpo_clip_eps_acts_on_the_later_passes_of_a_rollout_batch_only(base, tmp_path, chars_reward):
+    """mu = 2: the second step reuses the first step's rollouts against the log-probs fixed at rollout, so its
+    ratio is no longer 1 and a small --clip-eps changes its update; the first step (ratio 1, up to the ~1e-7
+    between the model's no-grad and training forwards) is the same whatever the clip. mu = 1: every step is
+    a fresh rollout's first pass, the ratio is exactly 1 and clip_eps changes nothing at all."""
+    kw = dict(steps=2, lr=1e-3, rewards=chars_reward, save_every=1, keep_last=5)
+    runs = {(mu, eps): tmp_path / f"mu{mu}-eps{eps:g}" for mu in (1, 2) for eps in (1e-3, 1e3)}
+    for (mu, eps), out in runs.items():
+        grpo(base, out, mu=mu, clip_eps=eps, **kw)
+    w0 = load_file(str(base / "model.safetensors"))
+    # mu = 1: bitwise the same whatever the clip, and the run did learn something (the advantages are not all 0)
+    assert same(weights(runs[1, 1e-3]), weights(runs[1, 1e3]))
+    assert not same(weights(runs[1, 1e-3]), w0)
+    assert all(m["clip_fraction"] == 0.0 and m["ratio_mean"] == 1.0 for m in metrics(runs[1, 1e-3]))
+    # mu = 2: the first pass is the same however tight the clip (ratio 1), the second pass is not
+    assert same(weights(runs[2, 1e-3], checkpoint_name(1)), weights(runs[2, 1e3], checkpoint_name(1)))
+    assert not same(weights(runs[2, 1e-3]), weights(runs[2, 1e3]))
+    tight, loose = metrics(runs[2, 1e-3]), metrics(runs[2, 1e3])
+    assert tight[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and tight[0]["clip_fraction"] == 0.0
+    assert abs(tight[1]["ratio_mean"] - 1.0) > 1e-3 and tight[1]["clip_fraction"] > 0.1, tight[1]
+    assert loose[1]["ratio_mean"] == tight[1]["ratio_mean"] and loose[1]["clip_fraction"] == 0.0
+    assert tight[0]["reward"] == tight[1]["reward"]  # the same rollouts, trained on twice
+
+
+def test_grpo_mu_rolls_out_once_per_mu_steps_and_resumes_exactly_inside_a_batch(base, tmp_path, chars_reward,
+                                                                                 monkeypatch):
+    """--steps counts optimizer steps; a batch of rollouts serves --mu of them (5 steps, mu 2: 3 rollouts).
+    A checkpoint inside a batch carries it: resuming there trains on those rollouts (no new generation)
+    and ends bit-identical to the uninterrupted run."""
+    import shutil
+
+    from nanocli.train import grpo as g
+
+    calls = []
+    real = g.generate
+    monkeypatch.setattr(g, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(steps=5, mu=2, lr=1e-3, rewards=chars_reward, save_every=1, keep_last=10)
+    ref = tmp_path / "ref"
+    r = grpo(base, ref, **kw)
+    assert r.steps_done == 5 and len(calls) == 3  # steps 1-2, 3-4, 5
+    rewards = [m["reward"] for m in metrics(ref)]
+    assert rewards[0] == rewards[1] and rewards[2] == rewards[3]
+    for newest, rollouts in ((3, 1), (1, 2)):  # inside batches 2 and 1 (steps 3-4, 1-2)
+        cut = tmp_path / f"cut-{newest}"
+        shutil.copytree(ref, cut)
+        for step, d in list_checkpoints(cut):
+            if step > newest or d.name == "final":
+                shutil.rmtree(d)
+        calls.clear()
+        r = grpo(base, cut, resume="auto", **kw)
+        assert r.start_step == newest and len(calls) == rollouts, newest
+        assert same(weights(ref), weights(cut)), newest
+        assert [m["loss"] for m in metrics(cut)] == [m["loss"] for m in metrics(ref)]
+    # a checkpoint inside a batch that does not carry it cannot resume exactly: one line, before any step
+    from nanocli.train.checkpoints import TRAINER_STATE
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ref, bad)
+    for step, d in list_checkpoints(bad):
+        if step > 1 or d.name == "final":
+            shutil.rmtree(d)
+    f = bad / checkpoint_name(1) / TRAINER_STATE
+    state = torch.load(f, weights_only=True)
+    del state["grpo_rollout"]
+    torch.save(state, f)
+    with pytest.raises(al.AlignError, match="falls inside rollout batch 1 .* does not carry that batch") as e:
+        grpo(base, bad, resume="auto", **kw)
+    assert "\n" not in str(e.value) and [s for s, _ in list_checkpoints(bad)] == [1]
+
+
+def test_grpo_epochs_count_passes_over_the_prompts_times_mu(base, tmp_path):
+    r = align(base, tmp_path, "grpo", data="synthetic:reasoning?docs=20&difficulty=1", steps=None, epochs=1,
+              global_batch=4, mu=3, dry_run=True)
+    assert r.plan["rollout_batches"] == 5 and r.steps == 15 and r.plan["mu"] == 3
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(mu=0), "--mu must be an integer of at least 1"),
+    (dict(mu=1.5), "--mu must be an integer of at least 1"),
+    (dict(mu=True), "--mu must be an integer of at least 1"),
+    (dict(mu=2, method="sft"), "--mu 2 applies to --method grpo only"),
+    (dict(clip_eps=0.0), "--clip-eps must be > 0"),
+])
+def test_bad_grpo_options_fail_before_any_work(base, tmp_path, kw, message):
+    with pytest.raises(al.AlignError, match=message) as e:
+        align(base, tmp_path / "o", **{"method": "grpo", **kw})
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+
+
+def test_bad_mu_from_a_recipe_is_one_line(base, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stage: align\nmethod: grpo\nmu: 0\n")
+    r = subprocess.run([sys.executable, "-m", "nanocli", "align", "--recipe", str(recipe), "--model", str(base),
+                        "--data", "synthetic:reasoning?docs=20", "--steps", "1", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--mu must be an integer of at least 1" in lines[0], r.stderr
 
 
 def test_merge_cli_writes_the_weighted_mean(base, tmp_path):

@@ -180,6 +180,33 @@ def test_grpo_clipping_zeroes_the_gradient_of_clipped_tokens():
     assert new.grad[1, 1].item() == pytest.approx(1.5 / 4, abs=1e-6)
 
 
+@pytest.mark.parametrize("adv", [2.0, -2.0])
+def test_grpo_clip_stops_the_gradient_once_the_ratio_leaves_the_range_on_the_advantages_side(adv):
+    """Old log-probs fixed (as at rollout), current ones moved: a token whose ratio left [1 - eps, 1 + eps]
+    in the direction the advantage pushes (up for A > 0, down for A < 0) gets exactly zero gradient; every
+    other token keeps the unclipped gradient -A * ratio / (n * B), which is not zero."""
+    eps = 0.2
+    old = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.4, 0.6, 0.1]]))  # fixed: no gradient flows to it
+    shift = torch.tensor([[-1.0, -0.3, -0.1, 0.0, 0.1, 1.0]])  # ratios 0.37, 0.74, 0.90, 1, 1.11, 2.72
+    new = (old + shift).requires_grad_()
+    ratio = shift.exp()[0]
+    loss, m = grpo_loss(new, old, torch.tensor([adv]), torch.ones(1, 6), clip_eps=eps)
+    loss.backward()
+    grad = new.grad[0]
+    clipped = (ratio > 1 + eps) if adv > 0 else (ratio < 1 - eps)
+    assert clipped.sum() == (1 if adv > 0 else 2)
+    assert m["clip_fraction"] == pytest.approx(clipped.float().mean().item())
+    for t in range(6):
+        if clipped[t]:
+            assert grad[t].item() == 0.0, t
+        else:
+            assert grad[t].item() != 0.0 and grad[t].item() == pytest.approx(-adv * ratio[t].item() / 6, rel=1e-5), t
+    # the same tokens with a clip range wide enough to hold every ratio: nothing is clipped
+    wide = (old + shift).requires_grad_()
+    grpo_loss(wide, old, torch.tensor([adv]), torch.ones(1, 6), clip_eps=5.0)[0].backward()
+    assert (wide.grad[0] != 0).all()
+
+
 def test_grpo_k3_kl_penalty_and_mask():
     new = torch.tensor([[-1.0, -2.0, -0.5]])
     adv, mask = torch.tensor([0.0]), torch.tensor([[1.0, 1.0, 0.0]])

@@ -6,9 +6,24 @@ Steps, top to bottom:
                   tokenizer and chat template, the examples (SFT: assistant-only labels, think mix, budget
                   cuts, packing; DPO: chosen/rejected pairs and a frozen reference; GRPO: prompts, rewards).
   3. ``train``    the shared loop: each step's loss is the method's (token-mean CE; sigmoid DPO; clipped
-                  GRPO surrogate over a fresh group rollout).
+                  GRPO surrogate over a group rollout).
   4. ``finish``   ``OUT/final`` (HF NemotronH + tokenizer), metrics.jsonl, loss.png, held-out accuracy of
                   the built-in reasoning tasks before and after (``--eval-problems``), DPO pair accuracy.
+
+GRPO and ``mu`` (TRL's ``num_iterations``, the paper's mu): ``--steps`` counts *optimizer* steps, as in
+TRL, and a batch of rollouts serves ``mu`` of them. Step ``s`` (0-based) trains on rollout batch
+``k = s // mu``: at ``s = k * mu`` the prompts of batch ``k`` are sampled with the policy as it is then
+(seeded by ``k``), scored, their group-normalised advantages taken and, when ``mu > 1``, the policy's
+per-token log-probabilities computed once without gradient (``logp_old``, under the run's precision);
+each of the ``mu`` steps recomputes the current log-probabilities and takes the clipped surrogate of
+``ratio = exp(logp - logp_old)``, so ``clip_eps`` bounds how far the later passes move each token.
+With ``mu = 1`` (the default) ``logp_old`` is the same forward's log-probabilities detached: the ratio
+is 1 and the clip never acts (the plain policy gradient, one forward per step). ``--epochs`` counts
+passes over the prompts: ``ceil(epochs * prompts / global_batch) * mu`` steps; when ``--steps`` is not a
+multiple of ``mu`` the last batch gets fewer passes. A checkpoint written inside a batch's ``mu`` steps
+carries that batch (every process's rollouts, advantages, ``logp_old`` and reference log-probabilities):
+it cannot be regenerated from the checkpoint's weights, which have moved since the rollout, so the resume
+trains on the stored batch and is exact (it needs the same number of processes).
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ from ..train import ON_NAN, PARALLEL, PRECISIONS
 STAGE = "align"
 METHODS = ("sft", "dpo", "grpo")
 TRAJECTORY = ("method", "data", "seq_len", "global_batch", "seed", "precision", "schedule", "lr", "min_lr",
-              "warmup", "decay", "think_mix", "budget_fraction", "beta", "group_size", "rewards", "steps")
+              "warmup", "decay", "think_mix", "budget_fraction", "beta", "group_size", "rewards", "mu", "steps")
 
 
 class AlignError(NanoError):
@@ -43,7 +58,7 @@ class AlignOptions:
     model: str | None = None  # the policy to align: a NemotronH directory with its tokenizer
     data: str | None = None  # .jsonl file/glob/dir (TRL formats) or synthetic:reasoning?... (format per method)
     out: str | None = None  # the run directory
-    steps: int | None = None  # optimizer steps (or --epochs)
+    steps: int | None = None  # optimizer steps (or --epochs); GRPO: a rollout batch every --mu steps
     epochs: float | None = None  # passes over the examples (SFT, DPO) / prompts (GRPO)
     seq_len: int = 512  # longest example (SFT rows, DPO prompt + completion)
     global_batch: int = 16  # examples (SFT rows, DPO pairs, GRPO prompts) per step, all processes
@@ -70,7 +85,8 @@ class AlignOptions:
     max_new_tokens: int = 160
     temperature: float = 1.0
     top_p: float = 1.0
-    clip_eps: float = 0.2
+    clip_eps: float = 0.2  # ratio clip range [1 - eps, 1 + eps]; acts only from a batch's second pass (mu > 1)
+    mu: int = 1  # optimizer steps on each batch of rollouts (TRL's num_iterations); old log-probs fixed at rollout
     kl_beta: float = 0.0  # KL to the reference (0: no reference model is kept)
     rewards: str = "exact,format:0.2"  # built-ins or module:function, with :weight
     thinking_budget: int | None = None  # during rollouts
@@ -148,6 +164,14 @@ def check(o: AlignOptions) -> None:
         raise AlignError("--group-size must be at least 2 for GRPO (advantages compare completions of a prompt)")
     if o.eval_problems < 0:
         raise AlignError(f"--eval-problems must be >= 0, got {o.eval_problems}")
+    if isinstance(o.mu, bool) or not isinstance(o.mu, int) or o.mu < 1:
+        raise AlignError(f"--mu must be an integer of at least 1 (optimizer steps per batch of rollouts), got {o.mu!r}")
+    if o.mu != 1 and o.method != "grpo":
+        raise AlignError(f"--mu {o.mu} applies to --method grpo only (optimizer steps per batch of rollouts)")
+    if o.method == "grpo" and not o.clip_eps > 0:
+        raise AlignError(f"--clip-eps must be > 0, got {o.clip_eps!r}")
+    if o.method == "grpo" and not o.kl_beta >= 0:
+        raise AlignError(f"--kl-beta must be >= 0, got {o.kl_beta!r}")
 
 
 def _data_spec(o: AlignOptions) -> str:
@@ -194,13 +218,16 @@ def _run(o: AlignOptions, dist, hooks: Hooks) -> AlignResult:
     method = _METHODS[o.method](o, tokenizer, records, stats, dist)
     result.examples, result.data_stats = method.size, stats.as_dict()
     per_epoch = math.ceil(method.size / o.global_batch)
-    steps = o.steps if o.steps is not None else max(1, math.ceil(o.epochs * per_epoch))
+    passes = o.mu if o.method == "grpo" else 1  # optimizer steps per batch (GRPO: per batch of rollouts)
+    steps = o.steps if o.steps is not None else max(1, math.ceil(o.epochs * per_epoch)) * passes
     result.steps = steps
     schedule = Schedule(kind=o.schedule, lr=o.lr, min_lr=o.lr / 10 if o.min_lr is None else o.min_lr,
                         warmup=o.warmup, decay=o.decay if o.schedule == "wsd" else 0.0, total=steps)
     hparams = {**dataclasses.asdict(o), "steps": steps, "resume": None, "dry_run": False}
     result.plan = {"method": o.method, "examples": method.size, "steps": steps, "global_batch": o.global_batch,
                    "data": result.data_stats, "schedule": schedule.phases(), "lr": o.lr}
+    if o.method == "grpo":
+        result.plan.update(mu=o.mu, rollout_batches=math.ceil(steps / o.mu))
     if o.dry_run:
         result.dry_run = True
         return result
@@ -231,8 +258,9 @@ def _run(o: AlignOptions, dist, hooks: Hooks) -> AlignResult:
     if state is not None:
         session.load_optimizer(wrapped, optimizer, state["optimizer"], AlignError)
         session.restore_rng(state, dist)
+        method.restore(state, start, model)
     save = session.Checkpointer(out, model, wrapped, optimizer, dist, hparams, session.side_files(Path(o.model)),
-                                o.keep_last, hooks.status)
+                                o.keep_last, hooks.status, extra=method.state)
     record = session.Recorder(out, dist, start if state is not None else None, hooks.step)
     loop_cfg = LoopConfig(schedule=schedule, optim=optim_cfg, precision=o.precision, save_every=o.save_every,
                           on_nan=o.on_nan, unit={"sft": "tokens", "dpo": "pairs", "grpo": "sequences"}[o.method])
@@ -314,6 +342,12 @@ class _SFT:
     def heldout(self, model) -> dict:
         return {}
 
+    def state(self, step: int) -> dict:
+        return {}
+
+    def restore(self, state: dict, step: int, model) -> None:
+        pass
+
     def batches(self, step: int, wrapped) -> list[dict]:
         from ..data.chat import sft_batches
 
@@ -355,6 +389,12 @@ class _DPO:
         import copy
 
         self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def state(self, step: int) -> dict:
+        return {}
+
+    def restore(self, state: dict, step: int, model) -> None:
+        pass
 
     def _batch(self, pairs, idx):
         from ..data.chat import preference_batch
@@ -402,7 +442,8 @@ class _DPO:
 
 
 class _GRPO:
-    """Group rollouts with nano's cached generator, group-normalised advantages, clipped surrogate."""
+    """Group rollouts with nano's cached generator, group-normalised advantages, clipped surrogate; each batch
+    of rollouts serves ``mu`` optimizer steps against log-probabilities fixed at rollout (module docstring)."""
 
     def __init__(self, o: AlignOptions, tokenizer, records, stats, dist):
         from ..data.chat import build_prompts
@@ -416,6 +457,7 @@ class _GRPO:
         self.pad = _pad_id(tokenizer)
         self.size = len(self.prompts)
         self.ref = None
+        self.current: tuple[int, dict] | None = None  # (rollout batch index, this process's batch) for its mu steps
 
     def prepare(self, model, dist) -> None:
         import copy
@@ -427,6 +469,14 @@ class _GRPO:
         return {}
 
     def batches(self, step: int, wrapped) -> list[dict]:
+        k = step // self.o.mu
+        if self.current is None or self.current[0] != k:
+            self.current = (k, self._rollout_batch(k, wrapped))
+        return [self.current[1]]
+
+    def _rollout_batch(self, index: int, wrapped) -> dict:
+        """Rollout batch ``index`` (its prompts chosen as step ``index``'s were before ``mu``): sampled, scored,
+        group advantages, the fixed log-probabilities (``logp_old`` when mu > 1, ``logp_ref`` with a KL)."""
         import torch
 
         from nanocli_model.generation import SamplingParams
@@ -434,25 +484,61 @@ class _GRPO:
         from ..data.chat import batch_indices
         from ..train.distributed import unwrap
         from ..train.grpo import completion_batch, completion_logprobs, group_advantages, rollout
+        from ..train.loop import autocast
 
-        idx = batch_indices(self.size, self.o.global_batch, step, seed=self.o.seed, rank=self.dist.rank,
+        idx = batch_indices(self.size, self.o.global_batch, index, seed=self.o.seed, rank=self.dist.rank,
                             world=self.dist.world)
         chosen = [self.prompts[i] for i in idx]
         policy = unwrap(wrapped)
         params = SamplingParams(temperature=self.o.temperature, top_p=self.o.top_p, max_new_tokens=self.o.max_new_tokens)
-        seed = self.o.seed * 1_000_003 + step * 101 + self.dist.rank
+        seed = self.o.seed * 1_000_003 + index * 101 + self.dist.rank
         r = rollout(policy, self.tokenizer, [p.prompt_ids for p in chosen], self.o.group_size, params, seed=seed,
                     thinking_budget=self.o.thinking_budget)
         rewards = r.score(self.rewards, [p.extra for p in chosen])
         adv = group_advantages(rewards, self.o.group_size)
         b = {k: v.to(self.dist.device) for k, v in completion_batch(r, self.pad).items()}
         b["advantages"] = adv.to(self.dist.device)
-        if self.ref is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.o.mu > 1:  # the policy that sampled, fixed for the batch's mu steps (as the loss computes them)
+                with autocast(self.o.precision, self.dist.device):
+                    b["logp_old"] = completion_logprobs(policy, b)
+            if self.ref is not None:
                 b["logp_ref"] = completion_logprobs(self.ref, b)
         b["stats"] = {"reward": float(rewards.mean()), **{f"reward_{k}": v for k, v in r.reward_means.items()},
                       "completion_tokens": float(b["completion_lengths"].float().mean())}
-        return [b]
+        return b
+
+    def state(self, step: int) -> dict:
+        """The batch in use when a checkpoint falls inside its ``mu`` steps (every process's; a collective)."""
+        if step % self.o.mu == 0 or self.current is None:
+            return {}  # a boundary: the next step samples a new batch from the saved weights
+        k, b = self.current
+        mine = {key: v.detach().cpu() if hasattr(v, "detach") else v for key, v in b.items()}
+        return {"grpo_rollout": {"index": k, "per_rank": self.dist.all_gather_object(mine)}}
+
+    def restore(self, state: dict, step: int, model) -> None:
+        """Resume as the run stood after ``step`` steps: the policy's weights in the layout the rollouts left
+        them in and, inside a batch's ``mu`` steps, the batch the checkpoint carries (module docstring)."""
+        # The run's first rollout moved the Linear weights into the generator's eager-decode layout (CPU: tall
+        # ones column-major) and training kept them there; the same layout here gives the training GEMMs and the
+        # gradient norm the same rounding, so the resume stays bit-identical (a resume at a batch boundary
+        # would only get it at its first rollout's first decode step, after that rollout's prefill).
+        if step > 0 and not getattr(model, "_decode_layout_done", True):
+            model._use_decode_layout()
+        if step % self.o.mu == 0:
+            return
+        saved = state.get("grpo_rollout")
+        k = step // self.o.mu
+        if not isinstance(saved, dict) or saved.get("index") != k:
+            raise AlignError(f"the checkpoint of step {step} falls inside rollout batch {k + 1} (--mu {self.o.mu}) "
+                             "but does not carry that batch; resume from a checkpoint at a multiple of --mu")
+        per_rank = saved["per_rank"]
+        if len(per_rank) != self.dist.world:
+            raise AlignError(f"the checkpoint of step {step} falls inside a batch of rollouts sampled by "
+                             f"{len(per_rank)} processes; resume it with {len(per_rank)} processes (or from a "
+                             f"checkpoint at a multiple of --mu {self.o.mu})")
+        dev = self.dist.device
+        self.current = (k, {key: v.to(dev) if hasattr(v, "to") else v for key, v in per_rank[self.dist.rank].items()})
 
     @staticmethod
     def count(batch: dict) -> int:
@@ -462,8 +548,9 @@ class _GRPO:
         from ..train.grpo import completion_logprobs, grpo_loss
 
         logp = completion_logprobs(model, batch)
-        loss, m = grpo_loss(logp, logp.detach(), batch["advantages"], batch["mask"], clip_eps=self.o.clip_eps,
-                            kl_beta=self.o.kl_beta, logp_ref=batch.get("logp_ref"))
+        old = batch.get("logp_old")  # mu > 1: fixed at rollout; mu = 1: this forward's, detached (ratio 1)
+        loss, m = grpo_loss(logp, logp.detach() if old is None else old, batch["advantages"], batch["mask"],
+                            clip_eps=self.o.clip_eps, kl_beta=self.o.kl_beta, logp_ref=batch.get("logp_ref"))
         n = batch["input_ids"].shape[0]
         return loss * n, n, {**{k: float(v) for k, v in m.items()}, **batch["stats"]}
 

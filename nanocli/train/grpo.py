@@ -17,8 +17,12 @@ Follows TRL's ``GRPOTrainer`` (DeepSeekMath, Shao et al. 2024) with ``loss_type=
    tokens, then sequences are averaged: ``loss = mean_i( sum_t m_it * l_it / max(sum_t m_it, 1) )``.
    Every sequence weighs the same whatever its length (a known length bias: long wrong answers are
    penalised less per token; TRL's "bnpo"/"dr_grpo" variants change exactly this step).
-   With one policy update per rollout, pass ``logp_old = logp_new.detach()``: the ratio is 1 in value
-   and the loss is the plain policy gradient ``-mean_i(A_i)`` with the correct gradient.
+   ``logp_old`` is the sampling policy's, computed once per batch of rollouts without gradient and
+   kept fixed while ``mu`` optimizer steps reuse the batch (TRL's ``num_iterations``; ``mu`` of
+   ``nano align``): from the second step on the ratio leaves 1 and the clip bounds the move, a clipped
+   token getting exactly zero gradient. With one policy update per rollout (mu = 1) pass
+   ``logp_old = logp_new.detach()``: the ratio is 1 in value, the clip never acts and the loss is the
+   plain policy gradient ``-mean_i(A_i)`` with the correct gradient.
 
 Alignment (``completion_batch``): row i holds ``prompt_i + completion_i`` right-padded with ``pad_id``
 (no attention mask: the model is causal, padding after the last token changes no earlier logit).
