@@ -63,9 +63,9 @@ MAMBA_SSM_TRITON = ("mamba_ssm.ops.triton.ssd_combined", "mamba_ssm.ops.triton.s
 
 
 # The SSD block decomposition is exact for any block length; ``chunk_size`` in the config is the
-# CUDA kernels' tile. On CPU cpu_fastpath.ssd_chunked runs with its own block: every block computes a full (Q, Q)
-# decay matrix of which half is masked (cost grows with Q), while the state-passing matmuls have
-# inner dimension Q (too small a Q starves them). Measured on this CPU (docs/BENCHMARKS.md): Q = 32
+# CUDA kernels' tile. On CPU cpu_fastpath.ssd_chunked runs with its own block: every block computes a
+# full (Q, Q) decay matrix of which half is masked (cost grows with Q), while the state-passing matmuls
+# have inner dimension Q (too small a Q starves them). Measured on this CPU (docs/BENCHMARKS.md): Q = 32
 # is fastest for state size <= 64, Q = 64 for state size 128 (the released models).
 def cpu_ssd_block(state_size: int) -> int:
     return 32 if state_size <= 64 else 64
