@@ -1,4 +1,4 @@
-"""THE one place that chooses between the mamba-ssm / causal-conv1d kernels and ``reference.py``.
+"""THE one place that chooses between the mamba-ssm / causal-conv1d kernels and nano's own PyTorch code.
 
 Layers call only ``ssd_scan``, ``ssd_step`` and ``causal_conv``. On CUDA tensors they run:
 
@@ -6,9 +6,12 @@ Layers call only ``ssd_scan``, ``ssd_step`` and ``causal_conv``. On CUDA tensors
     step  mamba-ssm's ``selective_state_update`` (Triton)           one decode token
     conv  causal-conv1d's ``causal_conv1d_fn`` / ``_update`` (CUDA)  prefill / decode
 
-and the pure-PyTorch reference everywhere else (CPU tensors, or a package that is missing). The two packages
-are independent: without causal-conv1d the Triton scan still runs, with the reference conv on the GPU.
-``status()`` says which runs and why the others do not; nothing falls back without saying so there.
+and everywhere else (CPU tensors, or a package that is missing) nano's pure-PyTorch implementation,
+``cpu_fastpath.py``: hand-optimised for CPU, with hand-written backwards, and held by the tests to the readable
+math in ``reference.py`` (which only lends ``discretize_dt`` to the running model). In ``status()`` and
+``use()`` that pure-PyTorch path is called "reference". The two packages are independent: without causal-conv1d
+the Triton scan still runs, with the PyTorch conv on the GPU. ``status()`` says which runs and why the others
+do not; nothing falls back without saying so there.
 
 How they are imported (lazily, on first use, so ``import nanocli_model`` works on any CPU box):
 * mamba-ssm: only its Triton modules (``mamba_ssm.ops.triton.*``, pure Python) are used. Every release up to
@@ -33,7 +36,8 @@ Facts the calls rely on (mamba-ssm 2.3.2.post1, causal-conv1d 1.7.0):
   stride 1 along C, C % 8 == 0): the cache keeps its conv state as a (b, C, K-1) view of a (b, K-1, C)
   buffer (``cache.py``), so a chunked prefill continues from the cached state on the kernel.
 
-Force the reference with ``NANO_KERNELS=reference`` in the environment or ``with kernels.use("reference"):``.
+Force the pure-PyTorch path (``cpu_fastpath.py``, on any device) with ``NANO_KERNELS=reference`` in the
+environment or ``with kernels.use("reference"):``.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from . import cpu_fastpath, reference
 
 _forced: str | None = None
 
@@ -59,9 +63,9 @@ MAMBA_SSM_TRITON = ("mamba_ssm.ops.triton.ssd_combined", "mamba_ssm.ops.triton.s
 
 
 # The SSD block decomposition is exact for any block length; ``chunk_size`` in the config is the
-# CUDA kernels' tile. On CPU the reference picks its own block: every block computes a full (Q, Q)
-# decay matrix of which half is masked (cost grows with Q), while the state-passing matmuls have
-# inner dimension Q (too small a Q starves them). Measured on this CPU (docs/BENCHMARKS.md): Q = 32
+# CUDA kernels' tile. On CPU cpu_fastpath.ssd_chunked runs with its own block: every block computes a
+# full (Q, Q) decay matrix of which half is masked (cost grows with Q), while the state-passing matmuls
+# have inner dimension Q (too small a Q starves them). Measured on this CPU (docs/BENCHMARKS.md): Q = 32
 # is fastest for state size <= 64, Q = 64 for state size 128 (the released models).
 def cpu_ssd_block(state_size: int) -> int:
     return 32 if state_size <= 64 else 64
@@ -69,7 +73,7 @@ def cpu_ssd_block(state_size: int) -> int:
 
 @contextlib.contextmanager
 def use(backend: str) -> Iterator[None]:
-    """Temporarily force ``"reference"`` or ``"auto"`` (kernels where available)."""
+    """Temporarily force ``"reference"`` (the pure-PyTorch ``cpu_fastpath``) or ``"auto"`` (kernels where available)."""
     global _forced
     if backend not in ("reference", "auto"):
         raise ValueError(f"kernel backend must be 'reference' or 'auto', got {backend!r}")
@@ -240,7 +244,7 @@ def ssd_scan(x, dt_raw, dt_bias, A, B, C, D, chunk_size, dt_limit, initial_state
         return _scan_kernel(x, dt_raw, dt_bias, A, B, C, D, chunk_size, dt_limit, initial_state)
     dt = reference.discretize_dt(dt_raw, dt_bias, dt_limit)
     block = min(chunk_size, cpu_ssd_block(B.shape[-1])) if x.device.type == "cpu" else chunk_size
-    return reference.ssd_chunked(x, dt, A, B, C, block, D=D, initial_state=initial_state)
+    return cpu_fastpath.ssd_chunked(x, dt, A, B, C, block, D=D, initial_state=initial_state)
 
 
 def _scan_kernel(x, dt_raw, dt_bias, A, B, C, D, chunk_size, dt_limit, initial_state):
@@ -273,7 +277,7 @@ def ssd_step(state, x, dt_raw, dt_bias, A, B, C, D, dt_limit):
     Returns y (b,H,P) float32."""
     dt = reference.discretize_dt(dt_raw, dt_bias, dt_limit)  # (b, H) float32, clamp included
     if not _use_ssd(x):
-        return reference.ssd_step(state, x, dt, A, B, C, D)
+        return cpu_fastpath.ssd_step(state, x, dt, A, B, C, D)
     step = _ssd_ops()[0]["step"]
     b, H, P = x.shape
     N = state.shape[-1]
@@ -295,7 +299,7 @@ def causal_conv(x, weight, bias, conv_state=None):
     """Depthwise causal conv + SiLU. x (b,T,C) channels last; weight (C,K); conv_state (b,C,K-1) updated
     in place. Returns (b,T,C)."""
     if not _use_conv(x, weight, conv_state):
-        return reference.causal_conv1d(x, weight, bias, conv_state)
+        return cpu_fastpath.causal_conv1d(x, weight, bias, conv_state)
     ops = _conv_ops()[0]
     b, T, C = x.shape
     if conv_state is not None and T == 1:  # decode: the update kernel shifts the state in place

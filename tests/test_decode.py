@@ -1,13 +1,12 @@
-"""The single-token decode fast path: conv window step, grouped SSD step, grouped-query attention step,
-and the column-major layout decode gives tall weights on CPU."""
+"""The single-token decode path through the model: every kv grouping against the full forward, and the
+column-major layout decode gives tall weights on CPU. (The conv and SSD steps themselves:
+test_cpu_fastpath.py.)"""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model_utils import randomize, rel_err, tiny_config
 from nanocli_model import NanoForCausalLM
-from nanocli_model import reference as R
 from nanocli_model.checkpoint import load_pretrained, save_pretrained
 
 
@@ -59,26 +58,3 @@ def test_training_and_saving_after_decode(tmp_path):
     ids = torch.randint(0, 96, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(tmp_path)(ids), m(ids))
-
-
-def test_ssd_step_with_low_precision_state_matches_float32():
-    g = torch.Generator().manual_seed(0)
-    x, dt = torch.randn(2, 8, 4, generator=g), torch.rand(2, 8, generator=g)
-    A, D = -torch.rand(8, generator=g), torch.randn(8, generator=g)
-    B, C = torch.randn(2, 2, 5, generator=g), torch.randn(2, 2, 5, generator=g)
-    s32 = torch.randn(2, 8, 4, 5, generator=g)
-    s16 = s32.to(torch.bfloat16)
-    y32 = R.ssd_step(s32, x, dt, A, B, C, D)
-    y16 = R.ssd_step(s16, x, dt, A, B, C, D)
-    assert s16.dtype == torch.bfloat16 and y16.dtype == torch.float32
-    assert rel_err(y16, y32) < 2e-2 and rel_err(s16.float(), s32) < 2e-2
-
-
-def test_conv_step_equals_the_definition():
-    g = torch.Generator().manual_seed(1)
-    w, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(6, 4), (6,)])
-    state, x = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(3, 6, 3), (3, 6)])
-    window = torch.cat([state, x[..., None]], -1)  # (b, C, K)
-    expected = F.silu(F.conv1d(window, w[:, None, :], b, groups=6))[..., 0]
-    torch.testing.assert_close(R.causal_conv1d_step(x, w, b, state), expected)
-    torch.testing.assert_close(state, window[..., 1:])

@@ -1,9 +1,10 @@
 """The training-only fast paths (hand-written backwards) against autograd of the plain formulation, in float64.
 
-Every custom ``autograd.Function`` the training step runs through: the chunked SSD scan, the causal conv, the
-RMSNorms, relu^2, the blocked causal GQA attention and the fused lm_head + cross-entropy. Each is held against
-autograd of its definition (and ``gradcheck`` on a tiny shape); the whole model's gradients are held against
-transformers' NemotronH, which is plain autograd end to end.
+The custom ``autograd.Function``s of layers.py and losses.py: the RMSNorms, relu^2, the blocked causal GQA
+attention and the fused lm_head + cross-entropy, each against autograd of its definition (and ``gradcheck`` on
+a tiny shape). The chunked SSD scan's and the causal conv's are cpu_fastpath.py's (test_cpu_fastpath.py holds
+them to reference.py). The whole model's gradients, every fast path at once, are held against autograd of the
+plain formulation and against transformers' NemotronH, which is plain autograd end to end.
 """
 
 import pytest
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 
 from model_utils import randomize, rel_err, tiny_config
 from nanocli_model import NanoForCausalLM
+from nanocli_model import cpu_fastpath as FP
 from nanocli_model import layers as L
-from nanocli_model import reference as R
 from nanocli_model.losses import causal_lm_loss, linear_cross_entropy
 
 f64 = torch.float64
@@ -31,72 +32,6 @@ def _ssd_plain(x, dt, A, B, C, D, h0):
         h = h * torch.exp(dt[:, t] * A)[..., None, None] + xdt * Bh[:, t, :, None]
         ys.append((h * Ch[:, t, :, None]).sum(-1) + D[:, None] * x[:, t])
     return torch.stack(ys, 1), h
-
-
-def _ssd_inputs(b, T, H, P, G, N, seed, dtype=f64):
-    g = torch.Generator().manual_seed(seed)
-    return dict(x=torch.randn(b, T, H, P, generator=g, dtype=dtype),
-                dt=torch.rand(b, T, H, generator=g, dtype=dtype) * 0.8 + 0.01,
-                A=-torch.rand(H, generator=g, dtype=dtype) * 3 - 0.1,
-                B=torch.randn(b, T, G, N, generator=g, dtype=dtype),
-                C=torch.randn(b, T, G, N, generator=g, dtype=dtype),
-                D=torch.randn(H, generator=g, dtype=dtype),
-                h0=torch.randn(b, H, P, N, generator=g, dtype=dtype))
-
-
-@pytest.mark.parametrize("T,chunk,G,init", [(37, 8, 2, True), (16, 16, 1, False), (5, 8, 2, True),
-                                            (24, 8, 4, False), (1, 8, 1, True)])
-def test_ssd_backward_equals_autograd_of_the_recurrence(T, chunk, G, init):
-    inp = _ssd_inputs(2, T, 8, 3, G, 5, seed=T + G)
-    if not init:
-        inp["h0"] = None
-    ours = {k: None if v is None else v.clone().requires_grad_() for k, v in inp.items()}
-    plain = {k: None if v is None else v.clone().requires_grad_() for k, v in inp.items()}
-    y, s = R.ssd_chunked(ours["x"], ours["dt"], ours["A"], ours["B"], ours["C"], chunk, ours["D"], ours["h0"])
-    y_ref, s_ref = _ssd_plain(**plain)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    g = torch.Generator().manual_seed(1)
-    gy, gs = torch.randn(y.shape, generator=g, dtype=f64), torch.randn(s.shape, generator=g, dtype=f64)
-    ((y * gy).sum() + (s * gs).sum()).backward()  # through the output and the final state
-    ((y_ref * gy).sum() + (s_ref * gs).sum()).backward()
-    for k, v in ours.items():
-        if v is not None:
-            torch.testing.assert_close(v.grad, plain[k].grad, rtol=1e-9, atol=1e-9, msg=k)
-
-
-def test_ssd_gradcheck():
-    inp = _ssd_inputs(1, 7, 4, 2, 2, 3, seed=0)
-    args = tuple(inp[k].requires_grad_() for k in ("x", "dt", "A", "B", "C", "D", "h0"))
-    assert torch.autograd.gradcheck(lambda x, dt, A, B, C, D, h0: R.ssd_chunked(x, dt, A, B, C, 4, D, h0), args)
-
-
-def test_ssd_float32_gradients_close_to_float64():
-    inp = _ssd_inputs(2, 200, 8, 8, 2, 16, seed=4)
-    grads = {}
-    for dtype in (f64, torch.float32):
-        t = {k: v.to(dtype).clone().requires_grad_() for k, v in inp.items()}
-        y, _ = R.ssd_chunked(t["x"], t["dt"], t["A"], t["B"], t["C"], 32, t["D"], t["h0"])
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=f64).to(dtype))
-        grads[dtype] = {k: v.grad for k, v in t.items()}
-    for k in inp:
-        assert rel_err(grads[torch.float32][k], grads[f64][k]) < 1e-5, k
-
-
-@pytest.mark.parametrize("T", [1, 3, 12])
-@pytest.mark.parametrize("bias", [True, False])
-def test_causal_conv_backward(T, bias):
-    g = torch.Generator().manual_seed(T)
-    big = torch.randn(2, T, 10, generator=g, dtype=f64, requires_grad=True)  # x is a strided slice, as in a mixer
-    w = torch.randn(6, 4, generator=g, dtype=f64, requires_grad=True)
-    b = torch.randn(6, generator=g, dtype=f64, requires_grad=True) if bias else None
-
-    def plain(big, w, b=None):
-        x = big[..., 2:8].transpose(1, 2)
-        return F.silu(F.conv1d(F.pad(x, (3, 0)), w[:, None, :], b, groups=6)).transpose(1, 2)
-
-    ins = (big, w, b) if bias else (big, w)
-    torch.testing.assert_close(R.causal_conv1d(big[..., 2:8], w, b), plain(*ins))
-    assert torch.autograd.gradcheck(lambda big, w, b=None: R.causal_conv1d(big[..., 2:8], w, b), ins)
 
 
 def test_norms_and_relu_squared_backward():
@@ -215,8 +150,8 @@ def _plain_paths(monkeypatch):
         v = (F.silu(z) * y).view(b, T, groups, inner // groups)
         return F.rms_norm(v, (inner // groups,), eps=eps).view(b, T, inner) * w
 
-    monkeypatch.setattr(R._SSDChunked, "apply", staticmethod(ssd))
-    monkeypatch.setattr(R._CausalConv1d, "apply", staticmethod(conv))
+    monkeypatch.setattr(FP._SSDChunked, "apply", staticmethod(ssd))
+    monkeypatch.setattr(FP._CausalConv1d, "apply", staticmethod(conv))
     monkeypatch.setattr(L._RMSNormFn, "apply", staticmethod(lambda x, w, eps: F.rms_norm(x, w.shape, w, eps)))
     monkeypatch.setattr(L._GatedGroupRMSNormFn, "apply", staticmethod(gated))
     monkeypatch.setattr(L._ReluSquared, "apply", staticmethod(lambda u: F.relu(u).square()))
