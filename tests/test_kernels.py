@@ -73,6 +73,16 @@ def test_cpu_block_choice_does_not_change_results(state):
     torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _forget_kernel_imports():
+    """``kernels.status("cuda")`` imports mamba-ssm's Triton modules (a bare ``mamba_ssm`` package); drop them
+    after this module, or transformers, imported later in the session, would take its CUDA-kernel path."""
+    yield
+    for name in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
+        del sys.modules[name]
+    kernels._reset_imports()
+
+
 # ------------------------------------------------------------------------------------------ 32-bit offsets
 NANO_9B = NanoConfig(hybrid_override_pattern="M-M*-", hidden_size=4480, intermediate_size=15680, mamba_num_heads=128,
                      mamba_head_dim=80, n_groups=8, ssm_state_size=128, chunk_size=128, num_attention_heads=40,
