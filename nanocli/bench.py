@@ -16,8 +16,8 @@ fit. This module measures the same comparison for any NemotronH model:
    context grows), the cache bytes predicted by ``memory.cache_bytes`` and those really allocated;
 4. **summarise**: medians over the repeats and the hybrid / Transformer ratios.
 
-``run(options, hooks) -> BenchResult``; rendering lives in ``ui.show_bench``, the plot in
-``plot.plot_bench``. torch is imported only inside the functions that run models.
+``run(options, reporter) -> BenchResult`` (``bench_results.py``); rendering lives in ``commands/bench.py``, the
+plot in ``plot.plot_bench``. torch is imported only inside the functions that run models.
 """
 
 from __future__ import annotations
@@ -27,14 +27,18 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nanocli_model import memory
 from nanocli_model.config import ATTENTION, MAMBA, MLP, NanoConfig
 from nanocli_model.errors import NanoError
+
+from . import settings
+from .bench_results import BenchResult, Measurement, ModelInfo, PairResult, Run
+from .report import SILENT, Reporter
+from .settings import flag
 
 TWIN_TOLERANCE = 0.05  # the twin's total parameters are within 5% of the hybrid's (usually well under 1%)
 FFN_MULTIPLE = 16  # the twin's FFN width is rounded to a multiple of this
@@ -44,8 +48,6 @@ QUICK_LENGTHS = "64:128"
 CURVE_POINTS = 8  # positions sampled on the time-per-output-token curve
 MAX_AUTO_BATCH = 256  # --batch max never goes above this (vLLM's default max_num_seqs)
 GPU_MEMORY_SHARE = 0.85  # --batch max plans with this share of the free GPU memory
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _TOKENS = re.compile(r"(\d+)([kK]?)")
 
@@ -56,151 +58,63 @@ class BenchError(NanoError):
 
 # ------------------------------------------------------------------------------------------ options
 @dataclass
-class BenchOptions:
+class BenchModel(settings.Group):
+    """What runs, and on what."""
+
+    panel = "Models"
+
+    model: str | None = flag(None, aliases=("-m",))
+    """A NemotronH checkpoint directory, or a model profile name (random weights: speed does not depend on their
+    values)."""
+    compare_transformer: bool = True
+    """Also run a pure-attention model of the same hidden size and about the same parameters; report the ratio."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the models run (auto: CUDA when a GPU is visible, else the CPU)."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."""
+    threads: int | None = None
+    """torch threads (the house figures use 1; default: torch's)."""
+    compile: bool = False
+    """Decode through torch.compile'd steps (as nano generate --compile), compiled before the timing."""
+
+    def check(self) -> None:
+        if self.model is None:
+            raise settings.OptionError("--model is required: a NemotronH checkpoint directory or a model profile "
+                                       "name (see `nano profiles`)")
+        settings.at_least(self, 1, "threads")
+
+
+@dataclass
+class Workload(settings.Group):
+    """What each model is asked to generate, and how often."""
+
+    panel = "Workload"
+
+    lengths: str | None = None
+    """PROMPT:OUTPUT pairs, e.g. 512:1024,1024:2048 or 8k:16k (default: 512:1024,1024:2048,2048:4096 on CPU;
+    1024:2048,8k:16k on CUDA)."""
+    batch: int | str = 1
+    """Sequences per run, or 'max' (CUDA: the largest batch that fits, per model and pair, from nano's memory
+    model)."""
+    repeats: int | None = None
+    """Timed runs per model and pair, interleaved (default 3; 1 with --quick)."""
+    quick: bool = False
+    """Smoke run: 64:128, one repeat."""
+    prefill_chunk: int = 2048
+    """Prompt tokens per forward."""
+    seed: int = 0
+    """Random weights and prompt ids."""
+
+    def check(self) -> None:
+        settings.at_least(self, 1, "repeats", "prefill_chunk")
+        parse_batch(self.batch)
+        if self.lengths is not None:
+            parse_lengths(self.lengths)
+
+
+@dataclass
+class BenchOptions(Workload, BenchModel):
     """Everything ``nano bench`` can be told."""
-
-    model: str  # a NemotronH checkpoint directory, or a model profile name / .yaml (random weights)
-    compare_transformer: bool = True  # also run the pure-attention twin and report the ratio
-    lengths: str | None = None  # "P:O,P:O" prompt:output pairs (512:1024 or 8k:16k); None: by device
-    batch: str | int = 1  # sequences per run, or "max" (CUDA: the largest that fits, per model and pair)
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16
-    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
-    repeats: int | None = None  # timed runs per model and pair (medians); None: 3, or 1 with quick
-    quick: bool = False  # a fast smoke run: short lengths, one repeat
-    prefill_chunk: int = 2048  # prompt tokens per forward
-    seed: int = 0  # random weights of profiles and the twin, and the prompt ids
-    plot: str | None = None  # a .png path the CLI will write (checked before the long run)
-    compile: bool = False  # decode through nanocli_model.decode.CompiledDecode (compiled in the warm-up)
-
-
-@dataclass
-class BenchHooks:
-    """Progress callbacks (the CLI prints them on stderr)."""
-
-    status: Callable[[str], None] = lambda message: None
-
-
-# ------------------------------------------------------------------------------------------ results
-@dataclass
-class ModelInfo:
-    """One benchmarked model: its layout and the memory arithmetic behind the comparison."""
-
-    role: str  # "hybrid" | "transformer"
-    name: str
-    source: str  # "checkpoint" | "profile (random weights)" | "built by nano (random weights)"
-    pattern: str
-    hidden_size: int
-    vocab_size: int
-    layers: dict[str, int]  # mamba / mlp / attention counts
-    intermediate_size: int
-    attention_shape: str  # "q heads / kv heads x head_dim"
-    params: int
-    non_embedding_params: int
-    kv_bytes_per_token: int  # KV of every attention layer, one sequence, the run's dtype
-    state_bytes_per_sequence: int  # Mamba conv + SSM state, one sequence (constant in the context)
-
-
-@dataclass
-class Run:
-    """One timed generation: ``batch`` sequences of ``prompt`` tokens, ``output`` new tokens each."""
-
-    prefill_seconds: float  # prompt forward passes + the first token
-    decode_seconds: float  # every later step
-    prefill_tokens: int
-    output_tokens: int  # all rows
-    decode_tokens: int
-    step_seconds: list[float]  # one per decode step (row 0's token timestamps, differenced)
-
-    @property
-    def total_seconds(self) -> float:
-        return self.prefill_seconds + self.decode_seconds
-
-
-@dataclass
-class Measurement:
-    """Medians over the repeats for one model at one (prompt, output) pair."""
-
-    role: str
-    prompt: int
-    output: int
-    batch: int
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    output_tokens_per_s: float  # output tokens / (prefill + decode time): what a user waits for
-    total_seconds: float
-    ms_per_token: list[tuple[int, float]]  # (context, median ms per decode step) as the context grows
-    cache_predicted: dict[str, int]  # memory.cache_bytes at prompt + output tokens: kv / conv / ssm / total
-    cache_measured: int  # bytes of the HybridCache really allocated
-    peak_memory_bytes: int
-    peak_memory_source: str
-    runs: list[dict[str, float]]  # every repeat's figures (seconds, token counts), for the record
-
-
-@dataclass
-class PairResult:
-    prompt: int
-    output: int
-    hybrid: Measurement
-    transformer: Measurement | None
-
-    def _ratio(self, key: str) -> float | None:
-        if self.transformer is None or getattr(self.transformer, key) <= 0:
-            return None
-        return getattr(self.hybrid, key) / getattr(self.transformer, key)
-
-    @property
-    def ratio(self) -> float | None:
-        """Hybrid / Transformer output tokens per second (overall, prefill included)."""
-        return self._ratio("output_tokens_per_s")
-
-    @property
-    def decode_ratio(self) -> float | None:
-        return self._ratio("decode_tokens_per_s")
-
-    @property
-    def prefill_ratio(self) -> float | None:
-        return self._ratio("prefill_tokens_per_s")
-
-
-@dataclass
-class BenchResult:
-    models: list[ModelInfo]  # the hybrid, then the twin when compared
-    pairs: list[PairResult]
-    device: str
-    dtype: str
-    threads: int
-    batch: str  # "1", "4" or "max"
-    repeats: int
-    kernels: str  # "mamba-ssm+causal-conv1d", "mamba-ssm" (conv in PyTorch) or "reference"
-    load_before: tuple[float, float, float] | None  # os.getloadavg() at the start and the end
-    load_after: tuple[float, float, float] | None
-    seconds: float  # the whole benchmark, wall clock
-    torch_version: str
-    machine: str
-    notes: list[str] = field(default_factory=list)
-    decode: str = "eager"  # "compiled": the decode steps ran through CompiledDecode (--compile)
-    kernels_detail: str = ""  # kernels.KernelStatus.describe(): which runs, and why the others do not
-
-    @property
-    def hybrid(self) -> ModelInfo:
-        return self.models[0]
-
-    @property
-    def transformer(self) -> ModelInfo | None:
-        return self.models[1] if len(self.models) > 1 else None
-
-    def to_json(self) -> dict[str, Any]:
-        pairs = []
-        for p in self.pairs:
-            pairs.append({"prompt": p.prompt, "output": p.output, "hybrid": asdict(p.hybrid),
-                          "transformer": None if p.transformer is None else asdict(p.transformer),
-                          "ratio": p.ratio, "decode_ratio": p.decode_ratio, "prefill_ratio": p.prefill_ratio})
-        return {"models": [asdict(m) for m in self.models], "pairs": pairs, "device": self.device,
-                "dtype": self.dtype, "threads": self.threads, "batch": self.batch, "repeats": self.repeats,
-                "kernels": self.kernels, "load_before": self.load_before, "load_after": self.load_after,
-                "seconds": self.seconds, "torch_version": self.torch_version, "machine": self.machine,
-                "notes": self.notes, "decode": self.decode, "kernels_detail": self.kernels_detail}
 
 
 # ------------------------------------------------------------------------------------- input parsing
@@ -240,11 +154,6 @@ def parse_batch(value: str | int) -> int | str:
     if n < 1:
         raise BenchError(f"--batch: must be at least 1, got {value!r}")
     return n
-
-
-def _positive(value: int | None, flag: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise BenchError(f"{flag}: must be a whole number >= 1, got {value!r}")
 
 
 # -------------------------------------------------------------------------------------- the twin
@@ -324,19 +233,9 @@ def _resolve_model(target: str) -> tuple[NanoConfig, str, str, Path | None]:
 
 def resolve(o: BenchOptions) -> _Plan:
     """Check every option (one-line ``BenchError``s) before anything heavy is loaded."""
-    if o.device not in DEVICES:
-        raise BenchError(f"--device must be one of {', '.join(DEVICES)}, got {o.device!r}")
-    if o.dtype not in DTYPES:
-        raise BenchError(f"--dtype must be one of {', '.join(DTYPES)}, got {o.dtype!r}")
-    _positive(o.threads, "--threads")
-    _positive(o.repeats, "--repeats")
-    _positive(o.prefill_chunk, "--prefill-chunk")
+    settings.validate(o, BenchError)
     batch = parse_batch(o.batch)
     lengths = parse_lengths(o.lengths) if o.lengths is not None else None
-    if o.plot is not None:
-        from .plot import checked_png
-
-        checked_png(o.plot)  # a bad path fails before the work
     config, name, source, path = _resolve_model(o.model)
 
     import torch
@@ -460,13 +359,10 @@ def _summarise(role: str, config: NanoConfig, plan: _Plan, prompt: int, output: 
         role=role, prompt=prompt, output=output, batch=batch,
         prefill_tokens_per_s=med(r.prefill_tokens / r.prefill_seconds for r in runs),
         decode_tokens_per_s=med(r.decode_tokens / r.decode_seconds if r.decode_seconds > 0 else 0.0 for r in runs),
-        output_tokens_per_s=med(r.output_tokens / r.total_seconds for r in runs),
+        output_tokens_per_s=med(r.output_tokens_per_s for r in runs),
         total_seconds=med(r.total_seconds for r in runs), ms_per_token=ms,
-        cache_predicted={"kv": predicted.kv, "conv": predicted.conv, "ssm": predicted.ssm, "total": predicted.total},
-        cache_measured=measured, peak_memory_bytes=max(p for p, _ in peaks), peak_memory_source=peaks[0][1],
-        runs=[{"prefill_seconds": r.prefill_seconds, "decode_seconds": r.decode_seconds,
-               "prefill_tokens": r.prefill_tokens, "output_tokens": r.output_tokens,
-               "output_tokens_per_s": r.output_tokens / r.total_seconds} for r in runs])
+        cache_predicted=predicted, cache_measured=measured, peak_memory_bytes=max(p for p, _ in peaks),
+        peak_memory_source=peaks[0][1], runs=runs)
 
 
 def _warm_up(model, chunk: int, step=None) -> None:
@@ -486,9 +382,9 @@ def _load_average() -> tuple[float, float, float] | None:
         return None
 
 
-def run(o: BenchOptions, hooks: BenchHooks | None = None) -> BenchResult:
+def run(o: BenchOptions, reporter: Reporter | None = None) -> BenchResult:
     """Measure the model (and its pure-attention twin) at every (prompt, output) pair; medians and ratios."""
-    hooks = hooks or BenchHooks()
+    reporter = reporter or SILENT
     plan = resolve(o)
     import torch
 
@@ -510,17 +406,17 @@ def run(o: BenchOptions, hooks: BenchHooks | None = None) -> BenchResult:
                      f"({plan.config.max_position_embeddings:,}); NemotronH has no positional encoding, so the "
                      "cost is measured anyway")
 
-    hooks.status(f"loading {plan.name} ({plan.source}) on {plan.device}, {plan.dtype}")
+    reporter.status(f"loading {plan.name} ({plan.source}) on {plan.device}, {plan.dtype}")
     models = {"hybrid": _load(plan, o.seed)}
     if o.compare_transformer:
-        hooks.status(f"building the pure-attention twin: {infos[1].pattern} ({infos[1].params:,} parameters vs "
+        reporter.status(f"building the pure-attention twin: {infos[1].pattern} ({infos[1].params:,} parameters vs "
                      f"{infos[0].params:,})")
         models["transformer"] = _build(configs["transformer"], plan, o.seed + 1)
     steps = {role: None for role in models}
     if o.compile:
         from nanocli_model.decode import CompiledDecode
 
-        hooks.status("compiling the decode steps (torch.compile; cached on disk for the next run)")
+        reporter.status("compiling the decode steps (torch.compile; cached on disk for the next run)")
         steps = {role: CompiledDecode(model) for role, model in models.items()}
     with torch.inference_mode():
         for role, model in models.items():
@@ -543,8 +439,8 @@ def run(o: BenchOptions, hooks: BenchHooks | None = None) -> BenchResult:
                 measured[role] = _measure(model, plan, prompt, out_len, batches[role], o.prefill_chunk,
                                           runs[role], peaks[role], steps[role])
                 last = runs[role][-1]
-                hooks.status(f"{p_len}:{out_len} {role} run {rep + 1}/{plan.repeats}: batch {batches[role]}, "
-                             f"{last.output_tokens / last.total_seconds:,.1f} output tok/s")
+                reporter.status(f"{p_len}:{out_len} {role} run {rep + 1}/{plan.repeats}: batch {batches[role]}, "
+                             f"{last.output_tokens_per_s:,.1f} output tok/s")
         m = {role: _summarise(role, configs[role], plan, p_len, out_len, batches[role], runs[role], measured[role],
                               peaks[role]) for role in models}
         pairs.append(PairResult(p_len, out_len, m["hybrid"], m.get("transformer")))

@@ -316,10 +316,10 @@ def _evaluate(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path], hoo
             options = ev.EvalOptions(model=str(path), budgets=budgets if last else (), **settings)
             t0 = time.perf_counter()
             r = ev.run(options)
-            record = {"settings": key, "result": r.as_dict(), "seconds": time.perf_counter() - t0}
+            record = {"settings": key, "result": r.to_json(), "seconds": time.perf_counter() - t0}
             if base:  # a base model does not know the chat template yet: also ask it the way it was trained
                 text = ev.run(dataclasses.replace(options, prompt_format="text"))
-                record["text"] = text.accuracy["text"]
+                record["text"] = text.accuracy["text"].to_json()
             tmp = cache.with_name(".demo-eval.json.tmp")
             tmp.write_text(json.dumps(record, indent=2))
             tmp.replace(cache)

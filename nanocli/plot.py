@@ -6,11 +6,16 @@ matplotlib is imported here, lazily (Agg backend, no display), only when a plot 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanocli_model import fit
 from nanocli_model.errors import NanoError
 
 from .stages.fit_check import FitCheckResult
+
+if TYPE_CHECKING:
+    from .bench_results import BenchResult
+    from .stages.evaluate import EvalResult
 
 GIB = 2**30
 
@@ -118,29 +123,28 @@ def _save(fig, plt, path: Path) -> Path:
     return path
 
 
-def plot_budget_sweep(result: dict, path: str | Path) -> Path:
+def plot_budget_sweep(result: EvalResult, path: str | Path) -> Path:
     """``nano eval --plot``: held-out accuracy vs thinking budget (the report's curve), with the unbudgeted
-    reasoning-on and reasoning-off accuracies as reference lines. ``result`` is ``EvalResult.as_dict()``."""
+    reasoning-on and reasoning-off accuracies as reference lines."""
     path = checked_png(path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
-    sweep, acc = result["budget_sweep"], result["accuracy"]
+    sweep, acc = result.sweep, result.accuracy
     if sweep:
-        ax.plot([s["budget"] for s in sweep], [100 * s["accuracy"] for s in sweep], "o-", color="#1f77b4", lw=2,
+        ax.plot([s.budget for s in sweep], [100 * s.accuracy for s in sweep], "o-", color="#1f77b4", lw=2,
                 label="reasoning on, thinking budget")
         ax.set_xscale("log", base=2)
-        ax.set_xticks([s["budget"] for s in sweep], [str(s["budget"]) for s in sweep])
+        ax.set_xticks([s.budget for s in sweep], [str(s.budget) for s in sweep])
         ax.minorticks_off()
     styles = {"think": ("#1f77b4", "reasoning on, no budget"), "no_think": ("#d62728", "reasoning off")}
     for mode, (color, label) in styles.items():
         if mode in acc:
-            ax.axhline(100 * acc[mode]["accuracy"], color=color, ls="--", lw=1.2,
-                       label=f"{label} ({100 * acc[mode]['accuracy']:.0f}%)")
-    n = result["problems"]["n"]
+            ax.axhline(100 * acc[mode].accuracy, color=color, ls="--", lw=1.2,
+                       label=f"{label} ({100 * acc[mode].accuracy:.0f}%)")
     ax.set_xlabel("thinking budget (tokens)")
-    ax.set_ylabel(f"held-out accuracy (%, {n} problems)")
+    ax.set_ylabel(f"held-out accuracy (%, {result.options.problems} problems)")
     ax.set_ylim(0, 100)
-    model = Path(result["model"])
+    model = Path(result.options.model)
     ax.set_title(f"nano eval: {model.parent.name + '/' if model.name == 'final' else ''}{model.name}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -184,14 +188,10 @@ def plot_loss(metrics: list[dict], path: str | Path, title: str = "training loss
     return path
 
 
-def plot_bench(r, path: str | Path) -> Path:
+def plot_bench(r: BenchResult, path: str | Path) -> Path:
     """``nano bench --plot``: output tokens/s per (prompt, output) pair, hybrid vs pure Transformer, with
     the ratio on top (left), and ms per decode step as the context grows (right)."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise PlotError(f"--plot {path}: give a .png file name")
-    if not path.parent.is_dir():
-        raise PlotError(f"--plot {path}: folder {path.parent} does not exist")
+    path = checked_png(path)
     plt = _pyplot()
     h, t = r.hybrid, r.transformer
     labels = [f"{p.prompt:,}:{p.output:,}" for p in r.pairs]

@@ -10,8 +10,6 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from nanocli_model.errors import NanoError
-
 from .profiles import GpuProfile
 from .roadmap import Stage
 from .summary import KINDS, ModelSummary
@@ -150,104 +148,6 @@ def show_demo(models: Sequence[ModelSummary], gpus: Sequence[GpuProfile], stages
         status = "built" if st.built else f"not built yet (#{st.issue})"
         table.add_row(f"nano {st.command}", status, st.summary)
     out.print(table)
-
-
-class TextStream:
-    """Streams generated text as it arrives: the thinking span dimmed, the answer plain.
-
-    Text goes out with markup off, so ``<think>`` and ``</think>`` show as they are.
-    """
-
-    def __init__(self, hide_thinking: bool = False):
-        self.out = console()
-        self.hide_thinking = hide_thinking
-        self.started = False
-
-    def write(self, row: int, text: str, thinking: bool) -> None:
-        if thinking and self.hide_thinking:
-            return
-        if thinking and not self.started:
-            self.out.print("<think>", style="dim", end="", markup=False)
-        self.started = True
-        self.out.print(text, style="dim" if thinking else None, end="", markup=False, soft_wrap=True)
-        self.out.file.flush()
-
-    def close(self) -> None:
-        self.out.print()
-
-
-def show_generation_stats(result) -> None:
-    """The timing line on stderr: tokens, prefill and decode tokens/s, peak memory."""
-    s = result.stats
-    err = Console(stderr=True, highlight=False)
-    err.print(f"prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} tokens | "
-              f"prefill {s.prefill_tokens_per_s:,.1f} tok/s, decode {s.decode_tokens_per_s:,.1f} tok/s | "
-              f"peak memory {human_bytes(s.peak_memory_bytes)} ({s.peak_memory_source}) | "
-              f"{result.device} {result.dtype} | kernels {result.kernels}"
-              + (f" | compiled decode (compile {s.compile_seconds:.1f} s)" if result.decode == "compiled" else ""),
-              style="dim", markup=False)
-    if result.device != "cpu" and result.kernels != "mamba-ssm+causal-conv1d":  # a GPU without every kernel
-        err.print(f"note: {result.kernels_detail}", markup=False, highlight=False)
-    if result.decode.startswith("eager ("):  # --compile asked for, and it fell back
-        err.print(f"note: --compile: decode ran {result.decode}", markup=False)
-
-
-CHAT_HELP = "/think, /no_think, /budget N (or off), /reset, /exit; Ctrl-C stops an answer"
-
-
-def chat(gen, options) -> None:
-    """``nano generate --interactive``: multi-turn chat through the chat template."""
-    out = console()
-    loaded = gen.load(options)
-    history: list[dict] = []
-    out.print(f"[bold]nano chat[/] ({options.model}, {loaded.device} {loaded.dtype}) - {CHAT_HELP}")
-    while True:
-        try:
-            line = out.input("[bold green]you>[/] ")
-        except (EOFError, KeyboardInterrupt):
-            out.print()
-            return
-        command = line.strip()
-        if not command:
-            continue
-        if command in ("/exit", "/quit"):
-            return
-        if command == "/reset":
-            history.clear()
-            out.print("[dim](history cleared)[/]")
-            continue
-        if command in ("/think", "/no_think"):
-            options.think = command == "/think"
-            out.print(f"[dim](reasoning {'on' if options.think else 'off'})[/]")
-            continue
-        if command.startswith("/budget"):
-            value = command.split(maxsplit=1)[1:] or ["off"]
-            if value[0] == "off":
-                options.thinking_budget = None
-            elif value[0].isdigit():
-                options.thinking_budget = int(value[0])
-            else:
-                out.print("[red]/budget takes a number of tokens or 'off'[/]")
-                continue
-            out.print(f"[dim](thinking budget: {options.thinking_budget or 'off'})[/]")
-            continue
-        history.append({"role": "user", "content": line})
-        stream = TextStream(hide_thinking=False)
-        try:
-            result = gen.run(options, [list(history)], loaded, on_text=stream.write)
-        except KeyboardInterrupt:
-            stream.close()
-            out.print("[dim](stopped)[/]")
-            history.pop()
-            continue
-        except NanoError as e:  # a bad turn (e.g. the context is full) ends the turn, not the chat
-            stream.close()
-            out.print(f"[red]error: {e}[/]")
-            history.pop()
-            continue
-        stream.close()
-        history.append({"role": "assistant", "content": result.outputs[0].answer})
-        show_generation_stats(result)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -428,13 +328,11 @@ from .ui_stages import (  # noqa: E402
     DemoStage,
     PruneProgress,
     prune_table,
-    show_bench,
     show_demo_result,
     show_distill_result,
-    show_eval_result,
     show_prune_plan,
     show_prune_result,
 )
 
-__all__ = ["DemoStage", "PruneProgress", "prune_table", "show_bench", "show_demo_result", "show_distill_result",
-           "show_eval_result", "show_prune_plan", "show_prune_result"]
+__all__ = ["DemoStage", "PruneProgress", "prune_table", "show_demo_result", "show_distill_result",
+           "show_prune_plan", "show_prune_result"]

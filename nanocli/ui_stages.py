@@ -1,5 +1,5 @@
-"""Terminal rendering of the measuring and compressing commands: ``nano eval``, ``nano demo`` (the pipeline),
-``nano distill``, ``nano bench`` and ``nano prune``. Takes results, prints them; computes nothing. The shared
+"""Terminal rendering of the measuring and compressing commands: ``nano demo`` (the pipeline), ``nano distill``
+and ``nano prune``. Takes results, prints them; computes nothing. The shared
 pieces (console, units, the training progress bar) are ``ui``'s; ``ui`` re-exports everything here."""
 
 from __future__ import annotations
@@ -7,43 +7,7 @@ from __future__ import annotations
 from rich import box
 from rich.table import Table
 
-from .summary import KINDS
 from .ui import TrainProgress, console, gib, human_bytes, human_count
-
-
-def _pct(a: dict) -> str:
-    return f"{100 * a['accuracy']:.1f}% ({a['correct']}/{a['n'] * a.get('samples', 1)})"
-
-
-def _form(a: dict) -> str:
-    return f"{a['formatted']}/{a['n'] * a.get('samples', 1)}"
-
-
-def show_eval_result(r, plot_path: str | None = None) -> None:
-    """``nano eval``: held-out accuracy per mode, the thinking-budget sweep, perplexity."""
-    out = console()
-    d = r.as_dict()
-    p = d["problems"]
-    if d["accuracy"] or d["budget_sweep"]:
-        t = Table(title=f"nano eval: {r.options.model}", box=box.SIMPLE_HEAVY)
-        for name in ("answers", "accuracy", "in form", "mean tokens"):
-            t.add_column(name, justify="left" if name == "answers" else "right")
-        for mode, a in d["accuracy"].items():
-            label = {"think": "reasoning on", "no_think": "reasoning off", "text": "pretraining format"}[mode]
-            t.add_row(label, _pct(a), _form(a),
-                      f"{a['mean_tokens']:.1f}")
-        for a in d["budget_sweep"]:
-            t.add_row(f"thinking budget {a['budget']}", _pct(a), _form(a), f"{a['mean_tokens']:.1f}")
-        out.print(t)
-    if d["perplexity"]:
-        pp = d["perplexity"]
-        out.print(f"held-out text: loss {pp['loss']:.4f}, perplexity {pp['ppl']:.3f} ({pp['tokens']:,} tokens)")
-    if d["accuracy"] or d["budget_sweep"]:
-        how = "greedy" if p.get("samples", 1) == 1 else f"{p['samples']} samples each at temperature {p['temperature']}"
-        out.print(f"problems: {p['n']} held-out (tasks {p['tasks']}, difficulty {p['difficulty']}, seed {p['seed']}), "
-                  f"{how}; {human_count(d['params'])} parameters, {d['device']} {d['dtype']}, {d['seconds']:.1f} s")
-    if plot_path:
-        out.print(f"plot: {plot_path}")
 
 
 class DemoStage:
@@ -159,74 +123,6 @@ def show_distill_result(r) -> None:
     if r.plot:
         t.add_row("loss curve", str(r.plot))
     out.print(t)
-
-
-def _ratio(x: float | None) -> str:
-    return "" if x is None else f"{x:.2f}x"
-
-
-def show_bench(r, plot_path: str | None = None) -> None:
-    """``nano bench``: the models compared, throughput per (prompt, output) pair with the hybrid /
-    Transformer ratio, cache bytes (memory.py's prediction and the allocated cache), and the time per
-    output token as the context grows."""
-    out = console()
-    h, t = r.hybrid, r.transformer
-    out.print(f"[bold]nano bench[/bold]: {h.name} ({h.source}) | {r.device} {r.dtype}, {r.threads} thread(s), "
-              f"batch {r.batch} | {r.repeats} run(s) per model, interleaved, medians | kernels {r.kernels}"
-              + (" | compiled decode" if r.decode == "compiled" else ""))
-    if r.device != "cpu" and r.kernels_detail:  # on a GPU: which kernels ran, and why any other did not
-        out.print(r.kernels_detail, style="dim", markup=False, highlight=False)
-    models = Table(box=box.SIMPLE_HEAD, show_edge=False)
-    for name, justify in (("model", "left"), ("pattern", "left"), ("M/-/*", "right"), ("parameters", "right"),
-                          ("KV / token", "right"), ("Mamba state / seq", "right")):
-        models.add_column(name, justify=justify, overflow="fold")
-    for m in r.models:
-        diff = "" if m is h else f" ({100 * (m.params - h.params) / h.params:+.2f}%)"
-        models.add_row(m.role, m.pattern, "/".join(str(m.layers[k]) for k, _, _ in KINDS), f"{m.params:,}{diff}",
-                       human_bytes(m.kv_bytes_per_token), human_bytes(m.state_bytes_per_sequence))
-    out.print(models)
-
-    table = Table(title="Generation throughput", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
-                  caption="tokens per second; output/s = output tokens / (prefill + decode time); ratio = hybrid "
-                  "/ transformer output/s; cache = the HybridCache allocated for in + out tokens",
-                  caption_justify="left")
-    for name in ("in:out", "model", "batch", "prefill/s", "decode/s", "output/s", "ratio", "cache"):
-        table.add_column(name, justify="left" if name in ("in:out", "model") else "right", no_wrap=True)
-    mismatch = []
-    for p in r.pairs:
-        for m in (p.hybrid, p.transformer):
-            if m is None:
-                continue
-            if m.cache_predicted["total"] != m.cache_measured:
-                mismatch.append(f"{p.prompt}:{p.output} {m.role}: memory.py predicts "
-                                f"{m.cache_predicted['total']:,} B, allocated {m.cache_measured:,} B")
-            table.add_row(f"{p.prompt}:{p.output}" if m is p.hybrid else "", m.role, str(m.batch),
-                          f"{m.prefill_tokens_per_s:,.0f}", f"{m.decode_tokens_per_s:,.1f}",
-                          f"{m.output_tokens_per_s:,.1f}", _ratio(p.ratio) if m is p.hybrid else "",
-                          human_bytes(m.cache_measured))
-    out.print(table)
-    out.print("cache bytes: " + ("; ".join(mismatch) if mismatch else "allocated = memory.py's prediction, "
-                                 "byte for byte, for every row"), style="dim" if not mismatch else "bold red")
-
-    tpot = Table(title="Time per output token as the context grows (ms per decode step, medians)",
-                 title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
-    for name in ("in:out", "context", "hybrid ms", *(("transformer ms", "transformer / hybrid") if t else ())):
-        tpot.add_column(name, justify="left" if name == "in:out" else "right")
-    for p in r.pairs:
-        for i, (ctx, ms) in enumerate(p.hybrid.ms_per_token):
-            row = [f"{p.prompt}:{p.output}" if i == 0 else "", f"{ctx:,}", f"{ms:.2f}"]
-            if p.transformer is not None:
-                tms = p.transformer.ms_per_token[i][1]
-                row += [f"{tms:.2f}", f"{tms / ms:.2f}x"]
-            tpot.add_row(*row)
-    out.print(tpot)
-    load = (f"load average {r.load_before[0]:.2f} before, {r.load_after[0]:.2f} after"
-            if r.load_before and r.load_after else "load average unknown")
-    out.print(f"{r.seconds:,.0f} s in all; {load}; torch {r.torch_version}, {r.machine}", style="dim")
-    for note in r.notes:
-        out.print(f"note: {note}", style="dim")
-    if plot_path:
-        out.print(f"plot: {plot_path}")
 
 
 # ---------------------------------------------------------------------------------------- pruning

@@ -276,7 +276,7 @@ def test_rollout_thinking_budget_forces_the_close(tok_and_model):
     sampling = SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True)
     r = rollout(model, tok, _prompts(tok, 1), group_size=2, sampling=sampling, seed=0, thinking_budget=2,
                 thinking_grace=0)
-    from nanocli.stages.generate import think_close_text
+    from nanocli.thinking import think_close_text
 
     close = tok.encode("\n" + think_close_text(tok))  # cut mid-line (grace 0): a newline, then the template's close
     for ids, forced in zip(r.completion_ids, r.budget_forced):
@@ -445,7 +445,7 @@ def test_budget_close_is_what_sft_trained_the_model_to_see(tiny_base):
     """The forced end of a thinking span is the template's own text between a budget-cut trace and the
     answer, so a budgeted generation looks like the SFT budget examples (not an extra blank line)."""
     from nanocli.data.chat import SFTConfig, build_sft_examples
-    from nanocli.stages.generate import DEFAULT_THINK_CLOSE, think_close_text
+    from nanocli.thinking import DEFAULT_THINK_CLOSE, think_close_text
     from nanocli_model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tiny_base)

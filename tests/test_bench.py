@@ -114,7 +114,7 @@ def test_result_has_both_models_and_positive_rates(result):
             assert m.batch == 2 and len(m.runs) == 2
             assert m.prefill_tokens_per_s > 0 and m.decode_tokens_per_s > 0 and m.output_tokens_per_s > 0
             for run in m.runs:  # EOS ignored: every row generates all its tokens
-                assert run["output_tokens"] == 2 * p.output and run["prefill_tokens"] == 2 * p.prompt
+                assert run.output_tokens == 2 * p.output and run.prefill_tokens == 2 * p.prompt
             contexts = [c for c, _ in m.ms_per_token]
             assert contexts == sorted(contexts) and p.prompt < contexts[0] and contexts[-1] <= p.prompt + p.output
             assert all(ms > 0 for _, ms in m.ms_per_token)
@@ -126,9 +126,9 @@ def test_measured_cache_bytes_equal_the_memory_model(result):
     for p in result.pairs:
         for m in (p.hybrid, p.transformer):
             predicted = memory.cache_bytes(configs[m.role], 2, p.prompt + p.output, dtype="fp32")
-            assert m.cache_measured == predicted.total == m.cache_predicted["total"]
-            assert m.cache_predicted["kv"] == predicted.kv
-        assert p.transformer.cache_predicted["ssm"] == 0 < p.hybrid.cache_predicted["ssm"]
+            assert m.cache_measured == predicted.total == m.cache_predicted.total
+            assert m.cache_predicted.kv == predicted.kv
+        assert p.transformer.cache_predicted.ssm == 0 < p.hybrid.cache_predicted.ssm
 
 
 def test_json_is_plain_data(result):
@@ -199,6 +199,19 @@ def test_cli_table(capsys, monkeypatch):
                  "allocated = memory.py's prediction"):
         assert text in out
     assert "8:16 hybrid run 1/1" in err  # progress goes to stderr
+
+
+def test_help_shows_the_real_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench", "--help"])
+    assert done.value.code == 0
+    rows = capsys.readouterr().out.splitlines()
+    for flag, default in (("--batch", "1"), ("--prefill-chunk", "2048"), ("--seed", "0"), ("--device", "auto"),
+                          ("--dtype", "auto")):
+        row = next(r for r in rows if r.startswith(f"│ {flag} "))
+        assert f"[default: {default}]" in row, (flag, row)
+    assert "[default: compare-transformer]" in "".join(rows)  # on (its row wraps)
 
 
 @pytest.mark.parametrize("args, words", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,10 @@ def test_accuracy_counts_exactly_the_right_answers_and_sweeps_the_budgets(tiny_b
                               budgets=(4, 16), batch=n, device="cpu"))
     assert calls == [None, None, 4, 16]  # think, no_think, then the sweep with reasoning on
     for a in [*r.accuracy.values(), *r.sweep]:
-        assert a["correct"] == n // 2 and a["accuracy"] == 0.5
-        assert a["mean_tokens"] == sum(10 + i for i in range(n)) / n
-    assert r.accuracy["think"]["formatted"] == n  # every completion closed its thinking and answered in form
-    assert [s["budget"] for s in r.sweep] == [4, 16]
+        assert a.correct == n // 2 and a.accuracy == 0.5
+        assert a.mean_tokens == sum(10 + i for i in range(n)) / n
+    assert r.accuracy["think"].formatted == n  # every completion closed its thinking and answered in form
+    assert [s.budget for s in r.sweep] == [4, 16]
 
 
 def test_text_format_asks_in_the_pretraining_format_and_scores_the_first_answer(tiny_base, monkeypatch):
@@ -67,8 +68,8 @@ def test_text_format_asks_in_the_pretraining_format_and_scores_the_first_answer(
     r = ev.run(ev.EvalOptions(model=str(tiny_base), problems=n, tasks="add", difficulty="1", seed=seed,
                               prompt_format="text", batch=n, device="cpu"))
     assert seen == [f"Question: {p.question}\nReasoning:\n" for p in problems]
-    assert list(r.accuracy) == ["text"] and r.accuracy["text"]["correct"] == 4
-    assert r.accuracy["text"]["formatted"] == n
+    assert list(r.accuracy) == ["text"] and r.accuracy["text"].correct == 4
+    assert r.accuracy["text"].formatted == n
 
 
 def test_samples_score_every_completion_of_every_problem(tiny_base, monkeypatch):
@@ -85,10 +86,10 @@ def test_samples_score_every_completion_of_every_problem(tiny_base, monkeypatch)
 
     monkeypatch.setattr(grpo, "rollout", fake_rollout)
     r = ev.run(ev.EvalOptions(model=str(tiny_base), problems=n, tasks="max", difficulty="1", seed=seed,
-                              modes=("think",), samples=k, temperature=0.8, batch=n, device="cpu"))
+                              mode="think", samples=k, temperature=0.8, batch=n, device="cpu"))
     a = r.accuracy["think"]
-    assert (a["correct"], a["samples"], a["formatted"]) == (n, k, n * k)
-    assert a["accuracy"] == pytest.approx(1 / k) and a["mean_tokens"] == 2
+    assert (a.correct, a.samples, a.formatted) == (n, k, n * k)
+    assert a.accuracy == pytest.approx(1 / k) and a.mean_tokens == 2
 
 
 def test_perplexity_equals_a_float64_hand_computation(tiny_base, tmp_path):
@@ -96,7 +97,7 @@ def test_perplexity_equals_a_float64_hand_computation(tiny_base, tmp_path):
     o = ev.EvalOptions(model=str(tiny_base), problems=0, data=spec, seq_len=seq_len, ppl_tokens=700, batch=4,
                        device="cpu", cache_dir=str(tmp_path))
     r = ev.run(o)
-    assert r.perplexity["tokens"] == (700 // seq_len) * seq_len == r.perplexity["windows"] * seq_len
+    assert r.perplexity.tokens == (700 // seq_len) * seq_len == r.perplexity.windows * seq_len
 
     from nanocli.data import parse_data_spec, prepare_source
     from nanocli_model import load_pretrained
@@ -104,17 +105,17 @@ def test_perplexity_equals_a_float64_hand_computation(tiny_base, tmp_path):
 
     source = prepare_source(parse_data_spec(spec + "&split=heldout")[0], Tokenizer.from_dir(tiny_base), tmp_path)
     model = load_pretrained(tiny_base, dtype="fp32").double().eval()
-    tokens = torch.tensor(source.tokens[:r.perplexity["windows"] * seq_len + 1].astype("int64"))
+    tokens = torch.tensor(source.tokens[:r.perplexity.windows * seq_len + 1].astype("int64"))
     total = 0.0
     with torch.no_grad():
-        for w in range(r.perplexity["windows"]):
+        for w in range(r.perplexity.windows):
             x = tokens[w * seq_len:(w + 1) * seq_len + 1]
             logits = model(x[None, :-1])
             logits = logits if isinstance(logits, torch.Tensor) else logits.logits
             total += F.cross_entropy(logits[0].double(), x[1:], reduction="sum").item()
-    expected = total / r.perplexity["tokens"]
-    assert r.perplexity["loss"] == pytest.approx(expected, rel=1e-5)
-    assert r.perplexity["ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+    expected = total / r.perplexity.tokens
+    assert r.perplexity.loss == pytest.approx(expected, rel=1e-5)
+    assert r.perplexity.ppl == pytest.approx(math.exp(expected), rel=1e-5)
 
 
 def test_cli_writes_json_table_and_plot(tiny_base, tmp_path):
@@ -132,6 +133,19 @@ def test_cli_writes_json_table_and_plot(tiny_base, tmp_path):
     assert table.returncode == 0 and "reasoning off" in table.stdout and "reasoning on" not in table.stdout
 
 
+def test_help_shows_the_real_defaults():
+    p = subprocess.run([sys.executable, "-m", "nanocli.cli", "eval", "--help"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
+    assert p.returncode == 0, p.stderr
+    rows = p.stdout.splitlines()
+    for flag, default in (("--problems", "100"), ("--mode", "both"), ("--prompt-format", "chat"),
+                          ("--difficulty", "1-3"), ("--max-new-tokens", "256"), ("--temperature", "0.0"),
+                          ("--batch", "32"), ("--seed", "1234"), ("--seq-len", "512"), ("--device", "auto")):
+        row = next(r for r in rows if r.startswith(f"│ {flag} "))
+        assert f"[default: {default}]" in row, (flag, row)
+    assert "both|think|no_think" in next(r for r in rows if r.startswith("│ --mode "))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent"], "not a model directory"),
     (["--budgets", "8,x"], "--budgets"),
@@ -145,6 +159,9 @@ def test_cli_writes_json_table_and_plot(tiny_base, tmp_path):
     (["--prompt-format", "xml"], "--prompt-format"),
     (["--samples", "4"], "--temperature"),
     (["--prompt-format", "text", "--budgets", "8"], "--budgets"),
+    (["--device", "tpu"], "--device"),
+    (["--batch", "0"], "--batch"),
+    (["--temperature", "nan"], "--temperature"),
 ])
 def test_bad_input_is_one_line(tiny_base, args, message):
     argv = ["eval", *args] if args[0] == "--model" else ["eval", "--model", str(tiny_base), *args]

@@ -56,7 +56,7 @@ def test_greedy_is_deterministic_and_reports_timings(capsys, monkeypatch, model_
 
 
 def test_stats_line_names_the_kernels_and_a_gpu_without_them_says_why(capsys, monkeypatch, model_dir):
-    from nanocli import ui
+    from nanocli.commands.generate import show_generation_stats
     from nanocli.stages.generate import GenerateResult
 
     code, _, err = run(capsys, monkeypatch, "-m", model_dir, "hi", "--greedy", "--max-new-tokens", "2")
@@ -64,7 +64,7 @@ def test_stats_line_names_the_kernels_and_a_gpu_without_them_says_why(capsys, mo
     stats = type("S", (), dict(prompt_tokens=3, generated_tokens=2, prefill_tokens_per_s=1.0, compile_seconds=0.0,
                                decode_tokens_per_s=1.0, peak_memory_bytes=1, peak_memory_source="cuda"))()
     detail = "kernels: scan/step mamba-ssm 2.3.2.post1 (Triton), conv pure PyTorch (causal-conv1d not importable)"
-    ui.show_generation_stats(GenerateResult([], stats, "cuda", "bfloat16", "eager", "mamba-ssm", detail))
+    show_generation_stats(GenerateResult([], stats, "cuda", "bfloat16", "eager", "mamba-ssm", detail))
     err = capsys.readouterr().err
     assert "kernels mamba-ssm" in err and "note: " + detail in " ".join(err.split())
 
@@ -148,17 +148,37 @@ def test_interactive_chat(capsys, monkeypatch, model_dir):
     (("-m", "/nonexistent", "hi"), "not a model directory"),
     (("hi",), "--model is required"),
     (("-m", "{model}", "--temperature", "-1", "hi"), "temperature"),
-    (("-m", "{model}", "--top-p", "0", "hi"), "top_p"),
+    (("-m", "{model}", "--top-p", "0", "hi"), "--top-p"),
     (("-m", "{model}", "   "), "empty"),
     (("-m", "{model}", "--device", "tpu", "hi"), "--device"),
     (("-m", "{model}", "--max-new-tokens", "5000", "hi"), "context limit"),
-    (("-m", "{model}", "--max-new-tokens", "0", "hi"), "max_new_tokens"),
+    (("-m", "{model}", "--max-new-tokens", "0", "hi"), "--max-new-tokens"),
     (("-m", "{model}", "--truncate", "right", "hi"), "--truncate"),
+    (("-m", "{model}", "--dtype", "int8", "hi"), "--dtype"),
+    (("-m", "{model}", "--thinking-budget", "-1", "hi"), "--thinking-budget"),
+    (("-m", "{model}", "--min-p", "1", "hi"), "--min-p"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, monkeypatch, model_dir, args, needle):
     code, out, err = run(capsys, monkeypatch, *[a.replace("{model}", str(model_dir)) for a in args])
     assert code == 2, err
     assert needle in err and err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def help_line(out: str, flag: str) -> str:
+    """The ``--help`` row of ``flag`` (the terminal is wide enough that a row ends with its default)."""
+    return next(line for line in out.splitlines() if line.startswith(f"│ {flag} "))
+
+
+def test_help_shows_the_real_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = run(capsys, monkeypatch, "--help")
+    assert code == 0, err
+    for flag, default in (("--temperature", "0.6"), ("--top-p", "0.95"), ("--top-k", "0"), ("--min-p", "0.0"),
+                          ("--repetition-penalty", "1.0"), ("--prefill-chunk", "2048"), ("--thinking-grace", "500"),
+                          ("--device", "auto"), ("--dtype", "auto")):
+        assert f"[default: {default}]" in help_line(out, flag), flag
+    assert "auto|cpu|cuda" in help_line(out, "--device") and "-m" in help_line(out, "--model")
+    assert "[default:" not in help_line(out, "--max-new-tokens")  # no fixed default: what the context leaves
 
 
 def test_missing_tokenizer_is_one_line(capsys, monkeypatch, model_dir, tmp_path):
@@ -205,3 +225,25 @@ def test_a_failed_compile_falls_back_to_eager_and_says_why(capsys, monkeypatch, 
     assert fell["decode"].startswith("eager (compile failed: RuntimeError: InductorError: no C++ compiler")
     code, out, err = run(capsys, monkeypatch, "-m", model_dir, *args, "--compile")
     assert code == 0 and "note: --compile: decode ran eager (compile failed" in " ".join(err.split())
+
+
+def test_chat_session_keeps_the_history_and_its_own_settings(model_dir):
+    from nanocli.stages.generate import ChatSession, GenerateOptions
+
+    options = GenerateOptions(model=str(model_dir), greedy=True, max_new_tokens=3)
+    session = ChatSession(options)
+    assert session.send("/no_think").note == "(reasoning off)" and session.options.think is False
+    assert options.think is None  # the caller's options are left as they were
+    assert session.send("/budget 2").note == "(thinking budget: 2)" and session.options.thinking_budget == 2
+    assert session.send("/budget x").error == "/budget takes a number of tokens or 'off'"
+    assert session.send("/budget").note == "(thinking budget: off)" and session.options.thinking_budget is None
+    assert session.send("   ") == type(session.send("  "))()  # an empty line does nothing
+    streamed = []
+    turn = session.send("hello", on_text=lambda row, text, thinking: streamed.append(text))
+    assert turn.generated and turn.result is not None and streamed
+    assert turn.result.outputs[0].text.startswith("".join(streamed))  # streamed as it came
+    assert [m["role"] for m in session.history] == ["user", "assistant"]
+    assert session.history[1]["content"] == turn.result.outputs[0].answer
+    assert session.send("again").result is not None and len(session.history) == 4
+    assert session.send("/reset").note == "(history cleared)" and session.history == []
+    assert session.send("/exit").done and session.send("/quit").done

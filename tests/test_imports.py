@@ -47,3 +47,10 @@ def test_importing_does_not_load_torch(module):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("module", ["nanocli.commands.generate", "nanocli.commands.eval", "nanocli.commands.bench"])
+def test_registering_a_serving_command_does_not_load_torch(module):
+    """`nano generate --help` and a bad flag answer before torch loads: the command module, its options and the
+    stage modules it imports for them stay torch-free at import."""
+    test_importing_does_not_load_torch(module)

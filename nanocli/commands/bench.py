@@ -1,11 +1,139 @@
-"""``nano bench``: registered from the legacy command module until it moves here (issue #17)."""
+"""``nano bench``: generation throughput of a model, and the report's hybrid-vs-Transformer comparison.
+
+The command: ``BenchOptions`` (``bench.py``'s) plus what only the command line asks for (``--json``,
+``--plot``); the call into ``bench.run`` with ``ui.Progress`` reporting each run on stderr; the rendering (the
+models compared, throughput per (prompt, output) pair, time per output token as the context grows).
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import typer
+from rich import box
+from rich.table import Table
+
+from .. import settings, ui
+from ..bench import BenchOptions
+from ..summary import KINDS
+from .flags import command
+
+if TYPE_CHECKING:
+    from ..bench_results import BenchResult
+
+
+@dataclass
+class BenchOutput(settings.Group):
+    panel = "Output"
+
+    json: bool = False
+    """Print one JSON object instead of tables."""
+    plot: str | None = None
+    """Write tokens/s per pair and ms per output token vs context to this .png."""
 
 
 def register(app: typer.Typer) -> None:
-    from ..cli_legacy import COMMANDS
+    command(app, "bench", bench, BenchOptions, BenchOutput)
 
-    app.command("bench")(COMMANDS["bench"])
+
+def bench(given: dict, output: dict) -> None:
+    """Generation throughput of a model, and the report's hybrid-vs-Transformer comparison.
+
+    Prefills a random prompt and decodes OUTPUT tokens (greedy, EOS ignored) through nano's cached
+    generator, for every PROMPT:OUTPUT pair; with --compare-transformer (default) the same for a
+    pure-attention twin built by nano (same hidden size and vocabulary, attention + MLP layers only,
+    parameters within 5%). Runs alternate hybrid, twin, hybrid, twin; the table gives medians: prefill,
+    decode and output tokens/s, the hybrid/Transformer ratio, cache bytes (predicted by memory.py and
+    really allocated) and ms per output token as the context grows.
+    """
+    from .. import bench as stage
+
+    options, out = BenchOptions(**given), BenchOutput(**output)
+    settings.validate(options, stage.BenchError)
+    if out.plot is not None:
+        from ..plot import checked_png
+
+        checked_png(out.plot)  # a bad path fails before the long run
+    result = stage.run(options, ui.Progress())  # status lines on stderr (no bars: nothing is counted)
+    plot_path = None
+    if out.plot is not None:
+        from ..plot import plot_bench
+
+        plot_path = str(plot_bench(result, out.plot))
+    if out.json:
+        data = result.to_json()
+        data["plot"] = plot_path
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        show_bench(result, plot_path)
+
+
+# ------------------------------------------------------------------------------------------ rendering
+def _ratio(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}x"
+
+
+def show_bench(r: BenchResult, plot_path: str | None = None) -> None:
+    """``nano bench``: the models compared, throughput per (prompt, output) pair with the hybrid /
+    Transformer ratio, cache bytes (memory.py's prediction and the allocated cache), and the time per
+    output token as the context grows."""
+    out = ui.console()
+    h, t = r.hybrid, r.transformer
+    out.print(f"[bold]nano bench[/bold]: {h.name} ({h.source}) | {r.device} {r.dtype}, {r.threads} thread(s), "
+              f"batch {r.batch} | {r.repeats} run(s) per model, interleaved, medians | kernels {r.kernels}"
+              + (" | compiled decode" if r.decode == "compiled" else ""))
+    if r.device != "cpu" and r.kernels_detail:  # on a GPU: which kernels ran, and why any other did not
+        out.print(r.kernels_detail, style="dim", markup=False, highlight=False)
+    models = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    for name, justify in (("model", "left"), ("pattern", "left"), ("M/-/*", "right"), ("parameters", "right"),
+                          ("KV / token", "right"), ("Mamba state / seq", "right")):
+        models.add_column(name, justify=justify, overflow="fold")
+    for m in r.models:
+        diff = "" if m is h else f" ({100 * (m.params - h.params) / h.params:+.2f}%)"
+        models.add_row(m.role, m.pattern, "/".join(str(m.layers[k]) for k, _, _ in KINDS), f"{m.params:,}{diff}",
+                       ui.human_bytes(m.kv_bytes_per_token), ui.human_bytes(m.state_bytes_per_sequence))
+    out.print(models)
+
+    table = Table(title="Generation throughput", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  caption="tokens per second; output/s = output tokens / (prefill + decode time); ratio = hybrid "
+                  "/ transformer output/s; cache = the HybridCache allocated for in + out tokens",
+                  caption_justify="left")
+    for name in ("in:out", "model", "batch", "prefill/s", "decode/s", "output/s", "ratio", "cache"):
+        table.add_column(name, justify="left" if name in ("in:out", "model") else "right", no_wrap=True)
+    mismatch = []
+    for p in r.pairs:
+        for m in (p.hybrid, p.transformer):
+            if m is None:
+                continue
+            if m.cache_predicted.total != m.cache_measured:
+                mismatch.append(f"{p.prompt}:{p.output} {m.role}: memory.py predicts "
+                                f"{m.cache_predicted.total:,} B, allocated {m.cache_measured:,} B")
+            table.add_row(f"{p.prompt}:{p.output}" if m is p.hybrid else "", m.role, str(m.batch),
+                          f"{m.prefill_tokens_per_s:,.0f}", f"{m.decode_tokens_per_s:,.1f}",
+                          f"{m.output_tokens_per_s:,.1f}", _ratio(p.ratio) if m is p.hybrid else "",
+                          ui.human_bytes(m.cache_measured))
+    out.print(table)
+    out.print("cache bytes: " + ("; ".join(mismatch) if mismatch else "allocated = memory.py's prediction, "
+                                 "byte for byte, for every row"), style="dim" if not mismatch else "bold red")
+
+    tpot = Table(title="Time per output token as the context grows (ms per decode step, medians)",
+                 title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    for name in ("in:out", "context", "hybrid ms", *(("transformer ms", "transformer / hybrid") if t else ())):
+        tpot.add_column(name, justify="left" if name == "in:out" else "right")
+    for p in r.pairs:
+        for i, (ctx, ms) in enumerate(p.hybrid.ms_per_token):
+            row = [f"{p.prompt}:{p.output}" if i == 0 else "", f"{ctx:,}", f"{ms:.2f}"]
+            if p.transformer is not None:
+                tms = p.transformer.ms_per_token[i][1]
+                row += [f"{tms:.2f}", f"{tms / ms:.2f}x"]
+            tpot.add_row(*row)
+    out.print(tpot)
+    load = (f"load average {r.load_before[0]:.2f} before, {r.load_after[0]:.2f} after"
+            if r.load_before and r.load_after else "load average unknown")
+    out.print(f"{r.seconds:,.0f} s in all; {load}; torch {r.torch_version}, {r.machine}", style="dim")
+    for note in r.notes:
+        out.print(f"note: {note}", style="dim")
+    if plot_path:
+        out.print(f"plot: {plot_path}")

@@ -71,7 +71,7 @@ def parameters(cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]
         if hint is bool and default is True and "/" not in name:
             name = f"{name}/--no-{name[2:]}"
         info = typer.Option(name, *spec.aliases, help=help_text, rich_help_panel=_panel(cls, f.name),
-                            show_default=default not in (None, False, [], ()))
+                            show_default=not (default is None or default is False or default in ([], ())))
         opts.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                       annotation=Annotated[_cli_type(hint), info]))
     return args + opts

@@ -294,11 +294,11 @@ def _pad_id(tokenizer) -> int:
 
 
 def _accuracy(model, tokenizer, o: AlignOptions) -> dict:
-    from ..evals import reasoning_accuracy
+    from ..reasoning_accuracy import reasoning_accuracy
 
     kw = dict(n=o.eval_problems, max_new_tokens=max(o.max_new_tokens, 160), **_eval_problem_set(o.data))
-    return {"think": reasoning_accuracy(model, tokenizer, think=True, **kw).as_dict(),
-            "no_think": reasoning_accuracy(model, tokenizer, think=False, **kw).as_dict()}
+    return {"think": reasoning_accuracy(model, tokenizer, think=True, **kw).to_json(),
+            "no_think": reasoning_accuracy(model, tokenizer, think=False, **kw).to_json()}
 
 
 def _eval_problem_set(data: str) -> dict:

@@ -1,7 +1,7 @@
 """``nano eval``: held-out accuracy on the built-in reasoning tasks, a thinking-budget sweep, perplexity.
 
 Steps, top to bottom:
-  1. ``check``       the options (one-line errors before any weights load).
+  1. ``EvalOptions`` the options, checked by ``settings.validate`` (one-line errors before any weights load).
   2. ``load``        the model and tokenizer (as ``nano generate`` loads them: device, dtype).
   3. ``accuracy``    greedy answers to ``--problems`` held-out problems (``synthetic.generate(split="heldout")``,
                      keys never seen in training), asked through the model's chat template with reasoning on
@@ -14,13 +14,20 @@ Steps, top to bottom:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from nanocli_model.errors import NanoError
+
+from .. import settings
+from ..reasoning_accuracy import Accuracy
+from ..report import SILENT, Reporter
+from ..settings import flag
+from .generate import Checkpoint
 
 MODES = ("think", "no_think")
 
@@ -29,129 +36,171 @@ class EvalError(NanoError):
     """Bad input to ``nano eval``."""
 
 
+# ------------------------------------------------------------------------------------------ 1. options
 @dataclass
-class EvalOptions:
+class Problems(settings.Group):
+    """The held-out reasoning problems and how they are asked."""
+
+    panel = "Accuracy"
+
+    problems: int = flag(100, aliases=("-n",))
+    """Held-out synthetic problems per mode and budget (0: accuracy off)."""
+    mode: Literal["both", "think", "no_think"] = "both"
+    """Reasoning on (think), off (no_think) or both."""
+    prompt_format: Literal["chat", "text"] = "chat"
+    """chat (the model's template) or text (the pretraining format, for a base model)."""
+    budgets: tuple[int, ...] = ()
+    """Thinking budgets to sweep, e.g. 8,16,32,64."""
+    tasks: str | None = None
+    """Synthetic tasks, comma-separated (default: all)."""
+    difficulty: str = "1-3"
+    """A level 1..5 or a range lo-hi."""
+    max_new_tokens: int = 256
+    """Per answer."""
+    samples: int = 1
+    """Completions per problem (1: greedy; more: sampled at --temperature, scored as the mean exact-answer
+    reward)."""
+    temperature: float = 0.0
+    """Sampling temperature with --samples."""
+    batch: int = 32
+    """Problems generated together (perplexity: windows per forward)."""
+    seed: int = 1234
+    """Which held-out problems."""
+
+    def check(self) -> None:
+        settings.at_least(self, 0, "problems")
+        settings.at_least(self, 1, "max_new_tokens", "batch", "samples")
+        settings.finite(self, "temperature", minimum=0)
+        if self.samples > 1 and not self.temperature > 0:
+            raise settings.OptionError(f"--samples {self.samples} needs --temperature > 0 (greedy answers are all "
+                                       "the same)")
+        if any(b < 1 for b in self.budgets):
+            raise settings.OptionError(f"--budgets {','.join(map(str, self.budgets))}: every budget must be a "
+                                       "positive token count")
+        budgets = self.budget_list
+        if budgets and self.prompt_format == "text":
+            raise settings.OptionError("--budgets applies to chat answers with reasoning on, not --prompt-format "
+                                       "text")
+        if budgets and "think" not in self.modes and self.problems:
+            raise settings.OptionError("--budgets sweeps reasoning-on answers; drop --mode no_think or the budgets")
+        self.problem_set()
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return MODES if self.mode == "both" else (self.mode,)
+
+    @property
+    def budget_list(self) -> tuple[int, ...]:
+        """The budgets in increasing order, without repeats."""
+        return tuple(sorted(set(self.budgets)))
+
+    def problem_set(self) -> tuple[Any, tuple[int, int]]:
+        """The synthetic (tasks, difficulty) of ``--tasks`` and ``--difficulty``."""
+        from ..data import synthetic
+
+        query = f"difficulty={self.difficulty}" + (f"&tasks={self.tasks}" if self.tasks else "")
+        try:
+            opts = synthetic.parse_synthetic_options(query)
+        except NanoError as e:
+            raise settings.OptionError(str(e).replace("synthetic:reasoning: ", "")) from None
+        return opts["tasks"], opts["difficulty"]
+
+
+@dataclass
+class PerplexityText(settings.Group):
+    panel = "Perplexity"
+
+    data: str | None = None
+    """Held-out text for perplexity (a --data spec; synthetic: uses its held-out split)."""
+    seq_len: int = 512
+    """Perplexity window in tokens."""
+    ppl_tokens: int = 65_536
+    """Tokens scored for perplexity at most."""
+    cache_dir: str | None = None
+    """Token shard cache for --data (default $NANO_CACHE or ~/.cache/nano)."""
+
+    def check(self) -> None:
+        settings.at_least(self, 1, "seq_len")
+        settings.at_least(self, 0, "ppl_tokens")
+
+
+@dataclass
+class EvalOptions(PerplexityText, Problems, Checkpoint):
     """Everything ``nano eval`` can be told."""
 
-    model: str  # a NemotronH directory with its tokenizer (and chat template, for accuracy)
-    problems: int = 100  # held-out problems per mode and per budget (0: no accuracy)
-    tasks: str | None = None  # comma-separated synthetic tasks (default: all)
-    difficulty: str = "1-3"  # a level or a range lo-hi (1..5)
-    modes: tuple[str, ...] = MODES  # think and/or no_think
-    prompt_format: str = "chat"  # chat (the model's template) | text (pretraining format, for base models)
-    budgets: tuple[int, ...] = ()  # thinking budgets to sweep (reasoning on)
-    data: str | None = None  # held-out text for perplexity (a --data spec)
-    seq_len: int = 512  # perplexity window
-    ppl_tokens: int = 65_536  # tokens scored for perplexity at most
-    max_new_tokens: int = 256  # per answer
-    samples: int = 1  # completions per problem: 1 greedy; more sampled at --temperature (mean reward, pass@1)
-    temperature: float = 0.0  # with --samples > 1
-    batch: int = 32  # problems generated together
-    seed: int = 1234  # which held-out problems
-    device: str = "auto"
-    dtype: str = "auto"
-    cache_dir: str | None = None  # token shards for --data (default $NANO_CACHE or ~/.cache/nano)
+    def check(self) -> None:
+        if self.problems == 0 and self.data is None:
+            raise settings.OptionError("nothing to evaluate: --problems 0 and no --data for perplexity")
+
+
+def parse_budgets(text: str) -> tuple[int, ...]:
+    """The command line's ``--budgets 16,32,64`` -> (16, 32, 64) (a recipe gives a list)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values and text.strip():
+        raise EvalError(f"--budgets {text!r}: give token counts separated by commas, e.g. 16,32,64")
+    return values
+
+
+# ------------------------------------------------------------------------------------------ results
+@dataclass
+class Perplexity:
+    """Mean next-token loss over held-out windows."""
+
+    loss: float
+    ppl: float
+    tokens: int
+    windows: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
 class EvalResult:
     options: EvalOptions
     params: int = 0
-    accuracy: dict = field(default_factory=dict)  # mode -> Accuracy.as_dict()
-    sweep: list = field(default_factory=list)  # [Accuracy.as_dict()] with think=True, one per budget
-    perplexity: dict = field(default_factory=dict)  # {loss, ppl, tokens, windows}
+    accuracy: dict[str, Accuracy] = field(default_factory=dict)  # by mode: think, no_think (or text)
+    sweep: list[Accuracy] = field(default_factory=list)  # reasoning on, one per budget
+    perplexity: Perplexity | None = None
     seconds: float = 0.0
     device: str = "cpu"
     dtype: str = "float32"
 
-    def as_dict(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         o = self.options
         return {"model": o.model, "params": self.params, "device": self.device, "dtype": self.dtype,
                 "problems": {"n": o.problems, "tasks": o.tasks or "all", "difficulty": o.difficulty, "seed": o.seed,
                              "samples": o.samples, "temperature": o.temperature},
-                "accuracy": self.accuracy, "budget_sweep": self.sweep, "perplexity": self.perplexity,
+                "accuracy": {mode: a.to_json() for mode, a in self.accuracy.items()},
+                "budget_sweep": [a.to_json() for a in self.sweep],
+                "perplexity": {} if self.perplexity is None else self.perplexity.to_json(),
                 "seconds": round(self.seconds, 2)}
 
 
-@dataclass
-class Hooks:
-    status: Callable[[str], None] = lambda msg: None
-
-
-def parse_budgets(text: str | None) -> tuple[int, ...]:
-    """``"16,32,64"`` -> (16, 32, 64): positive, increasing order, no repeats."""
-    if not text:
-        return ()
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise EvalError(f"--budgets {text!r}: give token counts separated by commas, e.g. 16,32,64") from None
-    if not values or min(values) < 1:
-        raise EvalError(f"--budgets {text!r}: every budget must be a positive token count")
-    return tuple(sorted(set(values)))
-
-
-def parse_modes(text: str) -> tuple[str, ...]:
-    """``both`` | ``think`` | ``no_think`` (``no-think`` too)."""
-    value = text.replace("-", "_")
-    if value == "both":
-        return MODES
-    if value in MODES:
-        return (value,)
-    raise EvalError(f"--mode {text!r} is unknown; use both, think or no_think")
-
-
-# ------------------------------------------------------------------------------------------ 1. check
-def check(o: EvalOptions) -> tuple:
-    """Validate; returns the synthetic (tasks, difficulty) for the problems."""
-    from ..data import synthetic
-
+# ------------------------------------------------------------------------------------------ 2-5. run
+def run(o: EvalOptions, reporter: Reporter | None = None, loaded=None) -> EvalResult:
+    """Evaluate ``o.model`` (or an already ``loaded`` ``generate.Loaded``)."""
+    reporter = reporter or SILENT
+    settings.validate(o, EvalError)
     path = Path(o.model)
     if not (path / "config.json").is_file():
         raise EvalError(f"{path}: not a model directory (no config.json); pass a NemotronH checkpoint")
-    for name in ("problems", "ppl_tokens"):
-        if getattr(o, name) < 0:
-            raise EvalError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(o, name)}")
-    for name in ("seq_len", "max_new_tokens", "batch"):
-        if getattr(o, name) < 1:
-            raise EvalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
-    if o.samples > 1 and not o.temperature > 0:
-        raise EvalError(f"--samples {o.samples} needs --temperature > 0 (greedy answers are all the same)")
-    if o.samples < 1 or o.temperature < 0:
-        raise EvalError("--samples must be at least 1 and --temperature >= 0")
-    if o.prompt_format not in ("chat", "text"):
-        raise EvalError(f"--prompt-format {o.prompt_format!r} is unknown; use chat or text")
-    if o.problems == 0 and o.data is None:
-        raise EvalError("nothing to evaluate: --problems 0 and no --data for perplexity")
-    if o.budgets and o.prompt_format == "text":
-        raise EvalError("--budgets applies to chat answers with reasoning on, not --prompt-format text")
-    if o.budgets and "think" not in o.modes and o.problems:
-        raise EvalError("--budgets sweeps reasoning-on answers; drop --mode no_think or the budgets")
-    try:
-        opts = synthetic.parse_synthetic_options(f"difficulty={o.difficulty}" + (f"&tasks={o.tasks}" if o.tasks else ""))
-    except NanoError as e:
-        raise EvalError(str(e).replace("synthetic:reasoning: ", "")) from None
-    return opts["tasks"], opts["difficulty"]
-
-
-# ------------------------------------------------------------------------------------------ 2-5. run
-def run(o: EvalOptions, hooks: Hooks | None = None, loaded=None) -> EvalResult:
-    """Evaluate ``o.model`` (or an already ``loaded`` ``generate.Loaded``)."""
-    hooks = hooks or Hooks()
-    tasks, difficulty = check(o)
     t0 = time.perf_counter()
     if loaded is None:
-        from .generate import GenerateError, GenerateOptions, load
+        from .generate import GenerateError, load
 
-        hooks.status(f"loading {o.model}")
+        reporter.status(f"loading {o.model}")
         try:
-            loaded = load(GenerateOptions(model=o.model, device=o.device, dtype=o.dtype))
+            loaded = load(o)
         except GenerateError as e:
             raise EvalError(str(e)) from None
     import torch
 
     try:
-        return _evaluate(o, loaded, tasks, difficulty, hooks, t0)
+        return _evaluate(o, loaded, reporter, t0)
     except torch.OutOfMemoryError:
         raise EvalError(f"CUDA out of memory evaluating {o.model}: lower --batch ({o.batch} problems at once), "
                         f"--max-new-tokens ({o.max_new_tokens}) or --seq-len ({o.seq_len}); `nano fit-check --model "
@@ -159,7 +208,7 @@ def run(o: EvalOptions, hooks: Hooks | None = None, loaded=None) -> EvalResult:
                         "batch of answers") from None
 
 
-def _evaluate(o: EvalOptions, loaded, tasks, difficulty, hooks: Hooks, t0: float) -> EvalResult:
+def _evaluate(o: EvalOptions, loaded, reporter: Reporter, t0: float) -> EvalResult:
     model, tokenizer = loaded.model, loaded.tokenizer
     result = EvalResult(options=o, params=sum(p.numel() for p in model.parameters()), device=loaded.device,
                         dtype=loaded.dtype)
@@ -167,30 +216,31 @@ def _evaluate(o: EvalOptions, loaded, tasks, difficulty, hooks: Hooks, t0: float
         if tokenizer.chat_template is None and o.prompt_format == "chat":
             raise EvalError(f"{o.model}: the tokenizer has no chat template; accuracy asks through it "
                             "(use --prompt-format text for a base model, or --problems 0 for perplexity only)")
-        result.accuracy, result.sweep = _accuracy(model, tokenizer, o, tasks, difficulty, hooks)
+        result.accuracy, result.sweep = _accuracy(model, tokenizer, o, reporter)
     if o.data is not None:
-        hooks.status(f"perplexity on {o.data}")
-        result.perplexity = perplexity(model, tokenizer, o, hooks)
+        reporter.status(f"perplexity on {o.data}")
+        result.perplexity = perplexity(model, tokenizer, o)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _accuracy(model, tokenizer, o: EvalOptions, tasks, difficulty, hooks: Hooks) -> tuple[dict, list]:
-    from ..evals import reasoning_accuracy
+def _accuracy(model, tokenizer, o: EvalOptions, reporter: Reporter) -> tuple[dict[str, Accuracy], list[Accuracy]]:
+    from ..reasoning_accuracy import reasoning_accuracy
 
+    tasks, difficulty = o.problem_set()
     kw = dict(n=o.problems, seed=o.seed, max_new_tokens=o.max_new_tokens, batch=o.batch, tasks=tasks,
               difficulty=difficulty, samples=o.samples, temperature=o.temperature)
-    accuracy = {}
     if o.prompt_format == "text":
-        hooks.status(f"{o.problems} held-out problems in the pretraining format")
-        return {"text": reasoning_accuracy(model, tokenizer, prompt_format="text", **kw).as_dict()}, []
+        reporter.status(f"{o.problems} held-out problems in the pretraining format")
+        return {"text": reasoning_accuracy(model, tokenizer, prompt_format="text", **kw)}, []
+    accuracy = {}
     for mode in o.modes:
-        hooks.status(f"{o.problems} held-out problems, reasoning {'on' if mode == 'think' else 'off'}")
-        accuracy[mode] = reasoning_accuracy(model, tokenizer, think=mode == "think", **kw).as_dict()
+        reporter.status(f"{o.problems} held-out problems, reasoning {'on' if mode == 'think' else 'off'}")
+        accuracy[mode] = reasoning_accuracy(model, tokenizer, think=mode == "think", **kw)
     sweep = []
-    for budget in o.budgets:
-        hooks.status(f"{o.problems} held-out problems, thinking budget {budget}")
-        sweep.append(reasoning_accuracy(model, tokenizer, think=True, budget=budget, **kw).as_dict())
+    for budget in o.budget_list:
+        reporter.status(f"{o.problems} held-out problems, thinking budget {budget}")
+        sweep.append(reasoning_accuracy(model, tokenizer, think=True, budget=budget, **kw))
     return accuracy, sweep
 
 
@@ -201,7 +251,7 @@ def heldout_spec(spec: str) -> str:
     return spec
 
 
-def perplexity(model, tokenizer, o: EvalOptions, hooks: Hooks) -> dict:
+def perplexity(model, tokenizer, o: EvalOptions) -> Perplexity:
     """Mean next-token loss over consecutive ``seq_len``-token windows of the held-out text."""
     import os
 
@@ -243,4 +293,4 @@ def perplexity(model, tokenizer, o: EvalOptions, hooks: Hooks) -> dict:
         raise EvalError(f"--data {o.data}: fewer than {o.seq_len + 1} tokens of text; give more text or a "
                         "smaller --seq-len")
     loss = total / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count, "windows": windows}
+    return Perplexity(loss=loss, ppl=math.exp(min(loss, 50.0)), tokens=count, windows=windows)

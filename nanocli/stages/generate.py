@@ -2,55 +2,147 @@
 
 Steps, top to bottom: load (model + tokenizer) -> build prompt ids (chat template with /think or
 /no_think, or --raw) -> generate (sampling, thinking budget, stop strings, streaming) -> split each
-output into thinking and answer. Rendering lives in ``ui.py``; this module returns results and calls
-the ``on_text`` hook it is given for streaming.
+output into thinking and answer. ``ChatSession`` is the multi-turn chat (``--interactive``): the history
+and the /think, /no_think, /budget, /reset and /exit commands. This module returns results and calls the
+``on_text`` hook it is given for streaming; the rendering is ``commands/generate.py``'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from nanocli_model.errors import NanoError
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-# Model card: with a budget, end the thinking at the first newline after it, else at budget + 500.
-DEFAULT_GRACE = 500
+from .. import settings
+from ..settings import flag
+from ..thinking import DEFAULT_GRACE, THINK_CLOSE, THINK_OPEN, newline_ids, split_thinking, think_close_text
+
+if TYPE_CHECKING:
+    from nanocli_model.generation import GenerationResult
+    from nanocli_model.kernels import KernelStatus
+    from nanocli_model.tokenizer import Tokenizer
+
 DEFAULT_MAX_NEW_TOKENS = 1024
+SEED_RANGE = (-2**63, 2**64)  # torch.Generator's
 
 
 class GenerateError(NanoError):
     """Bad input to ``nano generate``."""
 
 
+# ---------------------------------------------------------------------------------------- options
 @dataclass
-class GenerateOptions:
-    """Everything ``nano generate`` can be told (defaults < flags)."""
+class Checkpoint(settings.Group):
+    """The model to load and where (``nano eval`` loads through the same settings)."""
 
-    model: str  # a NemotronH directory: config.json, safetensors, tokenizer.json, tokenizer_config.json
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (stored dtype on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
-    system: str | None = None  # system message
-    raw: bool = False  # send the prompt untemplated
-    think: bool | None = None  # True: /think, False: /no_think, None: as the messages say (default on)
-    thinking_budget: int | None = None  # end the thinking after this many tokens
-    thinking_grace: int = DEFAULT_GRACE  # ...at the next newline within this many tokens, else at once
-    temperature: float = 0.6  # model card: 0.6 / top-p 0.95 with reasoning; 0 = greedy
+    panel = "Model"
+
+    model: str | None = flag(None, aliases=("-m",))
+    """A NemotronH directory: config.json, safetensors, tokenizer.json, tokenizer_config.json."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs (auto: CUDA when a GPU is visible, else the CPU)."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto (stored dtype on CUDA, fp32 on CPU), bf16, fp16 or fp32."""
+
+    def check(self) -> None:
+        if self.model is None:
+            raise settings.OptionError("--model is required: a NemotronH checkpoint directory")
+
+
+@dataclass
+class Template(settings.Group):
+    panel = "Prompt"
+
+    system: str | None = None
+    """System message."""
+    raw: bool = False
+    """Send the prompt untemplated."""
+
+
+@dataclass
+class Reasoning(settings.Group):
+    panel = "Reasoning"
+
+    think: bool | None = flag(None, name="think/--no-think")
+    """Reasoning on (/think) or off (/no_think); default: as the messages say (on)."""
+    thinking_budget: int | None = None
+    """End the thinking after N tokens (at the next newline within the grace window, else at once) and let the
+    model answer."""
+    thinking_grace: int = DEFAULT_GRACE
+    """Tokens to wait for a newline after the budget (model card: 500)."""
+
+    def check(self) -> None:
+        settings.at_least(self, 0, "thinking_budget", "thinking_grace")
+
+
+@dataclass
+class Sampling(settings.Group):
+    panel = "Sampling"
+
+    greedy: bool = False
+    """Argmax decoding (= --temperature 0)."""
+    temperature: float = 0.6
+    """0 = greedy. Model card: 0.6."""
     top_k: int = 0
+    """0 = off."""
     top_p: float = 0.95
+    """1 = off. Model card: 0.95."""
     min_p: float = 0.0
+    """0 = off."""
     repetition_penalty: float = 1.0
+    """1 = off."""
     seed: int | None = None
-    max_new_tokens: int | None = None  # None: up to DEFAULT_MAX_NEW_TOKENS, capped by the context left
-    stop: list[str] = field(default_factory=list)  # stop strings (the output ends before them)
+    """Sampling seed (reproducible)."""
+    max_new_tokens: int | None = None
+    """Tokens to generate at most (default: 1024, or what the context leaves)."""
+    stop: list[str] = flag(default_factory=list)
+    """Stop string (repeatable)."""
     ignore_eos: bool = False
+    """Keep going past EOS (benchmarks)."""
+
+    def check(self) -> None:
+        settings.finite(self, "temperature", minimum=0)
+        settings.finite(self, "repetition_penalty", positive=True)
+        settings.within(self, "min_p", 0, 1, hi_open=True)
+        if not 0 < self.top_p <= 1:  # NaN fails too
+            raise settings.OptionError(f"--top-p must be in (0, 1], got {self.top_p}")
+        settings.at_least(self, 0, "top_k")
+        settings.at_least(self, 1, "max_new_tokens")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise settings.OptionError(f"--seed must be an integer in -2^63..2^64-1, got {self.seed}")
+
+    @property
+    def sampling_temperature(self) -> float:
+        return 0.0 if self.greedy else self.temperature
+
+
+@dataclass
+class Context(settings.Group):
+    panel = "Context and speed"
+
     prefill_chunk: int = 2048
-    max_context: int | None = None  # default: the model's max_position_embeddings
-    truncate_left: bool = False  # cut an over-long prompt from the left instead of failing
-    compile: bool = False  # torch.compile the decode step (nanocli_model.decode.CompiledDecode)
+    """Prompt tokens per forward."""
+    max_context: int | None = None
+    """Prompt + output limit (default: the model's max_position_embeddings)."""
+    truncate: Literal["left"] | None = None
+    """'left': cut an over-long prompt from the left instead of failing."""
+    compile: bool = False
+    """torch.compile the decode step: 1.7-2.1x decode tokens/s on CPU, after a compile of seconds to a minute
+    (cached on disk). Pays for long outputs."""
+
+    def check(self) -> None:
+        settings.at_least(self, 1, "prefill_chunk", "max_context")
+
+
+@dataclass
+class GenerateOptions(Context, Sampling, Reasoning, Template, Checkpoint):
+    """Everything ``nano generate`` can be told (defaults < recipe ``generate:`` section < flags)."""
 
 
 @dataclass
@@ -66,21 +158,24 @@ class Output:
     thinking_tokens: int
     budget_forced: bool
 
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
 
 @dataclass
 class GenerateResult:
     outputs: list[Output]
-    stats: object  # nanocli_model.generation.GenerationResult (timings, peak memory)
+    stats: GenerationResult  # timings, peak memory, the seed
     device: str
     dtype: str
     decode: str = "eager"  # eager | compiled | eager (compile failed: why)
     kernels: str = "reference"  # kernels.KernelStatus.label: mamba-ssm+causal-conv1d | mamba-ssm | reference
     kernels_detail: str = ""  # kernels.KernelStatus.describe(): which runs, and why the others do not
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         s = self.stats
         return {
-            "outputs": [o.__dict__ for o in self.outputs],
+            "outputs": [o.to_json() for o in self.outputs],
             "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
             "prefill_seconds": s.prefill_seconds, "decode_seconds": s.decode_seconds,
             "prefill_tokens_per_s": s.prefill_tokens_per_s, "decode_tokens_per_s": s.decode_tokens_per_s,
@@ -93,12 +188,12 @@ class GenerateResult:
 # ---------------------------------------------------------------------------------------- loading
 @dataclass
 class Loaded:
-    model: object
-    tokenizer: object
+    model: Any  # a nanocli_model.NanoForCausalLM
+    tokenizer: Tokenizer
     device: str
     dtype: str
-    decode_step: object = None  # a nanocli_model.decode.CompiledDecode with --compile, else None (the model)
-    kernels: object = None  # nanocli_model.kernels.KernelStatus on the model's device
+    decode_step: Any = None  # a nanocli_model.decode.CompiledDecode with --compile, else None (the model)
+    kernels: KernelStatus | None = None  # on the model's device
 
     @property
     def decode(self) -> str:
@@ -108,37 +203,34 @@ class Loaded:
         return "compiled" if reason is None else f"eager (compile failed: {reason})"
 
 
-def load(options: GenerateOptions) -> Loaded:
-    """The model (weights on the chosen device/dtype) and its tokenizer, with one-line errors."""
+def load(checkpoint: Checkpoint, compile: bool = False) -> Loaded:
+    """The model (weights on the chosen device/dtype) and its tokenizer, with one-line errors; ``compile``:
+    decode through ``nanocli_model.decode.CompiledDecode``."""
     import torch
 
     from nanocli_model import load_pretrained
     from nanocli_model.tokenizer import Tokenizer
 
-    path = Path(options.model)
+    path = Path(checkpoint.model)
     if not path.is_dir():
         raise GenerateError(f"{path}: not a model directory (config.json, safetensors, tokenizer.json)")
-    if options.device not in ("auto", "cpu", "cuda"):
-        raise GenerateError(f"--device must be auto, cpu or cuda, got {options.device!r}")
-    device = options.device
+    device = checkpoint.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise GenerateError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    dtype = options.dtype
-    if dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise GenerateError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    dtype = checkpoint.dtype
     if dtype == "auto":  # bf16 matmuls are slow on most CPUs; the stored dtype on GPUs
         dtype = None if device == "cuda" else "fp32"
     tokenizer = Tokenizer.from_dir(path)
     try:
         model = load_pretrained(path, dtype=dtype, device=device)
     except torch.OutOfMemoryError:
-        raise GenerateError(f"CUDA out of memory loading the weights of {path} ({options.dtype} on {device}): "
+        raise GenerateError(f"CUDA out of memory loading the weights of {path} ({checkpoint.dtype} on {device}): "
                             f"use a smaller --dtype (bf16) or a larger GPU; `nano fit-check --model {path} "
                             "--gpu auto` predicts it") from None
     step = None
-    if options.compile:
+    if compile:
         from nanocli_model.decode import CompiledDecode
 
         step = CompiledDecode(model)
@@ -178,50 +270,6 @@ def prompt_ids(tokenizer, prompt: str | list[dict], options: GenerateOptions) ->
     return ids, in_thinking
 
 
-def _newline_ids(tokenizer) -> set[int]:
-    """Ids whose text holds a newline; a scan of the vocabulary, done once per tokenizer (chat turns reuse it)."""
-    cached = getattr(tokenizer, "_nano_newline_ids", None)
-    if cached is None:
-        cached = {i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([i])}
-        tokenizer._nano_newline_ids = cached
-    return cached
-
-
-DEFAULT_THINK_CLOSE = "</think>\n\n"
-
-
-def think_close_text(tokenizer) -> str:
-    """What the thinking budget forces to end a thinking span: the text between the thinking and the answer
-    in this model's own chat template (what SFT trained it to see), without its leading newlines (the span
-    ends after a newline the model wrote). ``"</think>\n\n"`` when the template does not show it."""
-    cached = getattr(tokenizer, "_nano_think_close", None)
-    if cached is not None:
-        return cached
-    close = DEFAULT_THINK_CLOSE
-    if tokenizer.chat_template is not None:
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "q"},
-                 {"role": "assistant", "content": f"{THINK_OPEN}\nTHOUGHTS\n{THINK_CLOSE}\nANSWER"}],
-                add_generation_prompt=False)
-        except NanoError:
-            text = ""
-        i = text.rfind("THOUGHTS")
-        j = text.find("ANSWER", i) if i >= 0 else -1
-        if j > 0 and THINK_CLOSE in text[i:j]:
-            close = text[i + len("THOUGHTS"):j].lstrip("\n")
-    tokenizer._nano_think_close = close
-    return close
-
-
-def split_thinking(text: str, in_thinking: bool) -> tuple[str, str]:
-    """(thinking, answer) of a generated text that starts inside the thinking span or not."""
-    if not in_thinking:
-        return "", text
-    thinking, sep, answer = text.partition(THINK_CLOSE)
-    return (thinking, answer) if sep else (text, "")
-
-
 # ---------------------------------------------------------------------------------------- generation
 OnText = Callable[[int, str, bool], None]  # (row, new text, inside thinking)
 
@@ -232,23 +280,11 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
     from nanocli_model.generation import SamplingParams, ThinkingBudget, generate
     from nanocli_model.tokenizer import StreamDecoder
 
-    def sampling(max_new: int) -> SamplingParams:  # validates every value (one-line GenerationError)
-        return SamplingParams(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                              min_p=options.min_p, repetition_penalty=options.repetition_penalty,
-                              seed=options.seed, max_new_tokens=max_new, ignore_eos=options.ignore_eos,
-                              eos_ids=set() if options.ignore_eos else set(loaded.tokenizer.eos_ids))
-
-    if options.max_context is not None and options.max_context < 1:
-        raise GenerateError(f"--max-context must be at least 1 token, got {options.max_context}")
-    if options.thinking_grace < 0:
-        raise GenerateError(f"--thinking-grace must be >= 0 tokens, got {options.thinking_grace}")
-    if options.seed is not None and not -2**63 <= options.seed < 2**64:  # torch.Generator's range
-        raise GenerateError(f"--seed must be an integer in -2^63..2^64-1, got {options.seed}")
-    loaded = loaded or load(options)
-    tok, model = loaded.tokenizer, loaded.model
-    sampling(options.max_new_tokens or 1)
+    settings.validate(options, GenerateError)
     if not prompts:
         raise GenerateError("no prompt given: pass it as an argument, with --file, on stdin or with --input")
+    loaded = loaded or load(options, options.compile)
+    tok, model = loaded.tokenizer, loaded.model
     built = [prompt_ids(tok, p, options) for p in prompts]
     ids = [b[0] for b in built]
     limit = options.max_context or model.config.max_position_embeddings
@@ -257,18 +293,21 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
         max_new = max(1, min(DEFAULT_MAX_NEW_TOKENS, limit - max(len(r) for r in ids)))
     for i, row in enumerate(ids):
         if len(row) + max_new > limit:
-            if not options.truncate_left or max_new >= limit:
+            if options.truncate != "left" or max_new >= limit:
                 raise GenerateError(f"prompt {i + 1} has {len(row)} tokens; with {max_new} new tokens that "
                                     f"exceeds the context limit {limit} (use --truncate left, a shorter prompt, "
                                     "fewer --max-new-tokens or a larger --max-context)")
             ids[i] = row[len(row) + max_new - limit:]
-    params = sampling(max_new)
+    params = SamplingParams(temperature=options.sampling_temperature, top_k=options.top_k, top_p=options.top_p,
+                            min_p=options.min_p, repetition_penalty=options.repetition_penalty, seed=options.seed,
+                            max_new_tokens=max_new, ignore_eos=options.ignore_eos,
+                            eos_ids=set() if options.ignore_eos else set(tok.eos_ids))
     thinking = None
     if options.thinking_budget is not None:
         if tok.think_end_id is None:
             raise GenerateError("--thinking-budget: this tokenizer has no </think> token")
         thinking = ThinkingBudget(options.thinking_budget, tok.encode("\n" + think_close_text(tok)),
-                                  _newline_ids(tok), options.thinking_grace, in_thinking=[b[1] for b in built],
+                                  newline_ids(tok), options.thinking_grace, in_thinking=[b[1] for b in built],
                                   close_ids={tok.think_end_id})
     streams = [StreamDecoder(tok, skip_special_tokens=True, context_ids=row[-5:]) for row in ids]
     texts = [""] * len(ids)
@@ -331,6 +370,68 @@ def out_of_memory(options: GenerateOptions, batch: int, context: int) -> Generat
         f"lower --prefill-chunk (activations), --max-new-tokens or --max-context (cache), or send fewer prompts "
         f"at once (batch); `nano fit-check --model {options.model} --context {context} --batch {batch} "
         f"--prefill-chunk {chunk} --gpu auto` predicts it")
+
+
+# ---------------------------------------------------------------------------------------- chat
+CHAT_HELP = "/think, /no_think, /budget N (or off), /reset, /exit; Ctrl-C stops an answer"
+
+
+@dataclass
+class ChatTurn:
+    """What one line typed into the chat did: a command's note, an answer, or an error that ended the turn."""
+
+    note: str = ""  # "(reasoning off)", "(history cleared)", "(stopped)", ...
+    error: str = ""  # a bad command, or a turn that failed (the chat goes on)
+    result: GenerateResult | None = None  # the answer's generation
+    generated: bool = False  # the line went to the model (text may have streamed)
+    done: bool = False  # /exit or /quit
+
+
+class ChatSession:
+    """``nano generate --interactive``: a multi-turn chat through the chat template. Lines starting with a
+    command change the session's settings (``/think``, ``/no_think``, ``/budget N`` or ``off``) or history
+    (``/reset``) or end it (``/exit``); any other line is a user turn, answered with the history so far."""
+
+    def __init__(self, options: GenerateOptions, loaded: Loaded | None = None):
+        settings.validate(options, GenerateError)
+        self.options = dataclasses.replace(options, stop=list(options.stop))  # the session changes its own
+        self.loaded = loaded or load(options, options.compile)
+        self.history: list[dict[str, str]] = []
+
+    def send(self, line: str, on_text: OnText | None = None) -> ChatTurn:
+        command = line.strip()
+        if not command:
+            return ChatTurn()
+        if command in ("/exit", "/quit"):
+            return ChatTurn(done=True)
+        if command == "/reset":
+            self.history.clear()
+            return ChatTurn(note="(history cleared)")
+        if command in ("/think", "/no_think"):
+            self.options.think = command == "/think"
+            return ChatTurn(note=f"(reasoning {'on' if self.options.think else 'off'})")
+        if command.startswith("/budget"):
+            return self._budget(command.split(maxsplit=1)[1:] or ["off"])
+        self.history.append({"role": "user", "content": line})
+        try:
+            result = run(self.options, [list(self.history)], self.loaded, on_text=on_text)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            self.history.pop()
+            return ChatTurn(note="(stopped)", generated=True)
+        except NanoError as e:  # a bad turn (e.g. the context is full) ends the turn, not the chat
+            self.history.pop()
+            return ChatTurn(error=f"error: {e}", generated=True)
+        self.history.append({"role": "assistant", "content": result.outputs[0].answer})
+        return ChatTurn(result=result, generated=True)
+
+    def _budget(self, value: list[str]) -> ChatTurn:
+        if value[0] == "off":
+            self.options.thinking_budget = None
+        elif value[0].isdigit():
+            self.options.thinking_budget = int(value[0])
+        else:
+            return ChatTurn(error="/budget takes a number of tokens or 'off'")
+        return ChatTurn(note=f"(thinking budget: {self.options.thinking_budget or 'off'})")
 
 
 # ---------------------------------------------------------------------------------------- inputs

@@ -168,9 +168,9 @@ def _thinking(tokenizer, prompts: Sequence[Sequence[int]], budget: int | None, g
         return None
     if tokenizer.think_end_id is None:
         raise ConfigError("thinking_budget: this tokenizer has no </think> token")
-    from nanocli.stages.generate import _newline_ids, think_close_text  # cached on the tokenizer
+    from nanocli.thinking import newline_ids, think_close_text  # cached on the tokenizer
 
-    return ThinkingBudget(budget, tokenizer.encode("\n" + think_close_text(tokenizer)), _newline_ids(tokenizer), grace,
+    return ThinkingBudget(budget, tokenizer.encode("\n" + think_close_text(tokenizer)), newline_ids(tokenizer), grace,
                           in_thinking=[_in_thinking(tokenizer, p) for p in prompts],
                           close_ids={tokenizer.think_end_id})
 

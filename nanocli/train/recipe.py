@@ -99,6 +99,10 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {value!r} is not a valid value ({_name(hint)})")
     if hint is Any:
         return value
+    if origin is typing.Literal:
+        if isinstance(value, str) and value in typing.get_args(hint):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, typing.get_args(hint)))}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")

@@ -16,6 +16,8 @@ from .data import synthetic
 
 @dataclass
 class Accuracy:
+    """Answers to ``n`` held-out problems in one setting (reasoning on or off, a thinking budget)."""
+
     n: int
     correct: int
     formatted: int  # completions that closed the thinking span (think on) / answered in the form (off)
@@ -31,7 +33,7 @@ class Accuracy:
         """Share of correct completions (with samples > 1: the mean exact-answer reward, pass@1)."""
         return self.correct / (self.n * self.samples) if self.n else 0.0
 
-    def as_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {"n": self.n, "accuracy": self.accuracy, "correct": self.correct, "formatted": self.formatted,
                 "mean_tokens": self.mean_tokens, "think": self.think, "budget": self.budget,
                 "seconds": self.seconds, "samples": self.samples, "temperature": self.temperature,
