@@ -123,7 +123,7 @@ def _checked(raw: dict, name: str, path: Path) -> dict:
     """The eval / fit_check / generate section, its keys and types checked like a stage's settings."""
     from .stages.evaluate import EvalOptions
     from .stages.generate import GenerateOptions
-    from .train.recipe import _check_type
+    from .train.recipe import check_type
 
     body = raw.get(name) or {}
     if not isinstance(body, dict):
@@ -136,7 +136,7 @@ def _checked(raw: dict, name: str, path: Path) -> dict:
     for key, value in body.items():
         if key not in allowed:
             raise ConfigError(f"{path}: unknown setting {name}.{key}; valid: {', '.join(sorted(allowed))}")
-        body[key] = _check_type(value, allowed[key], f"{path}: {name}.{key}")
+        body[key] = check_type(value, allowed[key], f"{path}: {name}.{key}")
     return dict(body)
 
 
@@ -269,8 +269,7 @@ def _prune(section: Section, out: Path, done: dict, bar):
 
     if (out / "pruning.json").is_file() and (out / "config.json").is_file():
         return "done before", out, None
-    res = pr.run(pr.PruneOptions(**section.settings, model=str(_teacher(done)), out=str(out)),
-                 _progress(bar, pr.PruneHooks))
+    res = pr.run(pr.PruneOptions(**section.settings, model=str(_teacher(done)), out=str(out)), bar)
     return "ran", out, res
 
 

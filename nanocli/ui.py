@@ -426,15 +426,10 @@ def show_align_result(r) -> None:
 # The measuring and compressing commands render in ui_stages (imported last: it uses the helpers above).
 from .ui_stages import (  # noqa: E402
     DemoStage,
-    PruneProgress,
-    prune_table,
     show_bench,
     show_demo_result,
     show_distill_result,
     show_eval_result,
-    show_prune_plan,
-    show_prune_result,
 )
 
-__all__ = ["DemoStage", "PruneProgress", "prune_table", "show_bench", "show_demo_result", "show_distill_result",
-           "show_eval_result", "show_prune_plan", "show_prune_result"]
+__all__ = ["DemoStage", "show_bench", "show_demo_result", "show_distill_result", "show_eval_result"]
