@@ -13,7 +13,10 @@ stage (``--resume auto``) and skips a finished one; ``fresh=True`` starts over.
 After the stages: every model is evaluated the same way (``nano eval``'s held-out accuracy with reasoning
 on and off, and a thinking-budget sweep on the final model), ``nano fit-check`` runs on the released
 Nemotron-Nano profiles against the recipe's GPU, and the final model answers one question with
-``nano generate``. ``run`` returns all of it; ``ui.show_demo_result`` renders it.
+``nano generate``. ``run`` returns all of it (``DemoResult``); ``commands/demo.py`` renders it. The run reports
+through the ``report.Reporter`` it is given: a ``section`` per stage, the same reporter passed into the stage.
+
+``nano demo --library-check`` (the model library alone, on one profile) is ``library_check.py``.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ import json
 import shutil
 import time
 import typing
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nanocli_model.errors import ConfigError, NanoError
+
+from .report import SILENT, Reporter
 
 DEFAULT_RECIPE = "demo"
 ALIGN_METHODS = ("sft", "dpo", "grpo")
@@ -70,7 +73,8 @@ def _kind(name: str) -> str:
     return "align" if name in ALIGN_METHODS else name
 
 
-def _options_class(kind: str):
+def options_class(kind: str) -> type:
+    """The options dataclass of a stage kind (pretrain, align, prune, distill)."""
     if kind == "pretrain":
         from .stages.pretrain import PretrainOptions as cls
     elif kind == "align":
@@ -110,7 +114,7 @@ def read(name_or_path: str = DEFAULT_RECIPE, out: str | None = None) -> DemoReci
         linked = [k for k in body if k in LINKS[kind]]
         if linked:
             raise ConfigError(f"{path}: {name}.{linked[0]} is set by the pipeline; remove it")
-        settings = apply_recipe(_options_class(kind), body, path, kind)
+        settings = apply_recipe(options_class(kind), body, path, kind)
         if kind == "align":
             settings["method"] = name
         sections.append(Section(name, kind, settings))
@@ -152,17 +156,37 @@ class StageRun:
     result: Any = None  # the stage's own result (None when skipped)
 
 
+@dataclass(frozen=True)
+class Score:
+    """One accuracy of ``nano eval`` as the summary shows it (read from the evaluation's JSON record)."""
+
+    accuracy: float  # share of exact answers
+    n: int  # held-out problems asked
+    tokens_per_s: float = 0.0  # generated tokens / s (batched, greedy)
+    budget: int | None = None  # the thinking budget (a point of the sweep)
+
+    @classmethod
+    def of(cls, record: dict) -> Score:
+        return cls(float(record["accuracy"]), int(record["n"]), float(record.get("tokens_per_s", 0.0)),
+                   record.get("budget"))
+
+
 @dataclass
 class ModelRow:
     """One line of the summary table: a model the pipeline produced, measured the same way as the others."""
 
-    label: str  # e.g. "base (pretrain)"
+    label: str  # e.g. "base"
     path: Path
     params: int
     memory: int  # bytes at the recipe's context (fit-check's model: weights + KV + state + activations)
-    accuracy: dict  # mode -> nano eval accuracy dict
-    tokens_per_s: float  # generated tokens / s over the reasoning-on evaluation (batched, greedy)
-    text_accuracy: dict | None = None  # the base model asked in its pretraining format (nano eval --prompt-format text)
+    accuracy: dict[str, Score]  # mode (think, no_think) -> its score
+    text_accuracy: Score | None = None  # the base model asked in its pretraining format (nano eval --prompt-format text)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens / s over the reasoning-on evaluation (batched, greedy)."""
+        think = self.accuracy.get("think") or next(iter(self.accuracy.values()), None)
+        return think.tokens_per_s if think else 0.0
 
 
 @dataclass
@@ -170,40 +194,32 @@ class DemoResult:
     recipe: DemoRecipe
     stages: list[StageRun] = field(default_factory=list)
     rows: list[ModelRow] = field(default_factory=list)
-    sweep: list = field(default_factory=list)  # final model: accuracy vs thinking budget
+    sweep: list[Score] = field(default_factory=list)  # final model: accuracy vs thinking budget
     fits: list = field(default_factory=list)  # FitCheckResult per released profile
     sample: Any = None  # GenerateResult of the closing example
     sample_prompt: str = ""
     seconds: float = 0.0
 
 
-@dataclass
-class Hooks:
-    """``stage(name, kind)`` returns a context manager giving that stage's progress hooks (an object with
-    ``status``, ``start``, ``step`` and ``tokenize`` callables); ``status`` reports between stages;
-    ``on_text`` streams the closing generation."""
-
-    stage: Callable[[str, str], AbstractContextManager] = lambda name, kind: nullcontext(None)
-    status: Callable[[str], None] = lambda msg: None
-    on_text: Callable | None = None
-
-
 # ------------------------------------------------------------------------------------------ run
-def run(recipe: DemoRecipe, fresh: bool = False, hooks: Hooks | None = None) -> DemoResult:
-    hooks = hooks or Hooks()
+def run(recipe: DemoRecipe, fresh: bool = False, reporter: Reporter | None = None) -> DemoResult:
+    """Every stage in order (a ``reporter.section`` each), then the measurements and the closing answer."""
+    reporter = reporter or SILENT
     t0 = time.perf_counter()
     if fresh and recipe.out.exists():
-        hooks.status(f"--fresh: removing {recipe.out}")
+        reporter.status(f"--fresh: removing {recipe.out}")
         shutil.rmtree(recipe.out)
     recipe.out.mkdir(parents=True, exist_ok=True)
     result = DemoResult(recipe=recipe)
     done: dict[str, Path] = {}
-    for section in recipe.sections:
-        result.stages.append(_run_stage(section, recipe.out, done, hooks))
+    for i, section in enumerate(recipe.sections, 1):
+        reporter.section(f"stage {i}/{len(recipe.sections)}: {section.name} (nano {section.kind})")
+        result.stages.append(_run_stage(section, recipe.out, done, reporter))
         done[section.name] = result.stages[-1].model
-    _evaluate(recipe, result, done, hooks)
-    result.fits = _fit_checks(recipe, hooks)
-    result.sample_prompt, result.sample = _sample(recipe, done["distill"], hooks)
+    reporter.section("measuring every model")
+    _evaluate(recipe, result, done, reporter)
+    result.fits = _fit_checks(recipe, reporter)
+    result.sample_prompt, result.sample = _sample(recipe, done["distill"], reporter)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -213,28 +229,25 @@ def _teacher(done: dict[str, Path]) -> Path:
     return [p for n, p in done.items() if n in ALIGN_METHODS][-1]
 
 
-def _run_stage(section: Section, root: Path, done: dict[str, Path], hooks: Hooks) -> StageRun:
+def _run_stage(section: Section, root: Path, done: dict[str, Path], reporter: Reporter) -> StageRun:
     out = root / section.name
     t0 = time.perf_counter()
-    with hooks.stage(section.name, section.kind) as bar:
-        try:
-            run_ = {"pretrain": _pretrain, "align": _align, "prune": _prune, "distill": _distill}[section.kind]
-            status, model, res = run_(section, out, done, bar)
-            if status == "done before" and bar is not None:
-                bar.status(f"finished in an earlier run: {model} (rerun from scratch with --fresh)")
-        except DemoInterrupted:
-            raise
-        except NanoError as e:
-            raise DemoError(f"demo stage {section.name} failed: {e}") from None
+    try:
+        run_ = {"pretrain": _pretrain, "align": _align, "prune": _prune, "distill": _distill}[section.kind]
+        status, model, res = run_(section, out, done, reporter)
+        if status == "done before":
+            reporter.status(f"finished in an earlier run: {model} (rerun from scratch with --fresh)")
+    except DemoInterrupted:
+        raise
+    except NanoError as e:
+        raise DemoError(f"demo stage {section.name} failed: {e}") from None
     return StageRun(section.name, section.kind, out, model, status, time.perf_counter() - t0, res)
 
 
-def _progress(bar, cls):
-    """The stage's Hooks dataclass filled from the progress object's callables it has."""
-    if bar is None:
-        return cls()
+def _progress(reporter: Reporter, cls):
+    """The stage's ``Hooks`` dataclass (pretrain, align, distill) filled from the reporter's methods."""
     names = {f.name for f in dataclasses.fields(cls)}
-    given = {"status": bar.status, "start": bar.start, "step": bar.step, "progress": bar.tokenize}
+    given = {"status": reporter.status, "start": reporter.start, "step": reporter.step, "progress": reporter.progress}
     return cls(**{k: v for k, v in given.items() if k in names})
 
 
@@ -244,41 +257,41 @@ def _status(res, resumed: bool) -> str:
     return "resumed" if resumed else "ran"
 
 
-def _pretrain(section: Section, out: Path, done: dict, bar):
+def _pretrain(section: Section, out: Path, done: dict, reporter: Reporter):
     from .stages import pretrain as pt
 
     resumed = any(out.glob("checkpoint-*"))
-    res = pt.run(pt.PretrainOptions(**section.settings, out=str(out), resume="auto"), _progress(bar, pt.Hooks))
+    res = pt.run(pt.PretrainOptions(**section.settings, out=str(out), resume="auto"), _progress(reporter, pt.Hooks))
     _check_finished(res, section.name)
     return _status(res, resumed), out / "final", res
 
 
-def _align(section: Section, out: Path, done: dict, bar):
+def _align(section: Section, out: Path, done: dict, reporter: Reporter):
     from .stages import align as al
 
     model = list(done.values())[-1]
     resumed = any(out.glob("checkpoint-*"))
     res = al.run(al.AlignOptions(**section.settings, model=str(model), out=str(out), resume="auto"),
-                 _progress(bar, al.Hooks))
+                 _progress(reporter, al.Hooks))
     _check_finished(res, section.name)
     return _status(res, resumed), out / "final", res
 
 
-def _prune(section: Section, out: Path, done: dict, bar):
+def _prune(section: Section, out: Path, done: dict, reporter: Reporter):
     from .stages import prune as pr
 
     if (out / "pruning.json").is_file() and (out / "config.json").is_file():
         return "done before", out, None
-    res = pr.run(pr.PruneOptions(**section.settings, model=str(_teacher(done)), out=str(out)), bar)
+    res = pr.run(pr.PruneOptions(**section.settings, model=str(_teacher(done)), out=str(out)), reporter)
     return "ran", out, res
 
 
-def _distill(section: Section, out: Path, done: dict, bar):
+def _distill(section: Section, out: Path, done: dict, reporter: Reporter):
     from .stages import distill as ds
 
     resumed = any(out.glob("checkpoint-*"))
     res = ds.run(ds.DistillOptions(**section.settings, teacher=str(_teacher(done)), student=str(done["prune"]),
-                                   out=str(out), resume="auto"), _progress(bar, ds.Hooks))
+                                   out=str(out), resume="auto"), _progress(reporter, ds.Hooks))
     _check_finished(res, section.name)
     return _status(res, resumed), out / "final", res
 
@@ -294,7 +307,7 @@ LABELS = {"pretrain": "base", "sft": "SFT", "grpo": "GRPO (teacher)", "dpo": "DP
           "distill": "distilled"}
 
 
-def _evaluate(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path], hooks: Hooks) -> None:
+def _evaluate(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path], reporter: Reporter) -> None:
     """Every model, measured the same way; cached beside the model (``demo-eval.json``) for reruns."""
     from nanocli_model import NanoConfig, fit
 
@@ -311,7 +324,7 @@ def _evaluate(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path], hoo
         cache = path / "demo-eval.json"
         record = json.loads(cache.read_text()) if cache.is_file() else None
         if record is None or record.get("settings") != key:
-            hooks.status(f"evaluating {label}: {path}")
+            reporter.status(f"evaluating {label}: {path}")
             options = ev.EvalOptions(model=str(path), budgets=budgets if last else (), **settings)
             t0 = time.perf_counter()
             r = ev.run(options)
@@ -324,29 +337,30 @@ def _evaluate(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path], hoo
             tmp.replace(cache)
         r = record["result"]
         config = NanoConfig.from_json_file(path / "config.json")
-        think = r["accuracy"].get("think") or next(iter(r["accuracy"].values()), {})
+        text = record.get("text")
         result.rows.append(ModelRow(label, path, r["params"], fit.estimate(config, context=context).total,
-                                    r["accuracy"], think.get("tokens_per_s", 0.0), record.get("text")))
+                                    {mode: Score.of(a) for mode, a in r["accuracy"].items()},
+                                    None if text is None else Score.of(text)))
         if last:
-            result.sweep = r["budget_sweep"]
+            result.sweep = [Score.of(a) for a in r["budget_sweep"]]
 
 
-def _fit_checks(recipe: DemoRecipe, hooks: Hooks) -> list:
+def _fit_checks(recipe: DemoRecipe, reporter: Reporter) -> list:
     from .stages import fit_check as fc
 
     f = recipe.fit_check
     if not f:
         return []
-    hooks.status("fit-check on the released models")
+    reporter.status("fit-check on the released models")
     return [fc.run(fc.FitCheckOptions(model=m, gpu=f.get("gpu", "a10g"), context=int(f.get("context", 131072))))
             for m in f.get("models", [])]
 
 
-def _sample(recipe: DemoRecipe, model: Path, hooks: Hooks):
+def _sample(recipe: DemoRecipe, model: Path, reporter: Reporter):
     from .stages import generate as gen
 
     g = dict(recipe.generate)
     prompt = str(g.pop("prompt", "What is 38 + 47?"))
     options = gen.GenerateOptions(model=str(model), **{"temperature": 0.0, "max_new_tokens": 200, **g})
-    hooks.status(f"nano generate --model {model} --think {prompt!r}")
-    return prompt, gen.run(options, [prompt], on_text=hooks.on_text)
+    reporter.status(f"nano generate --model {model} --think {prompt!r}")
+    return prompt, gen.run(options, [prompt])

@@ -1,6 +1,5 @@
-"""Terminal rendering of the measuring and compressing commands: ``nano eval``, ``nano demo`` (the pipeline),
-``nano distill`` and ``nano bench``. Takes results, prints them; computes nothing. The shared
-pieces (console, units, the training progress bar) are ``ui``'s; ``ui`` re-exports everything here."""
+"""Terminal rendering of ``nano eval``, ``nano distill`` and ``nano bench``. Takes results, prints them; computes nothing. The shared pieces (console, units, the
+progress widget) are ``ui``'s; ``ui`` re-exports everything here."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ from rich import box
 from rich.table import Table
 
 from .summary import KINDS
-from .ui import TrainProgress, console, gib, human_bytes, human_count
+from .ui import console, human_bytes, human_count
 
 
 def _pct(a: dict) -> str:
@@ -44,71 +43,6 @@ def show_eval_result(r, plot_path: str | None = None) -> None:
                   f"{how}; {human_count(d['params'])} parameters, {d['device']} {d['dtype']}, {d['seconds']:.1f} s")
     if plot_path:
         out.print(f"plot: {plot_path}")
-
-
-class DemoStage:
-    """One stage of ``nano demo``: a rule naming it, then its training progress bar."""
-
-    def __init__(self, index: int, total: int, name: str, kind: str):
-        self.index, self.total, self.name, self.kind = index, total, name, kind
-        self.bar: TrainProgress | None = None
-
-    def __enter__(self) -> TrainProgress:
-        console().rule(f"[bold]stage {self.index}/{self.total}: {self.name}[/] (nano {self.kind})")
-        self.bar = TrainProgress().__enter__()
-        return self.bar
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-
-def show_demo_result(r) -> None:
-    """``nano demo``: one table over every stage's model, the budget sweep, fit-check, the sample answer."""
-    out = console()
-    out.rule("[bold]nano demo: summary")
-    ctx = int(r.recipe.eval.get("context", 131072))
-    ctx_label = f"{ctx // 1024}k" if ctx >= 1024 and ctx % 1024 == 0 else str(ctx)
-    t = Table(title=f"every stage, measured the same way ({r.rows[0].accuracy.get('think', {}).get('n', 0)} "
-              "held-out problems, greedy)", box=box.SIMPLE_HEAVY)
-    for name, justify in (("model", "left"), ("params", "right"), (f"memory@{ctx_label}", "right"),
-                          ("think", "right"), ("no think", "right"), ("tok/s", "right"), ("stage", "right")):
-        t.add_column(name, justify=justify)
-    times = {s.model: s for s in r.stages}
-    for row in r.rows:
-        st = times.get(row.path)
-        acc = {m: f"{100 * a['accuracy']:.1f}%" for m, a in row.accuracy.items()}
-        t.add_row(row.label, human_count(row.params), human_bytes(row.memory), acc.get("think", "-"),
-                  acc.get("no_think", "-"), f"{row.tokens_per_s:,.0f}",
-                  "" if st is None else (f"{st.seconds:,.0f} s" if st.status != "done before" else "earlier"))
-    out.print(t)
-    base = r.rows[0].text_accuracy if r.rows else None
-    if base:
-        out.print(f"base model asked in its pretraining format (Question:/Reasoning:/Answer:): "
-                  f"{100 * base['accuracy']:.1f}%; through the chat template it has not learned yet: "
-                  f"{100 * r.rows[0].accuracy.get('think', {}).get('accuracy', 0):.1f}%")
-    if len(r.rows) >= 2:
-        teacher = next((x for x in r.rows if "teacher" in x.label), None)
-        final = r.rows[-1]
-        if teacher and teacher.accuracy.get("think", {}).get("accuracy"):
-            keep = final.accuracy["think"]["accuracy"] / teacher.accuracy["think"]["accuracy"]
-            out.print(f"the distilled student keeps {100 * keep:.0f}% of the teacher's accuracy (reasoning on) with "
-                      f"{100 * final.memory / teacher.memory:.0f}% of its memory at {ctx_label} tokens and "
-                      f"{100 * final.params / teacher.params:.0f}% of its parameters")
-    if r.sweep:
-        out.print("final model, accuracy vs thinking budget: " + ", ".join(
-            f"{a['budget']} tok {100 * a['accuracy']:.0f}%" for a in r.sweep))
-    for f in r.fits:
-        e = f.estimate
-        out.print(f"fit-check {f.model.name} on {f.gpu.name} at {e.context:,} tokens: [bold]{f.verdict}[/] "
-                  f"({gib(e.total)} of {gib(f.gpu.budget)})")
-    if r.sample is not None:
-        o = r.sample.outputs[0]
-        out.print(f"nano generate: {r.sample_prompt!r}")
-        if o.thinking:
-            out.print(f"<think>{o.thinking}</think>", style="dim", markup=False)
-        out.print(o.answer.strip(), markup=False)
-    out.print(f"demo finished in {r.seconds / 60:.1f} min; artifacts in {r.recipe.out}/")
 
 
 def show_distill_result(r) -> None:

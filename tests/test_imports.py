@@ -40,9 +40,10 @@ def test_pure_modules_import_no_torch(name):
     assert "torch" not in imported_modules(ROOT / "nanocli_model" / name)
 
 
-@pytest.mark.parametrize("module", ["nanocli.cli", "nanocli.profiles", "nanocli.demo", "nanocli_model",
+@pytest.mark.parametrize("module", ["nanocli.cli", "nanocli.profiles", "nanocli.pipeline", "nanocli_model",
                                     "nanocli.stages.fit_check", "nanocli.nvml", "nanocli.plot", "nanocli_model.fit",
-                                    "nanocli.stages.prune", "nanocli.commands.prune", "nanocli.prune.search"])
+                                    "nanocli.library_check", "nanocli.stages.prune", "nanocli.commands.prune",
+                                    "nanocli.commands.demo", "nanocli.prune.search"])
 def test_importing_does_not_load_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

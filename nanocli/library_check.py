@@ -1,14 +1,14 @@
-"""``nano demo`` (``make demo``): what exists today, run for real, and which stages are still to come.
+"""``nano demo --library-check``: the model library run for real on one profile, every check with a verdict.
 
-Two parts. ``run()`` loads every shipped profile (so a broken one fails the demo) and lists the
-pipeline stages. ``run_model()`` exercises the model library on one profile (``small`` by default,
-fp32 on CPU, a few seconds): build it, save and reload it (logits must be bit-identical), prefill a
-random prompt into a ``HybridCache`` and greedy-decode through it (the cached logits must match a
-full forward), and compare the cache's bytes with ``memory.cache_bytes``. Every check is real: a
-failed one makes ``nano demo`` exit non-zero (``DemoCheckError``).
+Two parts. ``run()`` loads every shipped profile (so a broken one fails the check). ``run_model()``
+exercises the model library on one profile (``small`` by default, fp32 on CPU, a few seconds): build it,
+save and reload it (logits must be bit-identical), prefill a random prompt into a ``HybridCache`` and
+greedy-decode through it (the cached logits must match a full forward), and compare the cache's bytes
+with ``memory.cache_bytes``. Every check is real: a failed one makes the command exit non-zero
+(``LibraryCheckError``).
 
-It will grow into the tiny end-to-end run (pretrain -> align -> prune -> distill -> generate) as
-the stage issues land. Importing this module does not import torch; ``run_model`` does.
+The pipeline in miniature (``nano demo`` without this flag) is ``pipeline.py``. Importing this module does
+not import torch; ``run_model`` does.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from nanocli_model import memory
 from nanocli_model.errors import NanoError
 
 from .profiles import GpuProfile, list_gpu_profiles, list_model_profiles, load_model_profile
-from .roadmap import STAGES, Stage
 from .summary import ModelSummary, summarize
 
 DEFAULT_PROFILE = "small"
@@ -31,24 +30,18 @@ NEW_TOKENS = 64
 REL_TOL = 1e-4  # cached prefill + decode vs one full forward, fp32
 
 
-class DemoCheckError(NanoError):
-    """A check of ``nano demo`` failed: the model library does not do what it promises."""
+class LibraryCheckError(NanoError):
+    """A check of ``nano demo --library-check`` failed: the model library does not do what it promises."""
 
     exit_code = 1
 
 
 @dataclass(frozen=True)
-class DemoReport:
-    """What the demo found: every shipped profile, and every pipeline stage with its status."""
+class LibraryReport:
+    """Every shipped profile, loaded."""
 
     models: list[ModelSummary]
     gpus: list[GpuProfile]
-    stages: tuple[Stage, ...]
-
-    @property
-    def not_built(self) -> list[Stage]:
-        """The stages whose issue has not landed yet."""
-        return [s for s in self.stages if not s.built]
 
 
 @dataclass(frozen=True)
@@ -99,10 +92,10 @@ class ModelRun:
         return not self.failures
 
 
-def run() -> DemoReport:
-    """Load every profile (so a broken one fails the demo) and report the stages."""
+def run() -> LibraryReport:
+    """Load every profile (so a broken one fails the check)."""
     models = [summarize(p.name, p.config, p.description) for p in list_model_profiles()]
-    return DemoReport(models=models, gpus=list_gpu_profiles(), stages=STAGES)
+    return LibraryReport(models=models, gpus=list_gpu_profiles())
 
 
 def run_model(profile: str = DEFAULT_PROFILE, out_dir: str | Path = DEFAULT_OUT, prompt_len: int = PROMPT_LEN,
@@ -116,7 +109,7 @@ def run_model(profile: str = DEFAULT_PROFILE, out_dir: str | Path = DEFAULT_OUT,
     from nanocli_model import build_model, load_pretrained, save_pretrained
 
     if prompt_len < 1 or new_tokens < 1:
-        raise NanoError(f"demo needs prompt_len >= 1 and new_tokens >= 1, got {prompt_len} and {new_tokens}")
+        raise NanoError(f"the library check needs prompt_len >= 1 and new_tokens >= 1, got {prompt_len} and {new_tokens}")
     config = load_model_profile(profile).config
     out_dir = Path(out_dir)
     max_len = prompt_len + new_tokens
@@ -162,6 +155,6 @@ def run_model(profile: str = DEFAULT_PROFILE, out_dir: str | Path = DEFAULT_OUT,
 
 
 def check(result: ModelRun) -> None:
-    """Raise ``DemoCheckError`` (one line, exit code 1) naming every failed check of ``result``."""
+    """Raise ``LibraryCheckError`` (one line, exit code 1) naming every failed check of ``result``."""
     if result.failures:
-        raise DemoCheckError(f"demo check failed on profile {result.profile}: " + "; ".join(result.failures))
+        raise LibraryCheckError(f"library check failed on profile {result.profile}: " + "; ".join(result.failures))
