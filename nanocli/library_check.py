@@ -7,7 +7,7 @@ greedy-decode through it (the cached logits must match a full forward), and comp
 with ``memory.cache_bytes``. Every check is real: a failed one makes the command exit non-zero
 (``LibraryCheckError``).
 
-The pipeline in miniature (``nano demo`` without this flag) is ``pipeline.py``. Importing this module does
+The pipeline in miniature (``nano demo`` without this flag) is ``demo.py``. Importing this module does
 not import torch; ``run_model`` does.
 """
 

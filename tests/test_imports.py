@@ -40,7 +40,7 @@ def test_pure_modules_import_no_torch(name):
     assert "torch" not in imported_modules(ROOT / "nanocli_model" / name)
 
 
-@pytest.mark.parametrize("module", ["nanocli.cli", "nanocli.profiles", "nanocli.pipeline", "nanocli_model",
+@pytest.mark.parametrize("module", ["nanocli.cli", "nanocli.profiles", "nanocli.demo", "nanocli_model",
                                     "nanocli.stages.fit_check", "nanocli.nvml", "nanocli.plot", "nanocli_model.fit",
                                     "nanocli.library_check", "nanocli.stages.prune", "nanocli.commands.prune",
                                     "nanocli.commands.demo", "nanocli.prune.search"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nanocli import pipeline
+from nanocli import demo
 from nanocli.report import Silent
 from nanocli_model import NanoConfig
 from nanocli_model.errors import ConfigError
@@ -43,11 +43,11 @@ def test_recipe_errors_name_the_section_and_key(tmp_path, change, words):
     recipe = json.loads(json.dumps(TINY))
     change(recipe)
     with pytest.raises(ConfigError, match=words):
-        pipeline.read(str(write(tmp_path, recipe)))
+        demo.read(str(write(tmp_path, recipe)))
 
 
 def test_shipped_demo_recipe_reads_in_stage_order():
-    r = pipeline.read("demo")
+    r = demo.read("demo")
     assert [s.name for s in r.sections] == ["pretrain", "sft", "grpo", "prune", "distill"]
     assert r.sections[0].settings["profile"] == "demo" and r.out == Path("runs/demo")
 
@@ -68,9 +68,9 @@ class Recorder(Silent):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    recipe = pipeline.read("demo-smoke", out=str(tmp / "runs"))
+    recipe = demo.read("demo-smoke", out=str(tmp / "runs"))
     told = Recorder()
-    return recipe, pipeline.run(recipe, reporter=told), told
+    return recipe, demo.run(recipe, reporter=told), told
 
 
 def test_stages_chain_their_checkpoints_and_every_model_is_measured(demo_run):
@@ -106,7 +106,7 @@ def test_rerun_skips_finished_stages_and_reuses_the_evaluations(demo_run):
     recipe, first, _ = demo_run
     before = {p: p.stat().st_mtime_ns for p in recipe.out.rglob("*.safetensors")}
     told = Recorder()
-    again = pipeline.run(recipe, reporter=told)
+    again = demo.run(recipe, reporter=told)
     assert [s.status for s in again.stages] == ["done before"] * 5
     assert sum(m.startswith("finished in an earlier run") for m in told.said) == 5
     assert {p: p.stat().st_mtime_ns for p in recipe.out.rglob("*.safetensors")} == before

@@ -2,7 +2,7 @@
 alone on one profile.
 
 The command: its options (``DemoOptions``: the recipe, where it writes, ``--fresh``, ``--library-check`` and
-its ``--profile``); the call into ``pipeline.py`` (with ``ui.Progress`` as the reporter: a section per stage) or
+its ``--profile``); the call into ``demo.py`` (with ``ui.Progress`` as the reporter: a section per stage) or
 ``library_check.py``; the rendering (the summary over every stage's model; the library check's panel).
 """
 
@@ -20,8 +20,8 @@ from .. import settings, ui
 from .flags import command
 
 if TYPE_CHECKING:
+    from ..demo import DemoResult
     from ..library_check import LibraryReport, ModelRun
-    from ..pipeline import DemoResult
 
 
 @dataclass
@@ -60,7 +60,7 @@ def demo(given: dict) -> None:
         show_library_check(report, result)
         library_check.check(result)
         return
-    from .. import pipeline
+    from .. import demo as pipeline
 
     recipe = pipeline.read(o.recipe, o.out)
     with ui.Progress() as bar:
