@@ -5,47 +5,9 @@ Moved here unchanged from ``cli.py``; ``commands/__init__.py`` registers them.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
-
-
-def demo_command(
-    recipe: Annotated[str, typer.Option("--recipe", help="The pipeline recipe (name in profiles/recipes/ or a "
-                                        ".yaml path).")] = "demo",
-    out: Annotated[Path | None, typer.Option("--out", help="Where the stages write (default: the recipe's, "
-                                             "runs/demo).")] = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Delete earlier artifacts and start over.")] = False,
-    library_check: Annotated[bool, typer.Option("--library-check", help="Only check the model library on "
-                                                "--profile (save/load, cached decode, cache bytes).")] = False,
-    profile: Annotated[str, typer.Option("--profile", help="With --library-check: the model profile.")] = "small",
-) -> None:
-    """The report's pipeline in miniature (`make demo`): pretrain -> SFT -> GRPO -> prune -> distill on CPU.
-
-    Every stage writes ordinary checkpoints under OUT/<stage>/; a rerun resumes or skips finished stages.
-    Then every model is evaluated the same way (held-out accuracy, reasoning on and off), fit-check runs on
-    the released Nemotron-Nano profiles, and the final model answers a question.
-    """
-    from . import ui
-
-    if library_check:
-        from . import demo
-
-        report = demo.run()
-        result = demo.run_model(profile, out or Path("runs/demo-model"))
-        ui.show_demo(report.models, report.gpus, report.stages, result)
-        demo.check(result)
-        return
-    from . import pipeline
-
-    plan = pipeline.read(recipe, None if out is None else str(out))
-    total = len(plan.sections)
-    index = {s.name: i + 1 for i, s in enumerate(plan.sections)}
-    hooks = pipeline.Hooks(stage=lambda name, kind: ui.DemoStage(index[name], total, name, kind),
-                           status=lambda msg: ui.console().print(f"[dim]{msg}[/]"))
-    result = pipeline.run(plan, fresh=fresh, hooks=hooks)
-    ui.show_demo_result(result)
 
 
 def pretrain_command(
@@ -226,5 +188,4 @@ def align_merge_command(
 
 from .cli_stages import COMMANDS as _STAGE_COMMANDS  # noqa: E402  (eval, distill, bench, prune)
 
-COMMANDS = {"demo": demo_command,
-            "pretrain": pretrain_command, **_STAGE_COMMANDS}
+COMMANDS = {"pretrain": pretrain_command, **_STAGE_COMMANDS}

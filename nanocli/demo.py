@@ -1,167 +1,366 @@
-"""``nano demo`` (``make demo``): what exists today, run for real, and which stages are still to come.
+"""``nano demo`` (``make demo``): the report's pipeline in miniature, from one recipe, on a laptop CPU.
 
-Two parts. ``run()`` loads every shipped profile (so a broken one fails the demo) and lists the
-pipeline stages. ``run_model()`` exercises the model library on one profile (``small`` by default,
-fp32 on CPU, a few seconds): build it, save and reload it (logits must be bit-identical), prefill a
-random prompt into a ``HybridCache`` and greedy-decode through it (the cached logits must match a
-full forward), and compare the cache's bytes with ``memory.cache_bytes``. Every check is real: a
-failed one makes ``nano demo`` exit non-zero (``DemoCheckError``).
+``profiles/recipes/demo.yaml`` names the output folder and one section per stage, in order::
 
-It will grow into the tiny end-to-end run (pretrain -> align -> prune -> distill -> generate) as
-the stage issues land. Importing this module does not import torch; ``run_model`` does.
+    pretrain -> sft -> grpo (or dpo) -> prune -> distill
+
+Each section holds the settings of that stage's options dataclass (validated as any recipe is); the
+pipeline fills in the links: the aligned stages read the previous stage's ``final``, prune cuts the
+aligned model (the teacher) to the recipe's memory budget, distill trains the pruned student from that
+teacher. Every stage writes ordinary checkpoints under ``OUT/<stage>/``; a rerun resumes an interrupted
+stage (``--resume auto``) and skips a finished one; ``fresh=True`` starts over.
+
+After the stages: every model is evaluated the same way (``nano eval``'s held-out accuracy with reasoning
+on and off, and a thinking-budget sweep on the final model), ``nano fit-check`` runs on the released
+Nemotron-Nano profiles against the recipe's GPU, and the final model answers one question with
+``nano generate``. ``run`` returns all of it (``DemoResult``); ``commands/demo.py`` renders it. The run reports
+through the ``report.Reporter`` it is given: a ``section`` per stage, the same reporter passed into the stage.
+
+``nano demo --library-check`` (the model library alone, on one profile) is ``library_check.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 import time
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from nanocli_model import memory
-from nanocli_model.errors import NanoError
+from nanocli_model.errors import ConfigError, NanoError
 
-from .profiles import GpuProfile, list_gpu_profiles, list_model_profiles, load_model_profile
-from .roadmap import STAGES, Stage
-from .summary import ModelSummary, summarize
+from .report import SILENT, Reporter
 
-DEFAULT_PROFILE = "small"
-DEFAULT_OUT = Path("runs/demo-model")
-PROMPT_LEN = 256
-NEW_TOKENS = 64
-REL_TOL = 1e-4  # cached prefill + decode vs one full forward, fp32
+DEFAULT_RECIPE = "demo"
+ALIGN_METHODS = ("sft", "dpo", "grpo")
+ORDER = ("pretrain", "sft", "grpo", "dpo", "prune", "distill")  # the sections a demo recipe may hold, in order
+TOP_LEVEL = ("stage", "description", "out", "eval", "fit_check", "generate")
 
 
-class DemoCheckError(NanoError):
-    """A check of ``nano demo`` failed: the model library does not do what it promises."""
+class DemoError(NanoError):
+    """A demo stage failed or the demo recipe is wrong."""
 
-    exit_code = 1
+
+class DemoInterrupted(DemoError):
+    """A stage stopped on Ctrl-C / SIGTERM after writing its checkpoint: a rerun resumes it."""
+
+    exit_code = 130
+
+
+# ------------------------------------------------------------------------------------------ the recipe
+@dataclass
+class Section:
+    name: str  # pretrain | sft | grpo | dpo | prune | distill
+    kind: str  # pretrain | align | prune | distill
+    settings: dict[str, Any]  # validated fields of the stage's options (links not included)
+
+
+@dataclass
+class DemoRecipe:
+    path: Path
+    description: str
+    out: Path
+    sections: list[Section]
+    eval: dict[str, Any]  # EvalOptions fields (model excluded); budgets as a list
+    fit_check: dict[str, Any]  # {gpu, context, models: [...]}
+    generate: dict[str, Any]  # {prompt, ...GenerateOptions fields}
+
+
+def _kind(name: str) -> str:
+    return "align" if name in ALIGN_METHODS else name
+
+
+def options_class(kind: str) -> type:
+    """The options dataclass of a stage kind (pretrain, align, prune, distill)."""
+    if kind == "pretrain":
+        from .stages.pretrain import PretrainOptions as cls
+    elif kind == "align":
+        from .stages.align import AlignOptions as cls
+    elif kind == "prune":
+        from .stages.prune import PruneOptions as cls
+    else:
+        from .stages.distill import DistillOptions as cls
+    return cls
+
+
+LINKS = {"pretrain": ("out", "resume"), "align": ("model", "out", "resume", "method"),
+         "prune": ("model", "out"), "distill": ("teacher", "student", "out", "resume")}
+
+
+def read(name_or_path: str = DEFAULT_RECIPE, out: str | None = None) -> DemoRecipe:
+    """Read and validate a demo recipe (every section against its stage's options)."""
+    from .train.recipe import apply_recipe, read_recipe
+
+    path, raw = read_recipe(name_or_path)
+    if raw.get("stage") != "demo":
+        raise ConfigError(f"{path}: not a demo recipe (it needs `stage: demo`)")
+    unknown = [k for k in raw if k not in TOP_LEVEL and k not in ORDER]
+    if unknown:
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r}; a demo recipe has {', '.join(ORDER)} "
+                          f"and {', '.join(TOP_LEVEL[2:])}")
+    names = [n for n in ORDER if n in raw]
+    for required in ("pretrain", "sft", "prune", "distill"):
+        if required not in names:
+            raise ConfigError(f"{path}: the demo needs a `{required}:` section")
+    sections = []
+    for name in names:
+        body = raw[name] or {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: `{name}:` must be a mapping of settings")
+        kind = _kind(name)
+        linked = [k for k in body if k in LINKS[kind]]
+        if linked:
+            raise ConfigError(f"{path}: {name}.{linked[0]} is set by the pipeline; remove it")
+        settings = apply_recipe(options_class(kind), body, path, kind)
+        if kind == "align":
+            settings["method"] = name
+        sections.append(Section(name, kind, settings))
+    return DemoRecipe(path=path, description=str(raw.get("description", "")), out=Path(out or raw.get("out", "runs/demo")),
+                      sections=sections, eval=_checked(raw, "eval", path), fit_check=_checked(raw, "fit_check", path),
+                      generate=_checked(raw, "generate", path))
+
+
+def _checked(raw: dict, name: str, path: Path) -> dict:
+    """The eval / fit_check / generate section, its keys and types checked like a stage's settings."""
+    from .stages.evaluate import EvalOptions
+    from .stages.generate import GenerateOptions
+    from .train.recipe import check_type
+
+    body = raw.get(name) or {}
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: `{name}:` must be a mapping of settings")
+    own = {"eval": {"context": int}, "fit_check": {"gpu": str, "context": int, "models": list[str]},
+           "generate": {"prompt": str}}[name]
+    options = {"eval": EvalOptions, "fit_check": None, "generate": GenerateOptions}[name]
+    hints = typing.get_type_hints(options) if options else {}
+    allowed = {**{k: v for k, v in hints.items() if k != "model"}, **own}
+    for key, value in body.items():
+        if key not in allowed:
+            raise ConfigError(f"{path}: unknown setting {name}.{key}; valid: {', '.join(sorted(allowed))}")
+        body[key] = check_type(value, allowed[key], f"{path}: {name}.{key}")
+    return dict(body)
+
+
+# ------------------------------------------------------------------------------------------ results
+@dataclass
+class StageRun:
+    name: str
+    kind: str
+    out: Path
+    model: Path  # the checkpoint this stage produced
+    status: str  # ran | resumed | done before
+    seconds: float
+    result: Any = None  # the stage's own result (None when skipped)
 
 
 @dataclass(frozen=True)
-class DemoReport:
-    """What the demo found: every shipped profile, and every pipeline stage with its status."""
+class Score:
+    """One accuracy of ``nano eval`` as the summary shows it (read from the evaluation's JSON record)."""
 
-    models: list[ModelSummary]
-    gpus: list[GpuProfile]
-    stages: tuple[Stage, ...]
+    accuracy: float  # share of exact answers
+    n: int  # held-out problems asked
+    tokens_per_s: float = 0.0  # generated tokens / s (batched, greedy)
+    budget: int | None = None  # the thinking budget (a point of the sweep)
 
-    @property
-    def not_built(self) -> list[Stage]:
-        """The stages whose issue has not landed yet."""
-        return [s for s in self.stages if not s.built]
+    @classmethod
+    def of(cls, record: dict) -> Score:
+        return cls(float(record["accuracy"]), int(record["n"]), float(record.get("tokens_per_s", 0.0)),
+                   record.get("budget"))
 
 
-@dataclass(frozen=True)
-class ModelRun:
-    """What ``run_model`` measured and checked on one profile (fp32, CPU, batch 1)."""
+@dataclass
+class ModelRow:
+    """One line of the summary table: a model the pipeline produced, measured the same way as the others."""
 
-    profile: str
-    params: int  # counted on the built model
-    expected_params: int  # memory.param_count(config).total
-    out_dir: Path
-    bit_exact: bool  # reloaded model's logits torch.equal the original's
-    prompt_len: int
-    new_tokens: int  # greedy decode steps, one token each
-    max_rel_err: float  # max |cached - full| / max |full| over all prompt + generated positions
-    rel_tol: float
-    prefill_seconds: float
-    decode_seconds: float
-    cache_bytes: int  # HybridCache.nbytes()
-    expected_cache_bytes: int  # memory.cache_bytes(config, 1, max_len, "fp32").total
-    max_len: int
-    generated: tuple[int, ...]  # the greedy token ids
+    label: str  # e.g. "base"
+    path: Path
+    params: int
+    memory: int  # bytes at the recipe's context (fit-check's model: weights + KV + state + activations)
+    accuracy: dict[str, Score]  # mode (think, no_think) -> its score
+    text_accuracy: Score | None = None  # the base model asked in its pretraining format (nano eval --prompt-format text)
 
     @property
-    def prefill_tok_s(self) -> float:
-        return self.prompt_len / self.prefill_seconds if self.prefill_seconds > 0 else float("inf")
-
-    @property
-    def decode_tok_s(self) -> float:
-        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else float("inf")
-
-    @property
-    def failures(self) -> list[str]:
-        """One phrase per failed check; empty when everything passed."""
-        out = []
-        if self.params != self.expected_params:
-            out.append(f"model has {self.params:,} parameters, memory.param_count says {self.expected_params:,}")
-        if not self.bit_exact:
-            out.append(f"logits after save/load round trip through {self.out_dir} are not bit-exact")
-        if not self.max_rel_err < self.rel_tol:  # also catches NaN
-            out.append(f"cached decode logits differ from the full forward by {self.max_rel_err:.2e} "
-                       f"(tolerance {self.rel_tol:.0e})")
-        if self.cache_bytes != self.expected_cache_bytes:
-            out.append(f"cache holds {self.cache_bytes:,} bytes, memory.cache_bytes says {self.expected_cache_bytes:,}")
-        return out
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
+    def tokens_per_s(self) -> float:
+        """Generated tokens / s over the reasoning-on evaluation (batched, greedy)."""
+        think = self.accuracy.get("think") or next(iter(self.accuracy.values()), None)
+        return think.tokens_per_s if think else 0.0
 
 
-def run() -> DemoReport:
-    """Load every profile (so a broken one fails the demo) and report the stages."""
-    models = [summarize(p.name, p.config, p.description) for p in list_model_profiles()]
-    return DemoReport(models=models, gpus=list_gpu_profiles(), stages=STAGES)
+@dataclass
+class DemoResult:
+    recipe: DemoRecipe
+    stages: list[StageRun] = field(default_factory=list)
+    rows: list[ModelRow] = field(default_factory=list)
+    sweep: list[Score] = field(default_factory=list)  # final model: accuracy vs thinking budget
+    fits: list = field(default_factory=list)  # FitCheckResult per released profile
+    sample: Any = None  # GenerateResult of the closing example
+    sample_prompt: str = ""
+    seconds: float = 0.0
 
 
-def run_model(profile: str = DEFAULT_PROFILE, out_dir: str | Path = DEFAULT_OUT, prompt_len: int = PROMPT_LEN,
-              new_tokens: int = NEW_TOKENS, seed: int = 0, rel_tol: float = REL_TOL) -> ModelRun:
-    """Build ``profile`` (fp32, CPU), save + reload it, prefill + greedy-decode through the cache.
-
-    Returns the measurements; the caller decides what a failed check means (``check``).
-    """
-    import torch
-
-    from nanocli_model import build_model, load_pretrained, save_pretrained
-
-    if prompt_len < 1 or new_tokens < 1:
-        raise NanoError(f"demo needs prompt_len >= 1 and new_tokens >= 1, got {prompt_len} and {new_tokens}")
-    config = load_model_profile(profile).config
-    out_dir = Path(out_dir)
-    max_len = prompt_len + new_tokens
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=gen)
-
-    model = build_model(config, seed=seed).eval()
-    params = model.num_parameters()
-    save_pretrained(model, out_dir)
-    loaded = load_pretrained(out_dir)
-    with torch.inference_mode():
-        bit_exact = torch.equal(model(prompt), loaded(prompt))  # also warms up the loaded model
-        del model
-
-        cache = loaded.allocate_cache(batch=1, max_len=max_len)
-        t0 = time.perf_counter()
-        prefill_logits = loaded(prompt, cache)
-        prefill_seconds = time.perf_counter() - t0
-
-        # Greedy: each step feeds the token chosen from the previous logits, so the cache consumes
-        # prompt + new_tokens positions and every one of them gets cached logits to compare.
-        step_logits, tokens = [], []
-        next_id = prefill_logits[:, -1].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            tokens.append(next_id)
-            logits = loaded(next_id[:, None], cache)
-            step_logits.append(logits)
-            next_id = logits[:, -1].argmax(-1)
-        decode_seconds = time.perf_counter() - t0
-
-        generated = torch.stack(tokens, dim=1)  # (1, new_tokens)
-        cached = torch.cat([prefill_logits, *step_logits], dim=1).double()
-        full = loaded(torch.cat([prompt, generated], dim=1)).double()
-        max_rel_err = ((cached - full).abs().max() / full.abs().max().clamp_min(1e-30)).item()
-
-    return ModelRun(
-        profile=profile, params=params, expected_params=memory.param_count(config).total, out_dir=out_dir,
-        bit_exact=bit_exact, prompt_len=prompt_len, new_tokens=new_tokens, max_rel_err=max_rel_err,
-        rel_tol=rel_tol, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
-        cache_bytes=cache.nbytes(), expected_cache_bytes=memory.cache_bytes(config, 1, max_len, "fp32", None).total,
-        max_len=max_len, generated=tuple(generated[0].tolist()))
+# ------------------------------------------------------------------------------------------ run
+def run(recipe: DemoRecipe, fresh: bool = False, reporter: Reporter | None = None) -> DemoResult:
+    """Every stage in order (a ``reporter.section`` each), then the measurements and the closing answer."""
+    reporter = reporter or SILENT
+    t0 = time.perf_counter()
+    if fresh and recipe.out.exists():
+        reporter.status(f"--fresh: removing {recipe.out}")
+        shutil.rmtree(recipe.out)
+    recipe.out.mkdir(parents=True, exist_ok=True)
+    result = DemoResult(recipe=recipe)
+    done: dict[str, Path] = {}
+    for i, section in enumerate(recipe.sections, 1):
+        reporter.section(f"stage {i}/{len(recipe.sections)}: {section.name} (nano {section.kind})")
+        result.stages.append(_run_stage(section, recipe.out, done, reporter))
+        done[section.name] = result.stages[-1].model
+    reporter.section("measuring every model")
+    _evaluate(recipe, result, done, reporter)
+    result.fits = _fit_checks(recipe, reporter)
+    result.sample_prompt, result.sample = _sample(recipe, done["distill"], reporter)
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
-def check(result: ModelRun) -> None:
-    """Raise ``DemoCheckError`` (one line, exit code 1) naming every failed check of ``result``."""
-    if result.failures:
-        raise DemoCheckError(f"demo check failed on profile {result.profile}: " + "; ".join(result.failures))
+def _teacher(done: dict[str, Path]) -> Path:
+    """The aligned model: the last alignment stage that ran."""
+    return [p for n, p in done.items() if n in ALIGN_METHODS][-1]
+
+
+def _run_stage(section: Section, root: Path, done: dict[str, Path], reporter: Reporter) -> StageRun:
+    out = root / section.name
+    t0 = time.perf_counter()
+    try:
+        run_ = {"pretrain": _pretrain, "align": _align, "prune": _prune, "distill": _distill}[section.kind]
+        status, model, res = run_(section, out, done, reporter)
+        if status == "done before":
+            reporter.status(f"finished in an earlier run: {model} (rerun from scratch with --fresh)")
+    except DemoInterrupted:
+        raise
+    except NanoError as e:
+        raise DemoError(f"demo stage {section.name} failed: {e}") from None
+    return StageRun(section.name, section.kind, out, model, status, time.perf_counter() - t0, res)
+
+
+def _progress(reporter: Reporter, cls):
+    """The stage's ``Hooks`` dataclass (pretrain, align, distill) filled from the reporter's methods."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {"status": reporter.status, "start": reporter.start, "step": reporter.step, "progress": reporter.progress}
+    return cls(**{k: v for k, v in given.items() if k in names})
+
+
+def _status(res, resumed: bool) -> str:
+    if getattr(res, "already_done", False):
+        return "done before"
+    return "resumed" if resumed else "ran"
+
+
+def _pretrain(section: Section, out: Path, done: dict, reporter: Reporter):
+    from .stages import pretrain as pt
+
+    resumed = any(out.glob("checkpoint-*"))
+    res = pt.run(pt.PretrainOptions(**section.settings, out=str(out), resume="auto"), _progress(reporter, pt.Hooks))
+    _check_finished(res, section.name)
+    return _status(res, resumed), out / "final", res
+
+
+def _align(section: Section, out: Path, done: dict, reporter: Reporter):
+    from .stages import align as al
+
+    model = list(done.values())[-1]
+    resumed = any(out.glob("checkpoint-*"))
+    res = al.run(al.AlignOptions(**section.settings, model=str(model), out=str(out), resume="auto"),
+                 _progress(reporter, al.Hooks))
+    _check_finished(res, section.name)
+    return _status(res, resumed), out / "final", res
+
+
+def _prune(section: Section, out: Path, done: dict, reporter: Reporter):
+    from .stages import prune as pr
+
+    if (out / "pruning.json").is_file() and (out / "config.json").is_file():
+        return "done before", out, None
+    res = pr.run(pr.PruneOptions(**section.settings, model=str(_teacher(done)), out=str(out)), reporter)
+    return "ran", out, res
+
+
+def _distill(section: Section, out: Path, done: dict, reporter: Reporter):
+    from .stages import distill as ds
+
+    resumed = any(out.glob("checkpoint-*"))
+    res = ds.run(ds.DistillOptions(**section.settings, teacher=str(_teacher(done)), student=str(done["prune"]),
+                                   out=str(out), resume="auto"), _progress(reporter, ds.Hooks))
+    _check_finished(res, section.name)
+    return _status(res, resumed), out / "final", res
+
+
+def _check_finished(res, name: str) -> None:
+    if getattr(res, "interrupted", False):
+        raise DemoInterrupted(f"demo stage {name} was interrupted; its checkpoint is kept: run `make demo` "
+                              "again to resume")
+
+
+# ------------------------------------------------------------------------------------------ measure
+LABELS = {"pretrain": "base", "sft": "SFT", "grpo": "GRPO (teacher)", "dpo": "DPO (teacher)", "prune": "pruned",
+          "distill": "distilled"}
+
+
+def _evaluate(recipe: DemoRecipe, result: DemoResult, done: dict[str, Path], reporter: Reporter) -> None:
+    """Every model, measured the same way; cached beside the model (``demo-eval.json``) for reruns."""
+    from nanocli_model import NanoConfig, fit
+
+    from .stages import evaluate as ev
+
+    settings = {k: v for k, v in recipe.eval.items() if k not in ("budgets", "context")}
+    budgets = tuple(recipe.eval.get("budgets", ()))
+    context = int(recipe.eval.get("context", 131072))
+    rows = [(LABELS[st.name], st.model) for st in result.stages]
+    for i, (label, path) in enumerate(rows):
+        last = i == len(rows) - 1
+        base = i == 0 and result.stages[0].kind == "pretrain"
+        key = {**settings, "budgets": list(budgets) if last else [], "text_format": base}
+        cache = path / "demo-eval.json"
+        record = json.loads(cache.read_text()) if cache.is_file() else None
+        if record is None or record.get("settings") != key:
+            reporter.status(f"evaluating {label}: {path}")
+            options = ev.EvalOptions(model=str(path), budgets=budgets if last else (), **settings)
+            t0 = time.perf_counter()
+            r = ev.run(options)
+            record = {"settings": key, "result": r.to_json(), "seconds": time.perf_counter() - t0}
+            if base:  # a base model does not know the chat template yet: also ask it the way it was trained
+                text = ev.run(dataclasses.replace(options, prompt_format="text"))
+                record["text"] = text.accuracy["text"].to_json()
+            tmp = cache.with_name(".demo-eval.json.tmp")
+            tmp.write_text(json.dumps(record, indent=2))
+            tmp.replace(cache)
+        r = record["result"]
+        config = NanoConfig.from_json_file(path / "config.json")
+        text = record.get("text")
+        result.rows.append(ModelRow(label, path, r["params"], fit.estimate(config, context=context).total,
+                                    {mode: Score.of(a) for mode, a in r["accuracy"].items()},
+                                    None if text is None else Score.of(text)))
+        if last:
+            result.sweep = [Score.of(a) for a in r["budget_sweep"]]
+
+
+def _fit_checks(recipe: DemoRecipe, reporter: Reporter) -> list:
+    from .stages import fit_check as fc
+
+    f = recipe.fit_check
+    if not f:
+        return []
+    reporter.status("fit-check on the released models")
+    return [fc.run(fc.FitCheckOptions(model=m, gpu=f.get("gpu", "a10g"), context=int(f.get("context", 131072))))
+            for m in f.get("models", [])]
+
+
+def _sample(recipe: DemoRecipe, model: Path, reporter: Reporter):
+    from .stages import generate as gen
+
+    g = dict(recipe.generate)
+    prompt = str(g.pop("prompt", "What is 38 + 47?"))
+    options = gen.GenerateOptions(model=str(model), **{"temperature": 0.0, "max_new_tokens": 200, **g})
+    reporter.status(f"nano generate --model {model} --think {prompt!r}")
+    return prompt, gen.run(options, [prompt])

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
-from rich.panel import Panel
 from rich.table import Table
 
 from .profiles import GpuProfile
-from .roadmap import Stage
 from .summary import KINDS, ModelSummary
-
-if TYPE_CHECKING:
-    from .demo import ModelRun
 
 GIB = 2**30
 
@@ -97,57 +91,6 @@ def show_profiles(models: Sequence[ModelSummary], gpus: Sequence[GpuProfile]) ->
               "TFLOP/s: dense bf16 peak.")
 
 
-def model_run_panel(run: ModelRun) -> Panel:
-    """The live part of ``nano demo``: what the model library did, each check with its verdict."""
-
-    def verdict(ok: bool) -> str:
-        return "[green]ok[/green]" if ok else "[bold red]FAILED[/bold red]"
-
-    grid = Table(show_header=False, box=None, padding=(0, 2))
-    grid.add_column(style="dim", no_wrap=True)
-    grid.add_column(overflow="fold")
-    grid.add_column(no_wrap=True)
-    grid.add_row("params", f"{run.params:,} ({human_count(run.params)}) = memory.param_count",
-                 verdict(run.params == run.expected_params))
-    grid.add_row("saved to", str(run.out_dir), "")
-    grid.add_row("round trip", "bit-exact" if run.bit_exact else "logits differ after save/load",
-                 verdict(run.bit_exact))
-    grid.add_row("cached vs full", f"max rel err {run.max_rel_err:.2e} < {run.rel_tol:.0e} ({run.max_len} positions)", verdict(run.max_rel_err < run.rel_tol))
-    grid.add_row("prefill", f"{run.prefill_tok_s:,.0f} tok/s ({run.prompt_len} tokens in "
-                 f"{run.prefill_seconds * 1e3:.0f} ms)", "")
-    grid.add_row("decode", f"{run.decode_tok_s:,.1f} tok/s ({run.new_tokens} greedy steps, batch 1)", "")
-    match = run.cache_bytes == run.expected_cache_bytes
-    grid.add_row("cache bytes", f"{run.cache_bytes:,} ({human_bytes(run.cache_bytes)}) "
-                 + ("= memory.cache_bytes" if match else f"!= memory.cache_bytes {run.expected_cache_bytes:,}"),
-                 verdict(match))
-    title = f"Model library, live: profile [bold]{run.profile}[/bold], fp32, CPU, batch 1"
-    return Panel(grid, title=title, title_align="left", expand=False,
-                 border_style="green" if run.passed else "red")
-
-
-def show_demo(models: Sequence[ModelSummary], gpus: Sequence[GpuProfile], stages: Sequence[Stage],
-              run: ModelRun | None = None) -> None:
-    """``nano demo``: the profiles, the live model-library run, and the pipeline stages still to come."""
-    out = console()
-    out.print("[bold]nano demo[/bold]: what exists today (profiles, the model library run for real); "
-              "the end-to-end pipeline demo arrives with the stage issues.")
-    out.print()
-    show_profiles(models, gpus)
-    out.print()
-    if run is not None:
-        out.print(model_run_panel(run))
-        out.print(f"{run.prompt_len}-token random prompt prefilled into a HybridCache, then {run.new_tokens} "
-                  "tokens greedy-decoded one at a time; the cached logits are compared with one full forward "
-                  "over prompt + generated tokens.")
-        out.print()
-    table = Table(title="Pipeline stages", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
-    table.add_column("command", no_wrap=True, style="bold")
-    table.add_column("status", no_wrap=True)
-    table.add_column("what it does")
-    for st in stages:
-        status = "built" if st.built else f"not built yet (#{st.issue})"
-        table.add_row(f"nano {st.command}", status, st.summary)
-    out.print(table)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -325,14 +268,7 @@ def show_align_result(r) -> None:
 
 # The measuring and compressing commands render in ui_stages (imported last: it uses the helpers above).
 from .ui_stages import (  # noqa: E402
-    DemoStage,
-    PruneProgress,
-    prune_table,
-    show_demo_result,
     show_distill_result,
-    show_prune_plan,
-    show_prune_result,
 )
 
-__all__ = ["DemoStage", "PruneProgress", "prune_table", "show_demo_result", "show_distill_result",
-           "show_prune_plan", "show_prune_result"]
+__all__ = ["show_distill_result"]

@@ -350,9 +350,18 @@ def _assert_fits(value, hint, key):
         if value is None:
             assert type(None) in args, key
             return
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is float:
+        fitting = []
+        for arg in (a for a in args if a is not type(None)):  # X | None, int | str (a context: 131072 or 128k)
+            try:
+                _assert_fits(value, arg, key)
+                fitting.append(arg)
+            except AssertionError:
+                pass
+        assert fitting, (key, value, hint)
+        return
+    if origin is typing.Literal:  # a choice (prune's depth_metric, device, dtype)
+        assert value in args and type(value) in {type(a) for a in args}, (key, value)
+    elif hint is float:
         assert isinstance(value, float) and math.isfinite(value), (key, value)
     elif hint is int:
         assert isinstance(value, int) and not isinstance(value, bool), (key, value)

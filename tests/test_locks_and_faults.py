@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanocli.report import Silent
 from nanocli.stages import align as al
 from nanocli.stages import distill as ds
 from nanocli.stages import pretrain as pt
@@ -160,9 +161,13 @@ def test_prune_output_appears_whole_and_a_killed_runs_staging_is_cleared(tiny_ba
     (stale / "model" / "model.safetensors").write_bytes(b"partial")
     (tmp_path / f".pruned{lock.LOCK_NAME}").write_text(json.dumps({"pid": dead_pid(), "host": "h"}))
     said = []
+
+    class Said(Silent):
+        def status(self, message: str) -> None:
+            said.append(message)
+
     pr.run(pr.PruneOptions(model=str(tiny_base), out=str(out), hidden_size=48, calib_data=DATA, calib_samples=8,
-                           calib_seq_len=32, cache_dir=str(tiny_base.parent / "cache")),
-           pr.PruneHooks(status=said.append))
+                           calib_seq_len=32, cache_dir=str(tiny_base.parent / "cache")), Said())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no staging, no lock
     assert (out / "pruning.json").is_file() and any("took over the lock" in s for s in said)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nanocli import pipeline
+from nanocli import demo
+from nanocli.report import Silent
 from nanocli_model import NanoConfig
 from nanocli_model.errors import ConfigError
 
@@ -42,25 +43,42 @@ def test_recipe_errors_name_the_section_and_key(tmp_path, change, words):
     recipe = json.loads(json.dumps(TINY))
     change(recipe)
     with pytest.raises(ConfigError, match=words):
-        pipeline.read(str(write(tmp_path, recipe)))
+        demo.read(str(write(tmp_path, recipe)))
 
 
 def test_shipped_demo_recipe_reads_in_stage_order():
-    r = pipeline.read("demo")
+    r = demo.read("demo")
     assert [s.name for s in r.sections] == ["pretrain", "sft", "grpo", "prune", "distill"]
     assert r.sections[0].settings["profile"] == "demo" and r.out == Path("runs/demo")
+
+
+class Recorder(Silent):
+    """A reporter that keeps the sections and status lines of a run."""
+
+    def __init__(self):
+        self.sections, self.said = [], []
+
+    def section(self, title: str) -> None:
+        self.sections.append(title)
+
+    def status(self, message: str) -> None:
+        self.said.append(message)
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    recipe = pipeline.read("demo-smoke", out=str(tmp / "runs"))
-    return recipe, pipeline.run(recipe)
+    recipe = demo.read("demo-smoke", out=str(tmp / "runs"))
+    told = Recorder()
+    return recipe, demo.run(recipe, reporter=told), told
 
 
 def test_stages_chain_their_checkpoints_and_every_model_is_measured(demo_run):
-    recipe, r = demo_run
+    recipe, r, told = demo_run
     assert [s.name for s in r.stages] == ["pretrain", "sft", "grpo", "prune", "distill"]
+    assert told.sections[:5] == [f"stage {i}/5: {name} (nano {kind})" for i, (name, kind) in enumerate(
+        [("pretrain", "pretrain"), ("sft", "align"), ("grpo", "align"), ("prune", "prune"), ("distill", "distill")], 1)]
+    assert any(m.startswith("importance:") for m in told.said)  # the prune stage reports through the same reporter
     assert all(s.status == "ran" for s in r.stages)
     for s in r.stages:
         assert (s.model / "config.json").is_file() and (s.model / "tokenizer.json").is_file(), s.name
@@ -73,21 +91,24 @@ def test_stages_chain_their_checkpoints_and_every_model_is_measured(demo_run):
     assert (pruned.hidden_size, pruned.intermediate_size, pruned.num_hidden_layers) == (48, 192, 7)
     assert json.loads((recipe.out / "prune" / "pruning.json").read_text())
     assert [row.label for row in r.rows] == ["base", "SFT", "GRPO (teacher)", "pruned", "distilled"]
-    assert r.rows[0].text_accuracy["n"] == 2 and all(row.text_accuracy is None for row in r.rows[1:])
+    assert r.rows[0].text_accuracy.n == 2 and all(row.text_accuracy is None for row in r.rows[1:])
     assert r.rows[3].params < r.rows[2].params and r.rows[3].memory < r.rows[2].memory
     assert r.rows[4].params == r.rows[3].params
     for row in r.rows:
-        assert set(row.accuracy) == {"think", "no_think"} and row.accuracy["think"]["n"] == 2
-    assert [a["budget"] for a in r.sweep] == [4]
+        assert set(row.accuracy) == {"think", "no_think"} and row.accuracy["think"].n == 2
+        assert all(0.0 <= a.accuracy <= 1.0 for a in row.accuracy.values()) and row.tokens_per_s > 0
+    assert [a.budget for a in r.sweep] == [4]
     assert r.fits and r.fits[0].model.name == "nemotron-nano-9b-v2" and r.fits[0].fits
     assert r.sample is not None and r.sample.outputs[0].generated_ids
 
 
 def test_rerun_skips_finished_stages_and_reuses_the_evaluations(demo_run):
-    recipe, first = demo_run
+    recipe, first, _ = demo_run
     before = {p: p.stat().st_mtime_ns for p in recipe.out.rglob("*.safetensors")}
-    again = pipeline.run(recipe)
+    told = Recorder()
+    again = demo.run(recipe, reporter=told)
     assert [s.status for s in again.stages] == ["done before"] * 5
+    assert sum(m.startswith("finished in an earlier run") for m in told.said) == 5
     assert {p: p.stat().st_mtime_ns for p in recipe.out.rglob("*.safetensors")} == before
     assert [row.accuracy for row in again.rows] == [row.accuracy for row in first.rows]
 
@@ -95,7 +116,7 @@ def test_rerun_skips_finished_stages_and_reuses_the_evaluations(demo_run):
 def test_a_failing_stage_stops_the_demo_with_its_own_error(demo_run, tmp_path):
     import shutil
 
-    done, _ = demo_run
+    done, _, _ = demo_run
     for stage in ("pretrain", "sft", "grpo"):  # finished stages are found and skipped
         shutil.copytree(done.out / stage, tmp_path / "runs" / stage)
     recipe = json.loads(json.dumps(TINY))

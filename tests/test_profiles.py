@@ -66,10 +66,10 @@ def test_every_recipe_loads_into_its_stage_options(path):
     raw = yaml.safe_load(path.read_text())
     assert isinstance(raw, dict) and "stage" in raw, path
     if raw["stage"] == "demo":  # one section per stage, each validated against that stage's options
-        from nanocli.pipeline import _options_class, read
+        from nanocli.demo import options_class, read
 
         for section in read(str(path)).sections:
-            _options_class(section.kind)(**section.settings)
+            options_class(section.kind)(**section.settings)
         return
     stages = {"pretrain": "nanocli.stages.pretrain:PretrainOptions", "distill": "nanocli.stages.distill:DistillOptions"}
     module, cls = stages[raw["stage"]].split(":")

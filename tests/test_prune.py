@@ -4,8 +4,10 @@ the budget search end to end, and one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,9 @@ from safetensors.torch import load_file
 from model_utils import randomize, rel_err, tiny_config
 from nanocli.prune import depth as dp
 from nanocli.prune.importance import Scores, compute_scores
-from nanocli.prune.slicing import Shape, identity_plan, make_plan, prune_model
+from nanocli.prune.shape import Shape
+from nanocli.prune.slicing import identity_plan, make_plan, prune_model
+from nanocli.report import SILENT, Silent
 from nanocli.stages import prune as pr
 from nanocli_model import NanoForCausalLM, load_pretrained
 
@@ -49,7 +53,7 @@ def trained(tmp_path_factory, cache) -> Path:
 def calib(trained, cache):
     """(calibration rows, held-out rows), each (N, 65), tokenized with the parent's tokenizer."""
     o = pr.PruneOptions(model=str(trained), cache_dir=str(cache), **CALIB)
-    return pr._calibration(o, trained, load_pretrained(trained).config, pr.PruneHooks())
+    return pr._calibration(o, trained, load_pretrained(trained).config, SILENT)
 
 
 @pytest.fixture(scope="session")
@@ -89,9 +93,25 @@ def heldout_loss(model, rows: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------ exactness
+class Recorder(Silent):
+    """A reporter that keeps what the stage told it."""
+
+    def __init__(self):
+        self.said, self.tasks = [], set()
+
+    def status(self, message: str) -> None:
+        self.said.append(message)
+
+    def progress(self, task: str, done: int, total: int) -> None:
+        self.tasks.add(task)
+
+
 def test_pruning_nothing_reproduces_the_parent_exactly(trained, cache, tmp_path, calib):
-    r = pr.run(pr.PruneOptions(model=str(trained), out=str(tmp_path / "same"), cache_dir=str(cache), **CALIB))
+    told = Recorder()
+    r = pr.run(pr.PruneOptions(model=str(trained), out=str(tmp_path / "same"), cache_dir=str(cache), **CALIB), told)
     assert r.shape == Shape.of(r.parent)
+    assert any(m.startswith("loading ") for m in told.said) and any(m.startswith("importance:") for m in told.said)
+    assert "importance" in told.tasks  # the scoring pass, counted
     parent, child = load_pretrained(trained), load_pretrained(tmp_path / "same")
     ids = calib[1][:4, :-1]
     with torch.no_grad():
@@ -391,6 +411,64 @@ def test_bad_input_is_one_line_exit_2(args, needle, capsys, monkeypatch):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
     assert not (Path.cwd() / "x").exists()  # nothing written
+
+
+def test_help_shows_the_real_defaults_in_one_panel_per_group():
+    result = nano("prune", "--help")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for flag, default in (("--calib-samples", "256"), ("--context", "131072"), ("--depth-metric", "mse"),
+                          ("--device", "auto"), ("--seed", "0"), ("--candidate-lr", "0.0001")):
+        at = next(i for i, line in enumerate(lines) if f" {flag} " in line)
+        assert f"[default: {default}]" in " ".join(lines[at:at + 3]), (flag, lines[at:at + 3])
+    for panel in ("Model", "Target shape", "Budget", "Calibration", "Depth and search", "Run"):
+        assert f"─ {panel}" in result.stdout, panel
+    assert "<mse|cosine>" in result.stdout and "<auto|cpu|cuda>" in result.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--depth-metric", "l2"], "--depth-metric"),
+    (["--device", "tpu"], "--device"),
+    (["--dtype", "int4"], "--dtype"),
+    (["--context", "lots"], "--context"),
+    (["--calib-samples", "0"], "--calib-samples must be at least 1"),
+    (["--candidate-steps", "-1"], "--candidate-steps must be at least 0"),
+    (["--target-memory", "-2"], "--target-memory must be a finite number > 0"),
+    (["--keep-attention", "-1"], "--keep-attention must be at least 0"),
+])
+def test_bad_value_is_one_error_line_naming_the_flag(args, needle, capsys, monkeypatch):
+    from nanocli import cli
+
+    monkeypatch.setattr(sys, "argv", ["nano", "prune", "--model", "tiny", "--dry-run", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(depth_metric="l2"), "--depth-metric 'l2' is unknown; use one of mse, cosine"),
+    (dict(device="tpu"), "--device 'tpu' is unknown"),
+    (dict(top_k=0), "--top-k must be at least 1"),
+    (dict(out=None, dry_run=False), "--out DIR is required"),
+    (dict(model=None), "--model is required"),
+])
+def test_the_python_api_checks_the_same_before_any_work(change, needle):
+    with pytest.raises(pr.PruneError, match=re.escape(needle)):
+        pr.run(pr.PruneOptions(**{"model": "tiny", "dry_run": True, **change}))
+
+
+def test_a_recipe_sets_the_options_under_the_flags(tmp_path):
+    recipe = tmp_path / "prune.yaml"
+    recipe.write_text("stage: prune\nmodel: tiny\nhidden_size: 48\ncontext: 64k\ndepth_metric: cosine\n")
+    o = pr.make_options(str(recipe), {"hidden_size": 32})
+    assert (o.model, o.hidden_size, o.context, o.depth_metric) == ("tiny", 32, "64k", "cosine")
+    r = pr.run(dataclasses.replace(o, dry_run=True))
+    assert r.options.context == 65536 and r.shape.hidden_size == 32
+    recipe.write_text("stage: prune\ndepth_metric: l2\n")
+    with pytest.raises(pr.NanoError, match="depth_metric"):
+        pr.make_options(str(recipe), {})
 
 
 def test_dry_run_of_the_report_case_prints_the_space_and_bad_input_has_no_traceback():

@@ -51,6 +51,11 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
+def _shown(default: Any) -> bool:
+    """Whether ``--help`` shows a default: not for None, False or an empty list (0 and 0.0 are shown)."""
+    return not (default is None or default is False or (isinstance(default, (list, tuple)) and not default))
+
+
 def parameters(cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
     """One keyword parameter per command-line field of ``cls`` (arguments first, in field order)."""
     hints = typing.get_type_hints(cls)
@@ -71,7 +76,7 @@ def parameters(cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]
         if hint is bool and default is True and "/" not in name:
             name = f"{name}/--no-{name[2:]}"
         info = typer.Option(name, *spec.aliases, help=help_text, rich_help_panel=_panel(cls, f.name),
-                            show_default=not (default is None or default is False or default in ([], ())))
+                            show_default=_shown(default))
         opts.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                       annotation=Annotated[_cli_type(hint), info]))
     return args + opts

@@ -24,6 +24,8 @@ import torch
 
 from nanocli_model.config import ATTENTION
 
+from ..report import Reporter
+
 MSE, COSINE = "mse", "cosine"
 METRICS = (MSE, COSINE)
 
@@ -120,3 +122,39 @@ def cosine_order(block_scores: torch.Tensor, kinds: Sequence[str], remove: int,
         order = att[:n_drop] + [i for i in by_score if kinds[i] != ATTENTION]
     order = order[:remove]
     return DepthOrder(COSINE, keep_attention, order, [values[i] for i in order])
+
+
+class DepthOrders:
+    """One removal order per attention pin, computed once per run (or taken from the scores file, where an
+    earlier run saved it) and long enough for every depth asked so far."""
+
+    def __init__(self, model, batches: Sequence[torch.Tensor], metric: str, scores, reporter: Reporter,
+                 save: Callable[[], None] | None = None):
+        self.model, self.batches, self.metric, self.scores = model, batches, metric, scores
+        self.reporter, self.save = reporter, save
+        self.orders: dict[int | None, DepthOrder] = {}
+
+    def order(self, pin: int | None, remove: int) -> DepthOrder:
+        """The order of at least ``remove`` layers with ``pin`` attention layers kept (None: no pin)."""
+        if pin in self.orders and len(self.orders[pin].order) >= remove:
+            return self.orders[pin]
+        key = f"{self.metric}:{pin}"
+        cached = self.scores.depth.get(key)
+        if cached is not None and len(cached) >= remove:  # an earlier run's order (from --scores)
+            self.orders[pin] = DepthOrder(self.metric, pin, list(cached))
+            return self.orders[pin]
+        kinds = self.model.config.layer_types
+        if self.metric == COSINE:
+            self.orders[pin] = cosine_order(self.scores.block, kinds, remove, pin)
+        else:
+            self.reporter.status(f"depth: greedy logit-MSE order of {remove} layers (attention pin {pin})")
+            self.orders[pin] = greedy_order(self.model, self.batches, remove, pin, self.reporter.progress)
+        self.scores.depth[key] = self.orders[pin].order
+        if self.save is not None:
+            self.save()
+        return self.orders[pin]
+
+    def kept(self, num_layers: int, pin: int | None) -> list[int]:
+        """Parent layers kept at ``num_layers`` layers with ``pin`` attention layers."""
+        n = self.model.config.num_hidden_layers
+        return self.order(pin, n - num_layers).kept(n, num_layers)

@@ -2,17 +2,25 @@
 
 ``proxy`` runs the parent and a candidate on held-out calibration rows and returns the mean per-token
 forward KL ``KL(p_parent || p_candidate)`` over the full vocabulary (temperature 1) and the candidate's LM
-loss. ``short_distill`` trains a candidate a few steps against the parent with ``distill_loss``, the
-one plug-in point for the distillation objective: ``nanocli.train.kd.kd_loss`` when that module is
-present (logit-only forward KL, as the report distilled), else the same forward KL on full logits here.
+loss. ``short_distill`` trains a candidate a few steps against the parent with ``distill_loss``:
+``nano distill``'s loss (``nanocli.train.kd.kd_loss``: logit-only forward KL at temperature 1, as the
+report distilled). ``score_candidates`` ranks the candidates of a budget search with both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from ..report import Reporter
+
+if TYPE_CHECKING:
+    from .search import Candidate
+    from .shape import Shape
+    from .slicing import Plan
 
 KL_CHUNK = 1024  # token rows of logits per KL chunk
 
@@ -30,17 +38,11 @@ def forward_kl_sum(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -
 
 
 def distill_loss(student, teacher, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean per-token forward KL of the student to the teacher on ``input_ids`` (the plug-in point)."""
-    try:
-        from nanocli.train.kd import kd_loss
-    except ImportError:
-        kd_loss = None
-    if kd_loss is not None:
-        loss_sum, count, _ = kd_loss(student, teacher, input_ids, labels=None, temperature=1.0, kind="forward")
-        return loss_sum / count
-    with torch.no_grad():
-        t = teacher(input_ids)  # (b, T, V)
-    return forward_kl_sum(t, student(input_ids)) / input_ids.numel()
+    """Mean per-token forward KL of the student to the teacher on ``input_ids`` (``nano distill``'s loss)."""
+    from ..train.kd import kd_loss
+
+    loss_sum, count, _ = kd_loss(student, teacher, input_ids, labels=None, temperature=1.0, kind="forward")
+    return loss_sum / count
 
 
 @torch.no_grad()
@@ -83,3 +85,27 @@ def short_distill(student, teacher, rows: Sequence[torch.Tensor], steps: int, lr
     for p in student.parameters():
         p.requires_grad_(False)
     return losses
+
+
+def score_candidates(parent, pool: Sequence[Candidate], plan_for: Callable[[Shape], Plan],
+                     held: Sequence[torch.Tensor], train: Sequence[torch.Tensor], top_k: int, steps: int, lr: float,
+                     reporter: Reporter) -> list[Candidate]:
+    """The proxy (KL to the parent on the ``held`` rows) of every candidate in ``pool``, then ``steps`` of
+    distillation on the ``train`` rows for the ``top_k`` best and their KL again (no steps: the proxy
+    decides). Returns the pool by proxy, the best one marked ``chosen``."""
+    from .slicing import prune_model
+
+    for n, cand in enumerate(pool):
+        cand.proxy, cand.lm_loss = proxy(parent, prune_model(parent, plan_for(cand.shape)), held)
+        reporter.progress("proxy (KL to parent)", n + 1, len(pool))
+    ranked = sorted(pool, key=lambda c: c.proxy)
+    best = ranked[:top_k]
+    for n, cand in enumerate(best if steps > 0 else ()):
+        reporter.status(f"distilling candidate {n + 1}/{len(best)}: {cand.shape.label()}")
+        student = prune_model(parent, plan_for(cand.shape))
+        label = f"distill {n + 1}/{len(best)}"
+        short_distill(student, parent, train, steps, lr, lambda d, total, label=label: reporter.progress(label, d, total))
+        cand.distilled, _ = proxy(parent, student, held)
+        del student
+    min(best, key=lambda c: (c.distilled if c.distilled is not None else c.proxy)).chosen = True
+    return ranked

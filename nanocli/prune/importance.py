@@ -31,16 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from nanocli_model.config import ATTENTION, MAMBA, MLP, NanoConfig
-from nanocli_model.errors import NanoError
+
+from . import PruneError
 
 FORMAT = "nano-prune-scores"
 VERSION = 1
 AGGREGATION = "channel score = sqrt(sum over samples of (mean over tokens of |activation|)^2); " \
               "hidden = sum over blocks of the block's pre-norm output score"
-
-
-class ScoresError(NanoError):
-    """A scores file that cannot be used with this model."""
 
 
 def config_fingerprint(config: NanoConfig) -> str:
@@ -111,11 +108,11 @@ class Scores:
                 header = json.loads((f.metadata() or {}).get("nano", "{}"))
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, json.JSONDecodeError) as e:
-            raise ScoresError(f"{path}: not a readable scores file ({e}); delete it to recompute") from None
+            raise PruneError(f"{path}: not a readable scores file ({e}); delete it to recompute") from None
         if header.get("format") != FORMAT:
-            raise ScoresError(f"{path}: not a nano prune scores file; choose another --scores path")
+            raise PruneError(f"{path}: not a nano prune scores file; choose another --scores path")
         if header.get("config_fingerprint") != config_fingerprint(config):
-            raise ScoresError(f"{path}: holds scores of another architecture ({header.get('model')}); "
+            raise PruneError(f"{path}: holds scores of another architecture ({header.get('model')}); "
                               "use another --scores path for this model")
         depth = header.pop("depth", {})
         by = lambda prefix: {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith(prefix + ".")}  # noqa: E731
@@ -191,7 +188,7 @@ def compute_scores(model, batches: Iterable[torch.Tensor], total: int | None = N
         for h in handles:
             h.remove()
     if tokens == 0:
-        raise ScoresError("no calibration samples; give --calib-samples >= 1")
+        raise PruneError("no calibration samples; give --calib-samples >= 1")
     hidden = sum(acc[("hidden", i)].result() for i in range(len(kinds)))
     heads = c.num_attention_heads
     attention = {i: torch.linalg.vector_norm(acc[k].result().view(heads, c.head_dim), dim=1)  # (nh, d) -> (nh,)

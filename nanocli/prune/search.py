@@ -35,7 +35,7 @@ from nanocli_model import fit
 from nanocli_model.config import ATTENTION, KIND_TO_LETTER, LETTER_TO_KIND, MAMBA, MLP, NanoConfig
 from nanocli_model.memory import dtype_bytes, mamba_layer_params, mlp_layer_params, param_count
 
-from .slicing import PruneError, Shape, check_shape
+from .shape import Shape, attention_shape, check_shape
 
 DEPTH_MIN, WIDTH_MIN, FFN_MIN = 0.8, 0.75, 0.6
 GIB = 2**30
@@ -115,11 +115,7 @@ def default_axes(parent: NanoConfig, fixed: dict[str, int | None]) -> Axes:
     G = parent.n_groups
     per_group = parent.mamba_num_heads // G
     heads = [k * G for k in range(max(1, math.ceil(WIDTH_MIN * per_group)), per_group + 1)]
-    q = fixed.get("num_attention_heads") or p.num_attention_heads
-    kv = fixed.get("num_query_groups") or (p.num_query_groups if q % p.num_query_groups == 0 else None)
-    if kv is None:
-        raise PruneError(f"--num-attention-heads {q} is not a multiple of the model's {p.num_query_groups} KV "
-                         "groups; give --num-query-groups too")
+    q, kv = attention_shape(p, fixed)
     F = parent.intermediate_size
     return Axes(depth=depth,
                 hidden_size=axis("hidden_size", _multiples(parent.hidden_size, _step(parent.hidden_size, 64), WIDTH_MIN)),

@@ -1,7 +1,7 @@
 """What to keep, and the exact slicing of a parent NemotronH model into the pruned one.
 
-``Shape`` is a target architecture in ModelOpt's export names. ``make_plan`` turns importance scores
-into kept indices (parent numbering, sorted ascending, so the kept structures keep their order):
+``make_plan`` turns importance scores and a target ``Shape`` (``shape.py``) into kept indices (parent
+numbering, sorted ascending, so the kept structures keep their order):
 
 - hidden channels: the top ``hidden_size`` by score; they slice the embeddings (columns), every norm,
   every projection's input columns / output rows, ``norm_f`` and ``lm_head``;
@@ -23,97 +23,15 @@ nothing is recomputed, so pruning nothing reproduces the parent bit for bit.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from nanocli_model.config import ATTENTION, KIND_TO_LETTER, MAMBA, MLP, NanoConfig
-from nanocli_model.errors import NanoError
+from nanocli_model.config import ATTENTION, KIND_TO_LETTER, MLP, NanoConfig
 
-
-class PruneError(NanoError):
-    """A pruning request that cannot be met as given (one line, exit 2)."""
-
-
-# ModelOpt export-config names -> NanoConfig fields.
-SHAPE_KEYS = {"hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
-              "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads",
-              "mamba_num_heads": "mamba_num_heads", "mamba_head_dim": "mamba_head_dim"}
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A target architecture (ModelOpt names) plus the depth: layers and attention layers kept."""
-
-    num_layers: int
-    num_attention_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    mamba_num_heads: int
-    mamba_head_dim: int
-
-    @classmethod
-    def of(cls, c: NanoConfig) -> Shape:
-        return cls(num_layers=c.num_hidden_layers, num_attention_layers=c.count(ATTENTION), hidden_size=c.hidden_size,
-                   ffn_hidden_size=c.intermediate_size, num_attention_heads=c.num_attention_heads,
-                   num_query_groups=c.num_key_value_heads, mamba_num_heads=c.mamba_num_heads,
-                   mamba_head_dim=c.mamba_head_dim)
-
-    def config(self, parent: NanoConfig, pattern: str) -> NanoConfig:
-        """The pruned model's config: the parent's with the new widths and layer pattern."""
-        return parent.replace(hybrid_override_pattern=pattern, hidden_size=self.hidden_size,
-                              intermediate_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
-                              num_key_value_heads=self.num_query_groups, mamba_num_heads=self.mamba_num_heads,
-                              mamba_head_dim=self.mamba_head_dim)
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    def label(self) -> str:
-        return (f"{self.num_layers}L/{self.num_attention_layers}A h{self.hidden_size} ffn{self.ffn_hidden_size} "
-                f"mamba{self.mamba_num_heads}x{self.mamba_head_dim} attn{self.num_attention_heads}/{self.num_query_groups}")
-
-
-def check_shape(parent: NanoConfig, s: Shape) -> None:
-    """Every target no larger than the parent and divisible as the layout requires; PruneError otherwise."""
-    p = Shape.of(parent)
-    for name, flag in (("num_layers", "--num-layers"), ("num_attention_layers", "--keep-attention"),
-                       ("hidden_size", "--hidden-size"), ("ffn_hidden_size", "--ffn-hidden-size"),
-                       ("num_attention_heads", "--num-attention-heads"), ("num_query_groups", "--num-query-groups"),
-                       ("mamba_num_heads", "--mamba-num-heads"), ("mamba_head_dim", "--mamba-head-dim")):
-        value, limit = getattr(s, name), getattr(p, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PruneError(f"{flag}: expected a whole number, got {value!r}")
-        if value > limit:
-            raise PruneError(f"{flag} {value} is larger than the model's {limit}; pruning only removes")
-        minimum = 0 if name == "num_attention_layers" else 1
-        if value < minimum:
-            raise PruneError(f"{flag} must be at least {minimum}, got {value}")
-    if s.num_layers - s.num_attention_layers < 0 or s.num_layers < 1:
-        raise PruneError(f"--num-layers {s.num_layers} cannot hold {s.num_attention_layers} attention layers")
-    removed_attention = p.num_attention_layers - s.num_attention_layers
-    if removed_attention > p.num_layers - s.num_layers:
-        raise PruneError(f"--keep-attention {s.num_attention_layers} removes {removed_attention} attention layers "
-                         f"but --num-layers {s.num_layers} removes only {p.num_layers - s.num_layers} layers")
-    if s.num_layers - s.num_attention_layers > p.num_layers - p.num_attention_layers:
-        raise PruneError(f"--num-layers {s.num_layers} with --keep-attention {s.num_attention_layers} needs "
-                         f"{s.num_layers - s.num_attention_layers} Mamba/MLP layers; the model has "
-                         f"{p.num_layers - p.num_attention_layers}")
-    if p.num_attention_layers:
-        if s.num_attention_heads % s.num_query_groups:
-            raise PruneError(f"--num-attention-heads {s.num_attention_heads} is not a multiple of --num-query-groups "
-                             f"{s.num_query_groups}; GQA needs the same number of query heads per KV group")
-        per_group = p.num_attention_heads // p.num_query_groups
-        if s.num_attention_heads // s.num_query_groups > per_group:
-            raise PruneError(f"--num-attention-heads {s.num_attention_heads} / --num-query-groups {s.num_query_groups} "
-                             f"= {s.num_attention_heads // s.num_query_groups} query heads per KV group; the model "
-                             f"has {per_group} (prune whole KV groups or query heads within groups)")
-    if parent.count(MAMBA) and s.mamba_num_heads % parent.n_groups:
-        raise PruneError(f"--mamba-num-heads {s.mamba_num_heads} is not a multiple of n_groups ({parent.n_groups}); "
-                         "group-aware pruning keeps the same number of heads in every B/C group")
+from . import PruneError
+from .shape import Shape, check_shape
 
 
 @dataclass

@@ -221,7 +221,7 @@ def _check_tensors(tensors: CheckpointTensors, config: NanoConfig, path: Path) -
     return tensors
 
 
-def _default_dtype(source: ModelSource) -> str:
+def default_dtype(source: ModelSource) -> str:
     """The checkpoint's stored dtype (of the embeddings, as load_pretrained keeps it), else torch_dtype, else bf16."""
     if source.tensors:
         for t in source.tensors.tensors:
@@ -299,7 +299,7 @@ def run(o: FitCheckOptions, nvml_query: Callable[[int], nvml.DeviceMemory] | Non
     source = resolve_model(o.model)
     gpu = resolve_gpu(o.gpu, o.device_index, nvml_query)
     c = source.config
-    dtype = dtype or _default_dtype(source)
+    dtype = dtype or default_dtype(source)
     weights = (fit.tensor_weights_bytes(((t.name, t.numel) for t in source.tensors.tensors), dtype)
                if source.tensors else fit.weights_bytes(c, dtype))
     kw = dict(dtype=dtype, ssm_cache_dtype=ssm, attention=o.attention, weights=weights)

@@ -16,80 +16,179 @@ Steps, top to bottom (``run``):
                    tokenizer, and ``pruning.json`` (kept indices, depth order, scores summary, search
                    table), into a temporary directory renamed into place.
 
-Rendering lives in ``ui.py``; this module reports through the ``PruneHooks`` it is given.
+The options are checked once, before any work (``settings.validate``); the stage reports through the
+``report.Reporter`` it is given and never prints (``commands/prune.py`` renders). Importing this module does
+not import torch; the steps that need the weights do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nanocli_model.config import ATTENTION, NanoConfig
 from nanocli_model.errors import NanoError
 
+from .. import settings
+from ..prune import PruneError
 from ..prune.search import Axes, Budget, Candidate, Space, default_axes, heaviest_pattern, search
-from ..prune.slicing import SHAPE_KEYS, PruneError, Shape, check_shape
+from ..prune.shape import SHAPE_KEYS, TARGET_KEYS, Shape, check_shape, explicit_shape, read_target
+from ..report import SILENT, Reporter
+from ..settings import OptionError, flag
+from .fit_check import DEFAULT_CONTEXT, parse_tokens
+
+__all__ = ["PruneError", "PruneOptions", "PruneResult", "make_options", "run"]
 
 STAGE = "prune"
 GIB = 2**30
 HELDOUT_FRACTION = 0.1
-TARGET_KEYS = (*SHAPE_KEYS, "num_layers", "keep_attention")
-DEPTH_METRICS = ("mse", "cosine")
+
+
+# ------------------------------------------------------------------------------------------ options
+@dataclass
+class PruneModel(settings.Group):
+    panel = "Model"
+
+    model: str | None = flag(None, aliases=("-m",))
+    """A NemotronH checkpoint directory (or a model profile, with --dry-run)."""
+    out: str | None = None
+    """Where the pruned checkpoint goes (a new or empty directory)."""
+
+    def check(self) -> None:
+        if not self.model:
+            raise OptionError("--model is required: a NemotronH checkpoint directory (or a model profile with "
+                              "--dry-run)")
 
 
 @dataclass
-class PruneOptions:
+class TargetShape(settings.Group):
+    panel = "Target shape (ModelOpt names)"
+
+    target: str | None = None
+    """YAML export config (ModelOpt names: hidden_size, ffn_hidden_size, ...); the flags below override it."""
+    hidden_size: int | None = None
+    """Embedding channels kept."""
+    ffn_hidden_size: int | None = None
+    """MLP neurons kept."""
+    num_attention_heads: int | None = None
+    """Query heads kept."""
+    num_query_groups: int | None = None
+    """KV groups kept."""
+    mamba_num_heads: int | None = None
+    """Mamba heads kept (a multiple of n_groups)."""
+    mamba_head_dim: int | None = None
+    """Mamba head dim kept."""
+    num_layers: int | None = None
+    """Layers kept."""
+    keep_attention: int | None = None
+    """Attention layers kept (the 9B kept 4)."""
+
+    def check(self) -> None:
+        settings.at_least(self, 1, *SHAPE_KEYS, "num_layers")
+        settings.at_least(self, 0, "keep_attention")
+
+
+@dataclass
+class TargetBudget(settings.Group):
+    panel = "Budget (the widths are searched)"
+
+    target_memory: float | None = None
+    """Budget in GiB: weights + KV + Mamba state + activations (fit-check's model)."""
+    target_params: float | None = None
+    """Budget in parameters."""
+    gpu: str | None = None
+    """GPU profile whose usable memory is the budget when --target-memory is absent (a10g: 19.66 GiB)."""
+    context: int | str = DEFAULT_CONTEXT
+    """Tokens per sequence the budget is judged at, e.g. 131072 or 128k."""
+    batch: int = 1
+    """Sequences served at once."""
+    dtype: Literal["bf16", "fp16", "fp8", "fp32"] = "bf16"
+    """Weight dtype of the budget."""
+
+    def check(self) -> None:
+        if self.target_memory is not None and self.target_params is not None:
+            raise OptionError("give one budget: --target-memory GiB or --target-params N, not both")
+        settings.finite(self, "target_memory", "target_params", positive=True)
+        settings.at_least(self, 1, "batch")
+        try:
+            parse_tokens(self.context, "--context")
+        except NanoError as e:
+            raise OptionError(str(e)) from None
+
+
+@dataclass
+class Calibration(settings.Group):
+    panel = "Calibration"
+
+    calib_data: str = "synthetic:reasoning"
+    """Calibration data spec (as nano pretrain's --data)."""
+    calib_samples: int = 256
+    """Calibration sequences for the importance scores."""
+    calib_seq_len: int = 256
+    """Tokens per calibration sequence."""
+    calib_batch: int = 8
+    """Calibration sequences per forward pass."""
+    heldout_samples: int = 32
+    """Held-out sequences the candidates' proxy score runs on."""
+    scores: str | None = None
+    """Importance scores file (safetensors): reused when it exists, written otherwise."""
+    cache_dir: str | None = None
+    """Token shard cache (default $NANO_CACHE or ~/.cache/nano)."""
+
+    def check(self) -> None:
+        settings.at_least(self, 1, "calib_samples", "calib_seq_len", "calib_batch", "heldout_samples")
+
+
+@dataclass
+class CandidateSearch(settings.Group):
+    panel = "Depth and search"
+
+    depth_metric: Literal["mse", "cosine"] = "mse"
+    """Depth rule: mse (greedy logit MSE, the report's) or cosine (1 - cos(x_in, x_out), one pass)."""
+    depth_samples: int = 32
+    """Calibration sequences the greedy MSE rule runs on."""
+    proxy_candidates: int = 8
+    """Largest fitting candidates scored by the proxy (KL to the parent)."""
+    top_k: int = 3
+    """Candidates given the short distillation."""
+    candidate_steps: int = 20
+    """Distillation steps per top-k candidate (0: rank by the proxy only)."""
+    candidate_lr: float = 1e-4
+    """Learning rate of the candidates' short distillation."""
+
+    def check(self) -> None:
+        settings.at_least(self, 1, "depth_samples", "proxy_candidates", "top_k")
+        settings.at_least(self, 0, "candidate_steps")
+        settings.finite(self, "candidate_lr", positive=True)
+
+
+@dataclass
+class PruneRun(settings.Group):
+    panel = "Run"
+
+    seed: int = 0
+    """Seed of the calibration rows and the held-out split."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model is scored (auto: a CUDA GPU when one is visible)."""
+    dry_run: bool = False
+    """Print the target or the search space and exit (no weights needed)."""
+
+
+@dataclass
+class PruneOptions(PruneRun, CandidateSearch, Calibration, TargetBudget, TargetShape, PruneModel):
     """Everything ``nano prune`` can be told (defaults < recipe < flags)."""
 
-    model: str | None = None  # a NemotronH checkpoint directory (or a model profile, with --dry-run)
-    out: str | None = None  # where the pruned checkpoint goes (must not exist or be empty)
-    target: str | None = None  # a YAML export config (ModelOpt names); flags override its keys
-    hidden_size: int | None = None  # ModelOpt export names: the pruned widths
-    ffn_hidden_size: int | None = None
-    num_attention_heads: int | None = None
-    num_query_groups: int | None = None
-    mamba_num_heads: int | None = None
-    mamba_head_dim: int | None = None
-    num_layers: int | None = None
-    keep_attention: int | None = None  # attention layers kept (the 9B kept 4)
-    target_memory: float | None = None  # budget in GiB for weights + KV + Mamba state + activations
-    target_params: float | None = None  # or a parameter budget
-    gpu: str | None = None  # a GPU profile: its usable memory is the budget when --target-memory is absent
-    context: int = 131072  # tokens per sequence the budget is judged at
-    batch: int = 1  # sequences served at once
-    dtype: str = "bf16"  # weight dtype of the budget
-    calib_data: str = "synthetic:reasoning"  # calibration data spec (as --data of pretrain)
-    calib_samples: int = 256  # calibration sequences for the importance scores
-    calib_seq_len: int = 256  # tokens per calibration sequence
-    calib_batch: int = 8  # sequences per forward
-    heldout_samples: int = 32  # held-out sequences for the proxy score
-    depth_metric: str = "mse"  # mse (greedy, logits) | cosine (1 - cos(x_in, x_out), one pass)
-    depth_samples: int = 32  # calibration sequences the greedy MSE rule runs on
-    scores: str | None = None  # cache file for the importance scores (reused when it exists)
-    proxy_candidates: int = 8  # largest fitting candidates scored by the proxy
-    top_k: int = 3  # candidates given the short distillation
-    candidate_steps: int = 20  # distillation steps per top-k candidate (0: rank by the proxy only)
-    candidate_lr: float = 1e-4
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    cache_dir: str | None = None  # token shards (default $NANO_CACHE or ~/.cache/nano)
-    dry_run: bool = False
-
-
-@dataclass
-class PruneHooks:
-    """How the stage reports; the CLI wires these to ``ui.py``. All optional."""
-
-    status: Callable[[str], None] = lambda msg: None
-    progress: Callable[[str, int, int], None] = lambda desc, done, total: None
+    def check(self) -> None:
+        if self.out is None and not self.dry_run:
+            raise OptionError("--out DIR is required: where the pruned checkpoint goes")
 
 
 @dataclass
@@ -106,23 +205,22 @@ class PruneResult:
     out: Path | None = None
     scores_path: Path | None = None
     scores_reused: bool = False
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     dry_run: bool = False
 
 
 # ------------------------------------------------------------------------------------------ 1. resolve
-def make_options(recipe: str | None, flags: dict[str, Any]) -> PruneOptions:
+def make_options(recipe: str | None, given: dict[str, Any]) -> PruneOptions:
+    """Defaults < the recipe < the flags ``given`` on the command line."""
     from ..train.recipe import make_options as merge
 
-    return merge(PruneOptions, STAGE, recipe, flags)
+    return merge(PruneOptions, STAGE, recipe, given)
 
 
 def _parent(o: PruneOptions) -> tuple[str, NanoConfig, Path | None]:
     """(name, config, directory or None for a profile)."""
     from ..profiles import load_model_profile, profile_names
 
-    if not o.model:
-        raise PruneError("--model is required: a NemotronH checkpoint directory (or a model profile with --dry-run)")
     path = Path(o.model).expanduser()
     if path.is_dir():
         return str(path), NanoConfig.from_json_file(path / "config.json"), path
@@ -135,96 +233,21 @@ def _parent(o: PruneOptions) -> tuple[str, NanoConfig, Path | None]:
     raise PruneError(f"{o.model}: no such model directory or model profile")
 
 
-def _target(o: PruneOptions) -> dict[str, int | None]:
-    """The fixed axes: the --target YAML, then the flags over it."""
-    fixed: dict[str, int | None] = {k: None for k in TARGET_KEYS}
-    if o.target is not None:
-        import yaml
-
-        path = Path(o.target)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise PruneError(f"--target {path}: cannot be read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise PruneError(f"--target {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise PruneError(f"--target {path}: expected a mapping such as hidden_size: 4480")
-        for key, value in raw.items():
-            if key not in TARGET_KEYS:
-                raise PruneError(f"--target {path}: unknown key {key!r}; use {', '.join(TARGET_KEYS)}")
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise PruneError(f"--target {path}: {key} must be a whole number, got {value!r}")
-            fixed[key] = value
-    for key in TARGET_KEYS:
-        if getattr(o, key) is not None:
-            fixed[key] = getattr(o, key)
-    return fixed
-
-
 def _budget(o: PruneOptions) -> Budget | None:
-    from nanocli_model import fit
-
-    if o.target_memory is not None and o.target_params is not None:
-        raise PruneError("give one budget: --target-memory GiB or --target-params N, not both")
-    if o.context < 1 or o.batch < 1:
-        raise PruneError(f"--context and --batch must be at least 1, got {o.context} and {o.batch}")
-    try:
-        dtype = fit.weight_dtype(o.dtype)
-    except NanoError as e:
-        raise PruneError(f"--dtype: {e}") from None
     if o.target_params is not None:
-        if not o.target_params > 0:
-            raise PruneError(f"--target-params must be > 0, got {o.target_params}")
-        return Budget("params", float(o.target_params), o.context, o.batch, dtype, "--target-params")
+        return Budget("params", float(o.target_params), o.context, o.batch, o.dtype, "--target-params")
     if o.target_memory is not None:
-        if not (o.target_memory > 0 and math.isfinite(o.target_memory)):
-            raise PruneError(f"--target-memory must be a positive number of GiB, got {o.target_memory}")
-        return Budget("memory", o.target_memory * GIB, o.context, o.batch, dtype, f"--target-memory {o.target_memory} GiB")
+        return Budget("memory", o.target_memory * GIB, o.context, o.batch, o.dtype, f"--target-memory {o.target_memory} GiB")
     if o.gpu is not None:
         from ..profiles import load_gpu_profile
         from .fit_check import profile_limit
 
         gpu = load_gpu_profile(o.gpu)
         limit = profile_limit(gpu)
-        return Budget("memory", float(limit.budget), o.context, o.batch, dtype,
+        return Budget("memory", float(limit.budget), o.context, o.batch, o.dtype,
                       f"{gpu.name}: {gpu.memory_gib} GiB - {100 * gpu.framework_overhead:g}% - {gpu.reserved_gib} GiB "
                       f"= {limit.budget / GIB:.2f} GiB")
     return None
-
-
-def _explicit_shape(parent: NanoConfig, fixed: dict[str, int | None], depth_pin: int | None = None) -> Shape:
-    p = Shape.of(parent)
-    n = fixed["num_layers"] if fixed["num_layers"] is not None else p.num_layers
-    att = fixed["keep_attention"]
-    if att is None:
-        att = depth_pin if depth_pin is not None else min(p.num_attention_layers, n)
-    q = fixed["num_attention_heads"] or p.num_attention_heads
-    kv = fixed["num_query_groups"] or (p.num_query_groups if q % p.num_query_groups == 0 else 0)
-    if kv == 0:
-        raise PruneError(f"--num-attention-heads {q} is not a multiple of the model's {p.num_query_groups} KV "
-                         "groups; give --num-query-groups too")
-    shape = Shape(num_layers=n, num_attention_layers=att,
-                  hidden_size=fixed["hidden_size"] or p.hidden_size,
-                  ffn_hidden_size=fixed["ffn_hidden_size"] or p.ffn_hidden_size,
-                  num_attention_heads=q, num_query_groups=kv,
-                  mamba_num_heads=fixed["mamba_num_heads"] or p.mamba_num_heads,
-                  mamba_head_dim=fixed["mamba_head_dim"] or p.mamba_head_dim)
-    check_shape(parent, shape)
-    return shape
-
-
-def _check_options(o: PruneOptions) -> None:
-    if o.depth_metric not in DEPTH_METRICS:
-        raise PruneError(f"--depth-metric {o.depth_metric!r} is unknown; use mse or cosine")
-    for name in ("calib_samples", "calib_seq_len", "calib_batch", "heldout_samples", "depth_samples",
-                 "proxy_candidates", "top_k"):
-        if getattr(o, name) < 1:
-            raise PruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
-    if o.candidate_steps < 0:
-        raise PruneError(f"--candidate-steps must be >= 0, got {o.candidate_steps}")
-    if o.device not in ("auto", "cpu", "cuda"):
-        raise PruneError(f"--device {o.device!r} is unknown; use auto, cpu or cuda")
 
 
 def _no_fit(space: Space) -> PruneError:
@@ -235,8 +258,6 @@ def _no_fit(space: Space) -> PruneError:
 
 
 def _check_out(o: PruneOptions) -> Path:
-    if o.out is None:
-        raise PruneError("--out DIR is required: where the pruned checkpoint goes")
     out = Path(o.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PruneError(f"{out} already exists and is not empty; choose another --out")
@@ -244,20 +265,21 @@ def _check_out(o: PruneOptions) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ run
-def run(o: PruneOptions, hooks: PruneHooks | None = None) -> PruneResult:
+def run(o: PruneOptions, reporter: Reporter | None = None) -> PruneResult:
     """Resolve, calibrate, depth, search, write; ``dry_run`` stops after resolving (no weights needed)."""
-    hooks = hooks or PruneHooks()
-    _check_options(o)
+    reporter = reporter or SILENT
+    settings.validate(o, PruneError)
+    o = dataclasses.replace(o, context=parse_tokens(o.context, "--context"))
     name, parent, path = _parent(o)
-    fixed, budget = _target(o), _budget(o)
+    fixed, budget = read_target(o.target, {k: getattr(o, k) for k in TARGET_KEYS}), _budget(o)
     result = PruneResult(o, name, parent, "search" if budget else "explicit", budget, dry_run=o.dry_run)
     t0 = time.perf_counter()
     if budget is None:
-        result.shape = _explicit_shape(parent, fixed)
+        result.shape = explicit_shape(parent, fixed)
     else:
         axes = default_axes(parent, fixed)
         if fixed["num_layers"] is not None or fixed["keep_attention"] is not None:
-            _explicit_shape(parent, fixed)  # validates the pinned axes with one-line errors
+            explicit_shape(parent, fixed)  # validates the pinned axes with one-line errors
         if not axes.depth:
             raise PruneError("no valid depth: --num-layers / --keep-attention remove more layers than allowed")
     if o.dry_run:
@@ -266,13 +288,12 @@ def run(o: PruneOptions, hooks: PruneHooks | None = None) -> PruneResult:
             if result.space.fitting == 0:
                 raise _no_fit(result.space)
         else:
-            c = result.shape
-            pattern = heaviest_pattern(parent, c, o.dtype if o.dtype else "bf16")
-            measure = Budget("memory", math.inf, o.context, o.batch, o.dtype)
-            cfg = c.config(parent, pattern)
             from nanocli_model.memory import param_count
 
-            result.chosen = Candidate(c, pattern, param_count(cfg).total, measure.measure(cfg), True)
+            c = result.shape
+            cfg = c.config(parent, heaviest_pattern(parent, c, o.dtype))
+            value = Budget("memory", math.inf, o.context, o.batch, o.dtype).measure(cfg)
+            result.chosen = Candidate(c, cfg.hybrid_override_pattern, param_count(cfg).total, value, True)
         result.seconds["resolve"] = time.perf_counter() - t0
         return result
     out = _check_out(o)
@@ -280,11 +301,11 @@ def run(o: PruneOptions, hooks: PruneHooks | None = None) -> PruneResult:
     from ..train.lock import DirLock
 
     # .OUT.nano.lock beside OUT (OUT itself appears whole, by one rename, at the end)
-    with DirLock(out, "nano prune", hooks.status, beside=True):
+    with DirLock(out, "nano prune", reporter.status, beside=True):
         _check_out(o)  # again, now that no other run can write there
         for stale in out.parent.glob(f".{out.name}.prune-*"):  # staging of a killed run: never an output
             shutil.rmtree(stale, ignore_errors=True)
-        return _run_with_weights(o, hooks, result, path, fixed, axes if budget else None, out)
+        return _run_with_weights(o, reporter, result, path, fixed, axes if budget else None, out)
 
 
 def _check_device(o: PruneOptions) -> None:
@@ -294,29 +315,30 @@ def _check_device(o: PruneOptions) -> None:
         raise PruneError("--device cuda: no CUDA GPU is visible; use --device cpu")
 
 
-def _run_with_weights(o: PruneOptions, hooks: PruneHooks, result: PruneResult, path: Path,
+def _run_with_weights(o: PruneOptions, reporter: Reporter, result: PruneResult, path: Path,
                       fixed: dict, axes: Axes | None, out: Path) -> PruneResult:
     import torch
 
     from nanocli_model import load_pretrained
+    from nanocli_model.memory import param_count
 
-    from ..prune import depth as dp
-    from ..prune.evaluate import proxy, short_distill
+    from ..prune.depth import DepthOrders
+    from ..prune.evaluate import score_candidates
     from ..prune.slicing import make_plan, prune_model
 
     parent = result.parent
     torch.manual_seed(o.seed)
     device = torch.device("cuda" if o.device == "cuda" or (o.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    hooks.status(f"loading {path} (fp32) on {device}")
+    reporter.status(f"loading {path} (fp32) on {device}")
     model = load_pretrained(path, dtype="fp32", device=device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     t = time.perf_counter()
-    rows, heldout = _calibration(o, path, parent, hooks)
+    rows, heldout = _calibration(o, path, parent, reporter)
     result.seconds["data"] = time.perf_counter() - t
     t = time.perf_counter()
-    scores = _scores(o, model, rows, hooks, result)
+    scores = _scores(o, model, rows, reporter, result)
     result.seconds["importance"] = time.perf_counter() - t
 
     # depth: one removal order per attention pin, cached in the scores file
@@ -324,38 +346,19 @@ def _run_with_weights(o: PruneOptions, hooks: PruneHooks, result: PruneResult, p
     L = parent.num_hidden_layers
     depth_rows = rows[:o.depth_samples]
     depth_batches = [depth_rows[i:i + o.calib_batch, :-1] for i in range(0, depth_rows.shape[0], o.calib_batch)]
-    orders: dict[int | None, dp.DepthOrder] = {}
+    save = None if result.scores_path is None else lambda: scores.save(result.scores_path)
+    orders = DepthOrders(model, depth_batches, o.depth_metric, scores, reporter, save)
 
-    def order_for(pin: int | None, remove: int) -> dp.DepthOrder:
-        key = f"{o.depth_metric}:{pin}"
-        if pin in orders and len(orders[pin].order) >= remove:
-            return orders[pin]
-        cached = scores.depth.get(key)
-        if cached is not None and len(cached) >= remove:  # an earlier run's order (from --scores)
-            orders[pin] = dp.DepthOrder(o.depth_metric, pin, list(cached))
-            return orders[pin]
-        if o.depth_metric == "cosine":
-            orders[pin] = dp.cosine_order(scores.block, parent.layer_types, remove, pin)
-        else:
-            hooks.status(f"depth: greedy logit-MSE order of {remove} layers (attention pin {pin})")
-            orders[pin] = dp.greedy_order(model, depth_batches, remove, pin, hooks.progress)
-        scores.depth[key] = orders[pin].order
-        if result.scores_path is not None:
-            scores.save(result.scores_path)
-        return orders[pin]
-
-    def kept_for(shape: Shape, pin: int | None) -> list[int]:
-        return order_for(pin, L - shape.num_layers).kept(L, shape.num_layers)
+    def plan_for(shape: Shape):
+        return make_plan(parent, scores, shape, orders.kept(shape.num_layers, shape.num_attention_layers))
 
     if axes is None:  # explicit target
         pin = fixed["keep_attention"]
-        layers = kept_for(result.shape, pin) if result.shape.num_layers < L else list(range(L))
-        n_att = sum(parent.layer_types[i] == ATTENTION for i in layers)
-        shape = Shape(**{**result.shape.to_dict(), "num_attention_layers": n_att})
+        layers = orders.kept(result.shape.num_layers, pin) if result.shape.num_layers < L else list(range(L))
+        shape = dataclasses.replace(result.shape, num_attention_layers=sum(parent.layer_types[i] == ATTENTION
+                                                                           for i in layers))
         check_shape(parent, shape)
         plan = make_plan(parent, scores, shape, layers)
-        from nanocli_model.memory import param_count
-
         value = result.budget.measure(plan.config) if result.budget else 0
         result.chosen = Candidate(shape, plan.config.hybrid_override_pattern, param_count(plan.config).total, value, True)
         result.shape = shape
@@ -363,10 +366,10 @@ def _run_with_weights(o: PruneOptions, hooks: PruneHooks, result: PruneResult, p
     else:
         min_depth = min(n for n, _ in axes.depth)
         for _, a in axes.depth:
-            order_for(a, L - min_depth)
+            orders.order(a, L - min_depth)
 
         def pattern_for(s: Shape) -> str:
-            return "".join(parent.hybrid_override_pattern[i] for i in kept_for(s, s.num_attention_layers))
+            return "".join(parent.hybrid_override_pattern[i] for i in orders.kept(s.num_layers, s.num_attention_layers))
 
         space = search(parent, axes, result.budget, pattern_for, pattern_source=f"depth order ({o.depth_metric})")
         result.space = space
@@ -374,42 +377,26 @@ def _run_with_weights(o: PruneOptions, hooks: PruneHooks, result: PruneResult, p
             raise _no_fit(space)
         result.seconds["depth"] = time.perf_counter() - t
         t = time.perf_counter()
-        pool = space.frontier[:o.proxy_candidates]
-        held = [heldout[i:i + o.calib_batch] for i in range(0, heldout.shape[0], o.calib_batch)]
-        train = [rows[i:i + o.calib_batch] for i in range(0, rows.shape[0], o.calib_batch)]
-        for n, cand in enumerate(pool):
-            plan = make_plan(parent, scores, cand.shape, kept_for(cand.shape, cand.shape.num_attention_layers))
-            cand.proxy, cand.lm_loss = proxy(model, prune_model(model, plan), held)
-            hooks.progress("proxy (KL to parent)", n + 1, len(pool))
-        result.candidates = sorted(pool, key=lambda c: c.proxy)
-        best = result.candidates[:o.top_k]
-        result.seconds["proxy"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if o.candidate_steps > 0:
-            for n, cand in enumerate(best):
-                hooks.status(f"distilling candidate {n + 1}/{len(best)}: {cand.shape.label()}")
-                plan = make_plan(parent, scores, cand.shape, kept_for(cand.shape, cand.shape.num_attention_layers))
-                student = prune_model(model, plan)
-                label = f"distill {n + 1}/{len(best)}"
-                short_distill(student, model, train, o.candidate_steps, o.candidate_lr,
-                              lambda d, total, label=label: hooks.progress(label, d, total))
-                cand.distilled, _ = proxy(model, student, held)
-                del student
-        result.chosen = min(best, key=lambda c: (c.distilled if c.distilled is not None else c.proxy))
-        result.chosen.chosen = True
+        batch = o.calib_batch
+        result.candidates = score_candidates(
+            model, space.frontier[:o.proxy_candidates], plan_for,
+            [heldout[i:i + batch] for i in range(0, heldout.shape[0], batch)],
+            [rows[i:i + batch] for i in range(0, rows.shape[0], batch)],
+            o.top_k, o.candidate_steps, o.candidate_lr, reporter)
+        result.chosen = next(c for c in result.candidates if c.chosen)
         result.shape = result.chosen.shape
-        result.seconds["distill"] = time.perf_counter() - t
-        plan = make_plan(parent, scores, result.shape, kept_for(result.shape, result.shape.num_attention_layers))
+        result.seconds["search"] = time.perf_counter() - t
+        plan = plan_for(result.shape)
     t = time.perf_counter()
     pruned = prune_model(model, plan)
     pin = result.shape.num_attention_layers if axes is not None else fixed["keep_attention"]
-    depth_info = asdict(orders[pin]) if pin in orders else None
+    depth_info = asdict(orders.orders[pin]) if pin in orders.orders else None
     result.out = _write(o, result, path, pruned, plan, scores, depth_info, out)
     result.seconds["write"] = time.perf_counter() - t
     return result
 
 
-def _calibration(o: PruneOptions, path: Path, parent: NanoConfig, hooks: PruneHooks):
+def _calibration(o: PruneOptions, path: Path, parent: NanoConfig, reporter: Reporter):
     """(calibration rows (N, T + 1), held-out rows (M, T + 1)) from --calib-data, with the parent's tokenizer."""
     from nanocli_model.tokenizer import Tokenizer
 
@@ -423,29 +410,29 @@ def _calibration(o: PruneOptions, path: Path, parent: NanoConfig, hooks: PruneHo
     specs = parse_data_spec(o.calib_data)
     tokenizer = Tokenizer.from_dir(path)
     cache = Path(o.cache_dir or os.environ.get("NANO_CACHE") or Path.home() / ".cache" / "nano")
-    hooks.status(f"calibration data: {o.calib_data}")
-    tokens = {s.name: prepare_source(s, tokenizer, cache, progress=hooks.progress, vocab_size=parent.vocab_size)
+    reporter.status(f"calibration data: {o.calib_data}")
+    tokens = {s.name: prepare_source(s, tokenizer, cache, progress=reporter.progress, vocab_size=parent.vocab_size)
               for s in specs}
     plan = BatchPlan(tokens, [blend_phase(specs)], seq_len=o.calib_seq_len, global_batch=o.calib_samples,
                      total_steps=1, seed=o.seed, heldout_fraction=HELDOUT_FRACTION)
     return plan.batch(0), next(plan.eval_batches(1, o.heldout_samples))
 
 
-def _scores(o: PruneOptions, model, rows, hooks: PruneHooks, result: PruneResult):
+def _scores(o: PruneOptions, model, rows, reporter: Reporter, result: PruneResult):
     from ..prune.importance import Scores, compute_scores
 
     path = Path(o.scores).expanduser() if o.scores else None
     result.scores_path = path
     if path is not None and path.is_file():
-        hooks.status(f"importance scores: reusing {path}")
+        reporter.status(f"importance scores: reusing {path}")
         result.scores_reused = True
         return Scores.load(path, model.config)
     ids = rows[:, :-1]  # (N, T)
     batches = (ids[i:i + o.calib_batch] for i in range(0, ids.shape[0], o.calib_batch))
-    hooks.status(f"importance: {ids.shape[0]} sequences x {ids.shape[1]} tokens, one pass with hooks")
+    reporter.status(f"importance: {ids.shape[0]} sequences x {ids.shape[1]} tokens, one pass with hooks")
     meta = {"model": result.parent_name, "calib_data": o.calib_data, "calib_samples": ids.shape[0],
             "calib_seq_len": ids.shape[1], "seed": o.seed}
-    scores = compute_scores(model, batches, ids.shape[0], hooks.progress, meta)
+    scores = compute_scores(model, batches, ids.shape[0], reporter.progress, meta)
     if path is not None:
         scores.save(path)
     return scores
@@ -458,9 +445,9 @@ def _write(o: PruneOptions, result: PruneResult, path: Path, pruned, plan, score
 
     from ..train.checkpoints import hold_write_open
     from ..train.session import side_files
-    from .fit_check import _default_dtype, resolve_model
+    from .fit_check import default_dtype, resolve_model
 
-    stored = _default_dtype(resolve_model(str(path)))
+    stored = default_dtype(resolve_model(str(path)))
     pruned = pruned.to(resolve_dtype(stored if stored != "fp8" else "bf16"))
     parent = result.parent
     record = {

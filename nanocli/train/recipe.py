@@ -68,7 +68,7 @@ def apply_recipe(options_cls: type, raw: dict[str, Any], path: Path, stage: str)
         name = key.replace("-", "_")
         if name not in fields:
             raise ConfigError(f"{path}: unknown setting {key!r}; valid settings: {', '.join(sorted(fields))}")
-        out[name] = _check_type(value, hints[name], f"{path}: {key}")
+        out[name] = check_type(value, hints[name], f"{path}: {key}")
     return out
 
 
@@ -82,7 +82,7 @@ def make_options(options_cls: type, stage: str, recipe: str | None, flags: dict[
     return options_cls(**settings)
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
+def check_type(value: Any, hint: Any, where: str) -> Any:
     """Accept ``value`` for the annotation ``hint`` (int for float is fine); otherwise a ConfigError."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -93,7 +93,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _check_type(value, arg, where)
+                return check_type(value, arg, where)
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: {value!r} is not a valid value ({_name(hint)})")
@@ -113,7 +113,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return value
     if origin in (list, tuple) and isinstance(value, list):
         args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        items = [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+        items = [check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
         return items if origin is list else tuple(items)
     if origin is dict and isinstance(value, dict):
         return value
