@@ -38,6 +38,7 @@ from nanocli_model.errors import NanoError
 from . import settings
 from .bench_results import BenchResult, Measurement, ModelInfo, PairResult, Run
 from .report import SILENT, Reporter
+from .resolve import model_target, torch_dtype, visible_device
 from .settings import flag
 
 TWIN_TOLERANCE = 0.05  # the twin's total parameters are within 5% of the hybrid's (usually well under 1%)
@@ -48,7 +49,6 @@ QUICK_LENGTHS = "64:128"
 CURVE_POINTS = 8  # positions sampled on the time-per-output-token curve
 MAX_AUTO_BATCH = 256  # --batch max never goes above this (vLLM's default max_num_seqs)
 GPU_MEMORY_SHARE = 0.85  # --batch max plans with this share of the free GPU memory
-_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _TOKENS = re.compile(r"(\d+)([kK]?)")
 
 
@@ -215,36 +215,15 @@ class _Plan:
     repeats: int
 
 
-def _resolve_model(target: str) -> tuple[NanoConfig, str, str, Path | None]:
-    from .profiles import load_model_profile
-
-    path = Path(target).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise BenchError(f"--model {target}: no config.json in this directory; give a NemotronH checkpoint "
-                             "directory or a model profile name (nano profiles)")
-        return NanoConfig.from_json_file(path / "config.json"), str(path), "checkpoint", path
-    if not target.endswith((".yaml", ".yml")) and (os.sep in target or path.exists()):
-        raise BenchError(f"--model {target}: no such model directory; give a NemotronH checkpoint directory or "
-                         "a model profile name (nano profiles)")
-    profile = load_model_profile(target)  # ProfileError (one line, lists the profiles) when unknown
-    return profile.config, profile.name, "profile (random weights)", None
-
-
 def resolve(o: BenchOptions) -> _Plan:
     """Check every option (one-line ``BenchError``s) before anything heavy is loaded."""
     settings.validate(o, BenchError)
     batch = parse_batch(o.batch)
     lengths = parse_lengths(o.lengths) if o.lengths is not None else None
-    config, name, source, path = _resolve_model(o.model)
-
-    import torch
-
-    device = o.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    target = model_target(o.model, kinds=("profile", "checkpoint", "run"))
+    config, name, path = target.config, target.name, target.directory
+    source = "checkpoint" if path is not None else "profile (random weights)"
+    device = visible_device(o.device)
     if batch == "max" and device != "cuda":
         raise BenchError("--batch max sizes the batch from free GPU memory and needs CUDA; on CPU give a "
                          "number (default 1)")
@@ -263,7 +242,7 @@ def _build(config: NanoConfig, plan: _Plan, seed: int):
     from .measure import build_on_device
 
     torch.manual_seed(seed)
-    return build_on_device(config, getattr(torch, _TORCH_DTYPES[plan.dtype]), torch.device(plan.device))
+    return build_on_device(config, torch_dtype(plan.dtype), torch.device(plan.device))
 
 
 def _load(plan: _Plan, seed: int):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from nanocli_model.config import NanoConfig
 from nanocli_model.errors import NanoError
 
+from . import resolve
+
 
 class MeasureError(NanoError):
     """``--measure`` cannot run here (no CUDA GPU, or a dtype nano cannot run)."""
@@ -40,7 +42,6 @@ class Measurement:
     seconds: float  # prefill + decode wall time
 
 
-_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def prefill_then_decode(model, cache, context: int, chunk: int, batch: int, device) -> None:
@@ -85,7 +86,7 @@ def run(config: NanoConfig, *, context: int, batch: int, dtype: str, ssm_dtype: 
     import torch
 
     require_cuda()
-    if dtype not in _TORCH_DTYPES:
+    if dtype not in resolve.TORCH_DTYPES:
         raise MeasureError(f"--measure runs bf16, fp16 or fp32 weights; nano has no {dtype} inference path yet")
     from nanocli_model import kernels
     from nanocli_model.cache import HybridCache
@@ -94,8 +95,7 @@ def run(config: NanoConfig, *, context: int, batch: int, dtype: str, ssm_dtype: 
         raise MeasureError(f"--device-index {device_index}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     dev = torch.device("cuda", device_index)
     torch.cuda.set_device(dev)
-    tdtype = getattr(torch, _TORCH_DTYPES[dtype])
-    sdtype = getattr(torch, _TORCH_DTYPES[ssm_dtype])
+    tdtype, sdtype = resolve.torch_dtype(dtype), resolve.torch_dtype(ssm_dtype)
     torch.cuda.reset_peak_memory_stats(dev)
     base = torch.cuda.memory_allocated(dev)
     try:

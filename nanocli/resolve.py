@@ -89,7 +89,7 @@ def model_target(target: str, flag: str = "--model", kinds: tuple[Kind, ...] = (
         known = ", ".join(profile_names("models")) or "none"
         if os.sep in target or target.startswith("."):
             raise CheckpointError(f"{flag} {target}: no such model directory or config.json")
-        raise ProfileError(f"{flag} {target}: no such model directory, config.json or model profile; "
+        raise ProfileError(f"{flag} {target}: unknown model profile, and no such model directory or config.json; "
                            f"known profiles: {known}")
     if found.kind not in kinds:
         wanted = " or ".join({"profile": "a model profile", "checkpoint": "a model directory",
@@ -103,7 +103,7 @@ def _article(kind: Kind) -> str:
             "run": "a run directory"}[kind]
 
 
-def device(name: str, flag: str = "--device") -> str:
+def visible_device(name: str, flag: str = "--device") -> str:
     """``auto`` -> ``cuda`` where a CUDA GPU is visible, else ``cpu``; ``cuda`` without one is a one-line error."""
     if name not in DEVICES:
         raise ConfigError(f"{flag} {name!r} is unknown; use one of {', '.join(DEVICES)}")

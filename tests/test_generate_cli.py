@@ -145,7 +145,7 @@ def test_interactive_chat(capsys, monkeypatch, model_dir):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (("-m", "/nonexistent", "hi"), "not a model directory"),
+    (("-m", "/nonexistent", "hi"), "no such model directory"),
     (("hi",), "--model is required"),
     (("-m", "{model}", "--temperature", "-1", "hi"), "temperature"),
     (("-m", "{model}", "--top-p", "0", "hi"), "--top-p"),

@@ -253,7 +253,6 @@ def heldout_spec(spec: str) -> str:
 
 def perplexity(model, tokenizer, o: EvalOptions) -> Perplexity:
     """Mean next-token loss over consecutive ``seq_len``-token windows of the held-out text."""
-    import os
 
     import torch
 
@@ -265,7 +264,9 @@ def perplexity(model, tokenizer, o: EvalOptions) -> Perplexity:
         specs = parse_data_spec(heldout_spec(o.data))
     except DataError as e:
         raise EvalError(str(e)) from None
-    cache = Path(o.cache_dir or os.environ.get("NANO_CACHE") or Path.home() / ".cache" / "nano")
+    from .. import resolve
+
+    cache = resolve.cache_dir(o.cache_dir)
     device = next(model.parameters()).device
     window = o.seq_len + 1
     total, count, windows = 0.0, 0, 0

@@ -211,14 +211,10 @@ def load(checkpoint: Checkpoint, compile: bool = False) -> Loaded:
     from nanocli_model import load_pretrained
     from nanocli_model.tokenizer import Tokenizer
 
-    path = Path(checkpoint.model)
-    if not path.is_dir():
-        raise GenerateError(f"{path}: not a model directory (config.json, safetensors, tokenizer.json)")
-    device = checkpoint.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise GenerateError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    from .. import resolve
+
+    target = resolve.model_target(checkpoint.model, kinds=("checkpoint", "run"))  # a directory with weights
+    path, device = target.directory, resolve.visible_device(checkpoint.device)
     dtype = checkpoint.dtype
     if dtype == "auto":  # bf16 matmuls are slow on most CPUs; the stored dtype on GPUs
         dtype = None if device == "cuda" else "fp32"

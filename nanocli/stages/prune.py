@@ -219,18 +219,13 @@ def make_options(recipe: str | None, given: dict[str, Any]) -> PruneOptions:
 
 def _parent(o: PruneOptions) -> tuple[str, NanoConfig, Path | None]:
     """(name, config, directory or None for a profile)."""
-    from ..profiles import load_model_profile, profile_names
+    from .. import resolve
 
-    path = Path(o.model).expanduser()
-    if path.is_dir():
-        return str(path), NanoConfig.from_json_file(path / "config.json"), path
-    if o.model in profile_names("models") or path.suffix in (".yaml", ".yml"):
-        if not o.dry_run:
-            raise PruneError(f"{o.model} is a model profile: it has no weights to score; add --dry-run to see the "
-                             "search space, or pass a checkpoint directory")
-        p = load_model_profile(o.model)
-        return p.name, p.config, None
-    raise PruneError(f"{o.model}: no such model directory or model profile")
+    target = resolve.model_target(o.model, kinds=("profile", "checkpoint", "run"))
+    if target.kind == "profile" and not o.dry_run:
+        raise PruneError(f"{o.model} is a model profile: it has no weights to score; add --dry-run to see the "
+                         "search space, or pass a checkpoint directory")
+    return target.name, target.config, target.directory
 
 
 def _budget(o: PruneOptions) -> Budget | None:
@@ -309,10 +304,9 @@ def run(o: PruneOptions, reporter: Reporter | None = None) -> PruneResult:
 
 
 def _check_device(o: PruneOptions) -> None:
-    import torch
+    from .. import resolve
 
-    if o.device == "cuda" and not torch.cuda.is_available():
-        raise PruneError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    resolve.visible_device(o.device)  # --device cuda without a GPU: one line, before any work
 
 
 def _run_with_weights(o: PruneOptions, reporter: Reporter, result: PruneResult, path: Path,
@@ -328,8 +322,9 @@ def _run_with_weights(o: PruneOptions, reporter: Reporter, result: PruneResult, 
 
     parent = result.parent
     torch.manual_seed(o.seed)
-    device = torch.device("cuda" if o.device == "cuda" or (o.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    from .. import resolve
+
+    device = torch.device(resolve.visible_device(o.device))
     reporter.status(f"loading {path} (fp32) on {device}")
     model = load_pretrained(path, dtype="fp32", device=device).eval()
     for p in model.parameters():
@@ -400,6 +395,7 @@ def _calibration(o: PruneOptions, path: Path, parent: NanoConfig, reporter: Repo
     """(calibration rows (N, T + 1), held-out rows (M, T + 1)) from --calib-data, with the parent's tokenizer."""
     from nanocli_model.tokenizer import Tokenizer
 
+    from .. import resolve
     from ..data import BatchPlan, blend_phase, parse_data_spec, prepare_source
 
     if not (path / "tokenizer.json").is_file():
@@ -409,7 +405,7 @@ def _calibration(o: PruneOptions, path: Path, parent: NanoConfig, reporter: Repo
                          f"({parent.max_position_embeddings})")
     specs = parse_data_spec(o.calib_data)
     tokenizer = Tokenizer.from_dir(path)
-    cache = Path(o.cache_dir or os.environ.get("NANO_CACHE") or Path.home() / ".cache" / "nano")
+    cache = resolve.cache_dir(o.cache_dir)
     reporter.status(f"calibration data: {o.calib_data}")
     tokens = {s.name: prepare_source(s, tokenizer, cache, progress=reporter.progress, vocab_size=parent.vocab_size)
               for s in specs}
