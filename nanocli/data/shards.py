@@ -102,10 +102,11 @@ def tokenizer_hash(tokenizer) -> str:
 def _content_hash(spec: SourceSpec) -> str:
     h = hashlib.sha256()
     if spec.kind == "synthetic":
-        from . import synthetic
+        from . import reasoning_tasks, synthetic
 
         h.update(json.dumps(spec.options, sort_keys=True).encode())
-        h.update(Path(synthetic.__file__).read_bytes())  # a changed generator is a changed source
+        for module in (synthetic, reasoning_tasks):  # a changed generator or format is a changed source
+            h.update(Path(module.__file__).read_bytes())
         return h.hexdigest()
     for path in spec.paths:
         h.update(f"\0{path.suffix.lower()}\0".encode())
