@@ -68,7 +68,7 @@ def apply_recipe(options_cls: type, raw: dict[str, Any], path: Path, stage: str)
         name = key.replace("-", "_")
         if name not in fields:
             raise ConfigError(f"{path}: unknown setting {key!r}; valid settings: {', '.join(sorted(fields))}")
-        out[name] = _check_type(value, hints[name], f"{path}: {key}")
+        out[name] = check_type(value, hints[name], f"{path}: {key}")
     return out
 
 
@@ -82,9 +82,15 @@ def make_options(options_cls: type, stage: str, recipe: str | None, flags: dict[
     return options_cls(**settings)
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    """Accept ``value`` for the annotation ``hint`` (int for float is fine); otherwise a ConfigError."""
+def check_type(value: Any, hint: Any, where: str) -> Any:
+    """Accept ``value`` for the annotation ``hint`` (int for float is fine; a ``Literal`` takes one of its
+    values); otherwise a ConfigError."""
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and value in allowed:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -93,7 +99,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _check_type(value, arg, where)
+                return check_type(value, arg, where)
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: {value!r} is not a valid value ({_name(hint)})")
@@ -109,11 +115,14 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return value
     if origin in (list, tuple) and isinstance(value, list):
         args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        items = [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+        items = [check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
         return items if origin is list else tuple(items)
     if origin is dict and isinstance(value, dict):
         return value
     raise ConfigError(f"{where}: expected {_name(hint)}, got {value!r}")
+
+
+_check_type = check_type  # the name pipeline.py imports until it moves to the public one
 
 
 def _name(hint: Any) -> str:
