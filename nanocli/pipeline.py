@@ -248,7 +248,7 @@ def _pretrain(section: Section, out: Path, done: dict, bar):
     from .stages import pretrain as pt
 
     resumed = any(out.glob("checkpoint-*"))
-    res = pt.run(pt.PretrainOptions(**section.settings, out=str(out), resume="auto"), _progress(bar, pt.Hooks))
+    res = pt.run(pt.PretrainOptions(**section.settings, out=str(out), resume="auto"), bar)
     _check_finished(res, section.name)
     return _status(res, resumed), out / "final", res
 
@@ -258,8 +258,7 @@ def _align(section: Section, out: Path, done: dict, bar):
 
     model = list(done.values())[-1]
     resumed = any(out.glob("checkpoint-*"))
-    res = al.run(al.AlignOptions(**section.settings, model=str(model), out=str(out), resume="auto"),
-                 _progress(bar, al.Hooks))
+    res = al.run(al.AlignOptions(**section.settings, model=str(model), out=str(out), resume="auto"), bar)
     _check_finished(res, section.name)
     return _status(res, resumed), out / "final", res
 
@@ -279,7 +278,7 @@ def _distill(section: Section, out: Path, done: dict, bar):
 
     resumed = any(out.glob("checkpoint-*"))
     res = ds.run(ds.DistillOptions(**section.settings, teacher=str(_teacher(done)), student=str(done["prune"]),
-                                   out=str(out), resume="auto"), _progress(bar, ds.Hooks))
+                                   out=str(out), resume="auto"), bar)
     _check_finished(res, section.name)
     return _status(res, resumed), out / "final", res
 

@@ -335,94 +335,6 @@ class Progress:
 TrainProgress = Progress
 
 
-def show_pretrain_plan(plan: dict) -> None:
-    """``nano pretrain --dry-run``: the resolved settings and the token/step plan."""
-    out = console()
-    t = Table(title="nano pretrain: plan (dry run)", box=box.SIMPLE_HEAVY, show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("model", f"{plan['model']} ({human_count(plan['parameters'])} parameters)")
-    for name, spec in plan["data"].items():
-        files = f", {spec['files']} files" if spec["kind"] == "files" else ""
-        t.add_row(f"data: {name}", f"{spec['source']} ({spec['kind']}{files})")
-    for i, p in enumerate(plan["phases"]):
-        blend = ", ".join(f"{k} {100 * v:.0f}%" for k, v in p["blend"].items())
-        t.add_row(f"phase {i + 1}", f"steps {p['steps'][0]}..{p['steps'][1]}: {blend}")
-    t.add_row("steps", f"{plan['steps']:,} x {plan['tokens_per_step']:,} tokens = {human_count(plan['tokens'])} tokens")
-    t.add_row("batch", f"{plan['global_batch']} sequences x {plan['seq_len']} tokens; micro-batch "
-              f"{plan['micro_batch']} x {plan['accumulation']} accumulation x {plan['processes']} processes")
-    s = plan["schedule"]
-    ranges = ", ".join(f"{k} {v[0]}..{v[1]}" for k, v in s.items() if isinstance(v, list))
-    t.add_row("schedule", f"{s['kind']}: lr {s['lr']:.2e} -> {s['min_lr']:.2e}; {ranges}")
-    t.add_row("precision", plan["precision"])
-    t.add_row("output", str(plan["out"]))
-    out.print(t)
-
-
-def show_pretrain_result(r) -> None:
-    """The end-of-run summary: tokens, time, tokens/s, losses, peak memory, MFU, where things are."""
-    out = console()
-    if r.already_done:
-        out.print(f"nothing to do: {r.final} already holds step {r.steps_done} of {r.resolved.steps}")
-        return
-    t = Table(title="nano pretrain: " + ("interrupted, checkpoint written" if r.interrupted else "done"),
-              box=box.SIMPLE_HEAVY, show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("steps", f"{r.start_step} -> {r.steps_done} of {r.resolved.steps}")
-    t.add_row("tokens", f"{human_count(r.tokens)} in {r.seconds:,.1f} s = {r.tokens_per_s:,.0f} tokens/s")
-    t.add_row("loss", f"{r.first_loss:.4f} -> {r.last_loss:.4f}")
-    if r.eval:
-        t.add_row("held-out", f"loss {r.eval['eval_loss']:.4f}, perplexity {r.eval['eval_ppl']:.2f}")
-    t.add_row("peak memory", human_bytes(r.peak_memory_bytes))
-    if r.mfu is not None:
-        t.add_row("MFU", f"{100 * r.mfu:.1f}%")
-    if r.fp8:
-        gemm = f"; GEMMs: {r.fp8['gemm']}" if r.fp8.get("gemm") else ""
-        t.add_row("fp8", f"{len(r.fp8['fp8'])} linear layers in FP8, {len(r.fp8['high_precision'])} kept in bf16"
-                  f"{gemm}")
-    t.add_row("checkpoint", str(r.final))
-    if r.plot:
-        t.add_row("loss curve", str(r.plot))
-    out.print(t)
-
-
-def show_align_result(r) -> None:
-    """``nano align``: the plan (dry run) or what the run did, with held-out accuracy before and after."""
-    out = console()
-    o = r.options
-    if r.dry_run:
-        t = Table(title=f"nano align ({o.method}): plan (dry run)", box=box.SIMPLE_HEAVY, show_header=False)
-        t.add_column(style="bold")
-        t.add_column()
-        t.add_row("examples", f"{r.examples:,} ({', '.join(f'{k} {v}' for k, v in r.data_stats.items() if v and k != 'errors')})")
-        t.add_row("steps", f"{r.steps:,} x {o.global_batch}")
-        out.print(t)
-        return
-    if r.already_done:
-        out.print(f"nothing to do: {r.final} already holds step {r.steps_done} of {r.steps}")
-        return
-    t = Table(title=f"nano align ({o.method}): " + ("interrupted, checkpoint written" if r.interrupted else "done"),
-              box=box.SIMPLE_HEAVY, show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("steps", f"{r.start_step} -> {r.steps_done} of {r.steps} ({r.examples:,} examples, {r.seconds:,.1f} s)")
-    t.add_row("loss", f"{r.first_loss:.4f} -> {r.last_loss:.4f}")
-    for mode in ("think", "no_think"):
-        if mode in r.after:
-            a = r.after[mode]
-            before = f"{100 * r.before[mode]['accuracy']:.1f}% -> " if mode in r.before else ""
-            t.add_row(f"held-out accuracy ({mode})", f"{before}{100 * a['accuracy']:.1f}% of {a['n']}")
-    if "after" in r.preference:
-        b, a = r.preference.get("before", {}), r.preference["after"]
-        t.add_row("held-out pairs: chosen > rejected",
-                  (f"{100 * b['chosen_over_rejected']:.1f}% -> " if b else "") + f"{100 * a['chosen_over_rejected']:.1f}%")
-    t.add_row("checkpoint", str(r.final))
-    if r.plot:
-        t.add_row("loss curve", str(r.plot))
-    out.print(t)
-
-
 # The measuring and compressing commands render in ui_stages (imported last: it uses the helpers above).
 from .ui_stages import (  # noqa: E402
     DemoStage,
@@ -430,11 +342,10 @@ from .ui_stages import (  # noqa: E402
     prune_table,
     show_bench,
     show_demo_result,
-    show_distill_result,
     show_eval_result,
     show_prune_plan,
     show_prune_result,
 )
 
-__all__ = ["DemoStage", "PruneProgress", "prune_table", "show_bench", "show_demo_result", "show_distill_result",
+__all__ = ["DemoStage", "PruneProgress", "prune_table", "show_bench", "show_demo_result",
            "show_eval_result", "show_prune_plan", "show_prune_result"]

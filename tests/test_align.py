@@ -37,7 +37,8 @@ def test_sft_learns_the_assistant_turns_and_saves_a_chat_model(base, tmp_path):
     r = align(base, tmp_path, "sft", steps=15, eval_problems=4)
     ls = losses(tmp_path)
     assert ls[-1] < ls[0] - 0.5, ls  # the chat format is new to the base: its loss must drop fast
-    assert r.data_stats["think_off"] > 0 and r.data_stats["think_on"] > r.data_stats["think_off"]
+    stats = r.plan.data_stats
+    assert stats["think_off"] > 0 and stats["think_on"] > stats["think_off"]
     assert set(r.before) == set(r.after) == {"think", "no_think"}
     final = tmp_path / "final"
     assert (final / "tokenizer_config.json").is_file() and json.loads((tmp_path / "eval.json").read_text())["after"]
@@ -169,7 +170,7 @@ def test_grpo_mu_rolls_out_once_per_mu_steps_and_resumes_exactly_inside_a_batch(
 def test_grpo_epochs_count_passes_over_the_prompts_times_mu(base, tmp_path):
     r = align(base, tmp_path, "grpo", data="synthetic:reasoning?docs=20&difficulty=1", steps=None, epochs=1,
               global_batch=4, mu=3, dry_run=True)
-    assert r.plan["rollout_batches"] == 5 and r.steps == 15 and r.plan["mu"] == 3
+    assert r.plan.rollout_batches == 5 and r.plan.steps == 15 and r.plan.options.mu == 3
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -177,7 +178,7 @@ def test_grpo_epochs_count_passes_over_the_prompts_times_mu(base, tmp_path):
     (dict(mu=1.5), "--mu must be an integer of at least 1"),
     (dict(mu=True), "--mu must be an integer of at least 1"),
     (dict(mu=2, method="sft"), "--mu 2 applies to --method grpo only"),
-    (dict(clip_eps=0.0), "--clip-eps must be > 0"),
+    (dict(clip_eps=0.0), "--clip-eps must be a finite number > 0"),
 ])
 def test_bad_grpo_options_fail_before_any_work(base, tmp_path, kw, message):
     with pytest.raises(al.AlignError, match=message) as e:
@@ -220,7 +221,7 @@ def test_resume_is_exact_for_sft(base, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "ppo"], "--method 'ppo' is unknown"),
+    (["--method", "ppo"], "'--method': Value error, 'ppo' is not one of 'sft', 'dpo', 'grpo'"),
     (["--data", "synthetic:reasoning"], "--model DIR is required"),
     (["--method", "grpo", "--rewards", "nope"], "nope"),
     (["--data", "missing.jsonl"], "missing.jsonl"),
@@ -247,4 +248,4 @@ def test_malformed_jsonl_line_is_named_or_skipped(base, tmp_path):
     with pytest.raises(DataError, match="sft.jsonl:2"):
         align(base, tmp_path / "o", "sft", data=str(f), steps=1)
     r = align(base, tmp_path / "o2", "sft", data=str(f), steps=1, on_error="skip")
-    assert r.data_stats["skipped_malformed"] == 1 and r.steps_done == 1
+    assert r.plan.data_stats["skipped_malformed"] == 1 and r.steps_done == 1
