@@ -52,8 +52,8 @@ def test_dpo_raises_the_chosen_over_rejected_margin(base, tmp_path):
     # 40 training pairs, 8 per step: each pair comes round four times in 20 steps
     r = align(base, tmp_path, "dpo", data="synthetic:reasoning?docs=48&difficulty=1-2", steps=20, lr=2e-3, beta=0.5,
               heldout_fraction=0.15)
-    before, after = r.preference["before"], r.preference["after"]
-    assert before["margin"] == pytest.approx(0.0, abs=1e-6) and before["pairs"] == after["pairs"] > 0
+    before, after = r.pairs_before, r.pairs_after
+    assert before.margin == pytest.approx(0.0, abs=1e-6) and before.pairs == after.pairs > 0
     m = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     m = [x for x in m if "margins" in x]
     first, last = m[:4], m[-4:]
@@ -196,6 +196,12 @@ def test_bad_mu_from_a_recipe_is_one_line(base, tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and "--mu must be an integer of at least 1" in lines[0], r.stderr
 
 
+def test_fp8_precision_runs_fp8_gemms(base, tmp_path):
+    """--precision fp8 converts the policy's Linears (align trained in bf16 before the one training run)."""
+    r = align(base, tmp_path, "sft", steps=2, precision="fp8", fp8_keep=1)
+    assert r.fp8 and r.fp8["fp8"] and r.steps_done == 2 and (tmp_path / "final" / "model.safetensors").is_file()
+
+
 def test_merge_cli_writes_the_weighted_mean(base, tmp_path):
     a = tmp_path / "a"
     align(base, a, "sft", steps=2)
@@ -206,6 +212,9 @@ def test_merge_cli_writes_the_weighted_mean(base, tmp_path):
     assert r.returncode == 0, r.stderr
     w0, w1, m = (load_file(str(p / "model.safetensors")) for p in (base, a / "final", out))
     assert all(torch.allclose(m[k], 0.25 * w0[k] + 0.75 * w1[k], atol=1e-6) for k in m)
+    r = subprocess.run([sys.executable, "-m", "nanocli", "align", "merge", str(base), str(a / "final")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --out DIR is required: where the merged checkpoint goes"
 
 
 def test_resume_is_exact_for_sft(base, tmp_path):

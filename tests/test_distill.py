@@ -4,6 +4,7 @@ student's KL to the teacher and its held-out loss more than the same steps of pl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -313,11 +314,11 @@ def test_top_k_teacher_cache_is_reused_across_runs(pair, tmp_path):
     common = dict(steps=4, top_k=8, heldout_fraction=0.0, teacher_cache=str(tmp_path / "topk"))
     first = ds.run(options(pair, tmp_path / "one", **common))
     files = sorted((tmp_path / "topk").rglob("*.safetensors"))
-    assert first.teacher_cache["misses"] == len(files) > 0 and first.teacher_cache["hits"] == 16 - len(files)
+    assert first.teacher_cache.misses == len(files) > 0 and first.teacher_cache.hits == 16 - len(files)
     stored = load_file(str(files[0]))
     assert stored["values"].shape == (64, 8) and stored["indices"].dtype == torch.int32
     second = ds.run(options(pair, tmp_path / "two", **common))
-    assert second.teacher_cache == {**first.teacher_cache, "hits": 16, "misses": 0}
+    assert second.teacher_cache == dataclasses.replace(first.teacher_cache, hits=16, misses=0)
     a, b = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)  # cached logits are exactly what the teacher gave
     plain = ds.run(options(pair, tmp_path / "three", **{**common, "teacher_cache": None}))

@@ -90,13 +90,11 @@ def show_result(r: AlignResult) -> None:
         return
     t.add_row("examples", f"{r.plan.examples:,} in {r.seconds:,.1f} s")
     t.add_row("loss", f"{r.first_loss:.4f} -> {r.last_loss:.4f}")
-    for mode in ("think", "no_think"):
-        if mode in r.after:
-            a = r.after[mode]
-            before = f"{100 * r.before[mode]['accuracy']:.1f}% -> " if mode in r.before else ""
-            t.add_row(f"held-out accuracy ({mode})", f"{before}{100 * a['accuracy']:.1f}% of {a['n']}")
-    if "after" in r.preference:
-        b, a = r.preference.get("before", {}), r.preference["after"]
-        t.add_row("held-out pairs: chosen > rejected",
-                  (f"{100 * b['chosen_over_rejected']:.1f}% -> " if b else "") + f"{100 * a['chosen_over_rejected']:.1f}%")
+    for mode, a in r.after.items():
+        before = f"{100 * r.before[mode].accuracy:.1f}% -> " if mode in r.before else ""
+        t.add_row(f"held-out accuracy ({mode})", f"{before}{100 * a.accuracy:.1f}% of {a.n}")
+    if r.pairs_after is not None:
+        b = r.pairs_before
+        t.add_row("held-out pairs: chosen > rejected", (f"{100 * b.chosen_over_rejected:.1f}% -> " if b else "")
+                  + f"{100 * r.pairs_after.chosen_over_rejected:.1f}%")
     training.print_result(t, r, resources=False)

@@ -56,7 +56,7 @@ def show_result(r: DistillResult) -> None:
         if key in r.eval:
             before = f"{r.before[key]:.4f} -> " if key in r.before else ""
             t.add_row(label, f"{before}{r.eval[key]:.4f}")
-    if r.teacher_cache:
+    if r.teacher_cache is not None:
         c = r.teacher_cache
-        t.add_row("teacher top-k cache", f"{c['hits']} windows read, {c['misses']} computed ({c['path']})")
+        t.add_row("teacher top-k cache", f"{c.hits} windows read, {c.misses} computed ({c.path})")
     training.print_result(t, r)

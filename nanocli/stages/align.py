@@ -28,11 +28,12 @@ trains on the stored batch and is exact (it needs the same number of processes).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .. import settings
 from ..report import Reporter
@@ -40,7 +41,10 @@ from ..settings import OptionError, at_least, finite, flag, within
 from ..train import run as skeleton
 from ..train.options import Epochs, Training
 from ..train.run import Job, Plan, TrainResult, schedule
-from .align_methods import AlignError
+from .align_methods import AlignError, PairAccuracy
+
+if TYPE_CHECKING:
+    from ..evals import Accuracy
 
 STAGE = "align"
 UNITS = {"sft": "tokens", "dpo": "pairs", "grpo": "sequences"}  # what a step counts, per method
@@ -193,9 +197,10 @@ class AlignPlan(Plan):
 @dataclass
 class AlignResult(TrainResult):
     plan: AlignPlan
-    before: dict = field(default_factory=dict)  # held-out accuracy of the input model {think/no_think: ...}
-    after: dict = field(default_factory=dict)
-    preference: dict = field(default_factory=dict)  # DPO held-out pair accuracy before/after
+    before: dict[str, Accuracy] = field(default_factory=dict)  # held-out accuracy of the input model, per mode
+    after: dict[str, Accuracy] = field(default_factory=dict)  # ... of the aligned model (think, no_think)
+    pairs_before: PairAccuracy | None = None  # DPO: its held-out pairs, input model
+    pairs_after: PairAccuracy | None = None  # ... aligned model
 
 
 # ------------------------------------------------------------------------------------------ 1. plan
@@ -263,7 +268,7 @@ class _Align:
             result.before = _accuracy(model, p.tokenizer, o)
         method.prepare(model)
         if fresh:
-            result.preference["before"] = method.heldout(model)
+            result.pairs_before = method.heldout(model)
 
         def finish() -> None:
             if result.interrupted or not dist.main:
@@ -271,9 +276,7 @@ class _Align:
             if o.eval_problems:
                 reporter.status(f"held-out accuracy of the aligned model on {o.eval_problems} problems")
                 result.after = _accuracy(model, p.tokenizer, o)
-            pref = method.heldout(model)
-            if pref:
-                result.preference["after"] = pref
+            result.pairs_after = method.heldout(model)
             _write_eval(Path(o.out), result)
 
         restore = None if method.restore is None else (lambda state, step: method.restore(state, step, model))
@@ -291,12 +294,12 @@ class _Align:
                           "share (training adds ~16 bytes per parameter for gradients and AdamW state)")
 
 
-def _accuracy(model, tokenizer, o: AlignOptions) -> dict:
+def _accuracy(model, tokenizer, o: AlignOptions) -> dict[str, Accuracy]:
     from ..evals import reasoning_accuracy
 
     kw = dict(n=o.eval_problems, max_new_tokens=max(o.max_new_tokens, 160), **_eval_problem_set(o.data))
-    return {"think": reasoning_accuracy(model, tokenizer, think=True, **kw).as_dict(),
-            "no_think": reasoning_accuracy(model, tokenizer, think=False, **kw).as_dict()}
+    return {"think": reasoning_accuracy(model, tokenizer, think=True, **kw),
+            "no_think": reasoning_accuracy(model, tokenizer, think=False, **kw)}
 
 
 def _eval_problem_set(data: str) -> dict:
@@ -314,7 +317,11 @@ def _eval_problem_set(data: str) -> dict:
 def _write_eval(out: Path, r: AlignResult) -> None:
     import json
 
-    data = {"before": r.before, "after": r.after, "preference": r.preference, "data": r.plan.data_stats}
+    pairs = {"before": r.pairs_before, "after": r.pairs_after}
+    data = {"before": {m: a.as_dict() for m, a in r.before.items()},
+            "after": {m: a.as_dict() for m, a in r.after.items()},
+            "preference": {k: dataclasses.asdict(v) for k, v in pairs.items() if v is not None},
+            "data": r.plan.data_stats}
     tmp = out / ".eval.json.tmp"
     tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
     os.replace(tmp, out / "eval.json")

@@ -8,11 +8,23 @@ skeleton; the GRPO schedule of rollouts and ``mu`` passes is described there.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from nanocli_model.errors import NanoError
 
 
 class AlignError(NanoError):
     """Bad input to ``nano align``."""
+
+
+@dataclass(frozen=True)
+class PairAccuracy:
+    """DPO on its held-out pairs: how the policy ranks chosen against rejected."""
+
+    pairs: int
+    accuracy_vs_reference: float  # share whose implicit reward (vs the reference) favours the chosen answer
+    chosen_over_rejected: float  # share where the policy's own log-probability favours the chosen answer
+    margin: float  # mean implicit-reward margin
 
 
 def pad_id(tokenizer) -> int:
@@ -46,8 +58,8 @@ class SFT:
     def prepare(self, model) -> None:
         pass
 
-    def heldout(self, model) -> dict:
-        return {}
+    def heldout(self, model) -> PairAccuracy | None:
+        return None
 
     def batches(self, step: int, wrapped) -> list[dict]:
         from ..data.chat import sft_batches
@@ -102,13 +114,13 @@ class DPO:
         b = preference_batch(pairs, idx, pad_id=self.pad)
         return {k: v.to(self.dist.device) for k, v in b.items()}
 
-    def heldout(self, model) -> dict:
+    def heldout(self, model) -> PairAccuracy | None:
         import torch
 
         from ..train.preference import dpo_loss, pair_logprobs, reference_logprobs
 
         if not self.eval_pairs:
-            return {}
+            return None
         with torch.no_grad():
             b = self._batch(self.eval_pairs, list(range(len(self.eval_pairs))))
             was = model.training
@@ -117,8 +129,7 @@ class DPO:
             model.train(was)
             rc, rr = reference_logprobs(self.ref, b)
             _, m = dpo_loss(pc, pr, rc, rr, self.o.beta)
-        return {"pairs": len(self.eval_pairs), "accuracy_vs_reference": m["accuracy"],
-                "chosen_over_rejected": float((pc > pr).float().mean()), "margin": m["margins"]}
+        return PairAccuracy(len(self.eval_pairs), m["accuracy"], float((pc > pr).float().mean()), m["margins"])
 
     def batches(self, step: int, wrapped) -> list[dict]:
         from ..data.chat import batch_indices
@@ -168,8 +179,8 @@ class GRPO:
         if self.o.kl_beta > 0:
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def heldout(self, model) -> dict:
-        return {}
+    def heldout(self, model) -> PairAccuracy | None:
+        return None
 
     def batches(self, step: int, wrapped) -> list[dict]:
         k = step // self.o.mu

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from nanocli_model.errors import NanoError
 
@@ -35,6 +35,9 @@ from ..train import tokens
 from ..train.options import TokenTraining
 from ..train.run import Job, TrainResult
 from ..train.tokens import TokenPlan, token_plan
+
+if TYPE_CHECKING:
+    from ..train.topk_cache import CacheUse
 
 STAGE = "distill"
 
@@ -137,7 +140,7 @@ class DistillResult(TrainResult):
     last_kd: float = float("nan")  # per-token KD of the last step
     last_ce: float = float("nan")  # per-token CE of the last step
     before: dict = field(default_factory=dict)  # held-out {eval_loss, eval_ppl, eval_kl} of the input student
-    teacher_cache: dict = field(default_factory=dict)  # {"hits": windows read, "misses": computed, "path"}
+    teacher_cache: CacheUse | None = None  # --teacher-cache: windows read and computed
 
 
 # ------------------------------------------------------------------------------------------ 1. plan
@@ -264,7 +267,7 @@ class _Distill:
 
         def finish() -> None:
             if cache is not None:
-                result.teacher_cache = {"hits": cache.hits, "misses": cache.misses, "path": str(cache.dir)}
+                result.teacher_cache = cache.use()
 
         return tokens.job(p, batches, dist, student, loss, side_files(p.student_dir), batches=batch_fn,
                           evaluate=evaluate if o.heldout_fraction > 0 else None, metrics=metrics, finish=finish)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanocli_model.errors import NanoError
@@ -22,6 +23,15 @@ def fingerprint(teacher: Path, dtype: str, k: int, seq_len: int) -> str:
     payload = {"config": (teacher / "config.json").read_text(encoding="utf-8"), "files": files,
                "dtype": dtype, "top_k": k, "seq_len": seq_len}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """What a run got from the cache."""
+
+    hits: int  # windows read from disk
+    misses: int  # windows the teacher computed (and the cache stored)
+    path: Path
 
 
 class TopKCache:
@@ -35,6 +45,9 @@ class TopKCache:
     def for_teacher(cls, teacher: Path, dtype: str, k: int, seq_len: int, chunk: int, root: Path,
                     error: type[NanoError] = NanoError) -> TopKCache:
         return cls(root, fingerprint(teacher, dtype, k, seq_len), k, chunk, error)
+
+    def use(self) -> CacheUse:
+        return CacheUse(self.hits, self.misses, self.dir)
 
     def _path(self, key: tuple[str, int]) -> Path:
         return self.dir / key[0][:32] / f"{int(key[1]):09d}.safetensors"
