@@ -41,7 +41,8 @@ def test_pure_modules_import_no_torch(name):
 
 
 @pytest.mark.parametrize("module", ["nanocli.cli", "nanocli.profiles", "nanocli.demo", "nanocli_model",
-                                    "nanocli.stages.fit_check", "nanocli.nvml", "nanocli.plot", "nanocli_model.fit"])
+                                    "nanocli.stages.fit_check", "nanocli.nvml", "nanocli.plot", "nanocli_model.fit",
+                                    "nanocli.commands.pretrain", "nanocli.commands.distill", "nanocli.commands.align"])
 def test_importing_does_not_load_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

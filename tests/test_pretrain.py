@@ -333,6 +333,7 @@ def test_empty_data_file_is_an_error_and_nothing_is_written(tmp_path, cache, tok
     ("stage: pretrain\nsteps: ten\n", "steps"),
     ("stage: align\nsteps: 10\n", "recipe for `nano align`"),
     ("stage: pretrain\nsteps: [10\n", "not valid YAML"),
+    ("stage: pretrain\nprecision: fp4\n", "precision: 'fp4' is not one of fp32, bf16, fp8"),
     ("- 1\n- 2\n", "mapping"),
 ])
 def test_recipe_mistakes_are_named(tmp_path, text, message):
@@ -342,6 +343,17 @@ def test_recipe_mistakes_are_named(tmp_path, text, message):
     f.write_text(text)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("`", "`")):
         make_options(pt.PretrainOptions, pt.STAGE, str(f), {})
+
+
+def test_help_shows_the_real_defaults_in_one_panel_per_group():
+    r = cli("pretrain", "--help", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    for flag, default in (("--lr", "0.0003"), ("--seq-len", "256"), ("--save-every", "0"), ("--precision", "bf16"),
+                          ("--schedule", "wsd"), ("--heldout-fraction", "0.005")):
+        line = next(ln for ln in r.stdout.splitlines() if f" {flag} " in ln)
+        assert f"[default: {default}]" in line, line
+    for panel in ("Model", "Data", "Batch", "Schedule", "Optimizer", "Precision", "Checkpoints", "Run"):
+        assert f"─ {panel} ─" in r.stdout, panel
 
 
 def test_flags_override_recipe_over_defaults(tmp_path):
