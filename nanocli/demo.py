@@ -244,13 +244,6 @@ def _run_stage(section: Section, root: Path, done: dict[str, Path], reporter: Re
     return StageRun(section.name, section.kind, out, model, status, time.perf_counter() - t0, res)
 
 
-def _progress(reporter: Reporter, cls):
-    """The stage's ``Hooks`` dataclass (pretrain, align, distill) filled from the reporter's methods."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    given = {"status": reporter.status, "start": reporter.start, "step": reporter.step, "progress": reporter.progress}
-    return cls(**{k: v for k, v in given.items() if k in names})
-
-
 def _status(res, resumed: bool) -> str:
     if getattr(res, "already_done", False):
         return "done before"
@@ -261,7 +254,7 @@ def _pretrain(section: Section, out: Path, done: dict, reporter: Reporter):
     from .stages import pretrain as pt
 
     resumed = any(out.glob("checkpoint-*"))
-    res = pt.run(pt.PretrainOptions(**section.settings, out=str(out), resume="auto"), _progress(reporter, pt.Hooks))
+    res = pt.run(pt.PretrainOptions(**section.settings, out=str(out), resume="auto"), reporter)
     _check_finished(res, section.name)
     return _status(res, resumed), out / "final", res
 
@@ -272,7 +265,7 @@ def _align(section: Section, out: Path, done: dict, reporter: Reporter):
     model = list(done.values())[-1]
     resumed = any(out.glob("checkpoint-*"))
     res = al.run(al.AlignOptions(**section.settings, model=str(model), out=str(out), resume="auto"),
-                 _progress(reporter, al.Hooks))
+                 reporter)
     _check_finished(res, section.name)
     return _status(res, resumed), out / "final", res
 
@@ -291,7 +284,7 @@ def _distill(section: Section, out: Path, done: dict, reporter: Reporter):
 
     resumed = any(out.glob("checkpoint-*"))
     res = ds.run(ds.DistillOptions(**section.settings, teacher=str(_teacher(done)), student=str(done["prune"]),
-                                   out=str(out), resume="auto"), _progress(reporter, ds.Hooks))
+                                   out=str(out), resume="auto"), reporter)
     _check_finished(res, section.name)
     return _status(res, resumed), out / "final", res
 

@@ -57,7 +57,7 @@ def weight_files(path: Path) -> dict[str, Path]:
     return out
 
 
-def _canonical(name: str) -> str | None:
+def canonical_name(name: str) -> str | None:
     """Stored name -> nano's name; None for tensors that are deliberately ignored."""
     if name.startswith("mtp."):
         return None
@@ -93,7 +93,7 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
     headers = {f: read_safetensors_header(f) for f in sorted(set(files.values()))}
     ignored = []
     for name, file in files.items():
-        canon = _canonical(name)
+        canon = canonical_name(name)
         if canon is None:
             ignored.append(name)
             continue

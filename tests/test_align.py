@@ -37,7 +37,8 @@ def test_sft_learns_the_assistant_turns_and_saves_a_chat_model(base, tmp_path):
     r = align(base, tmp_path, "sft", steps=15, eval_problems=4)
     ls = losses(tmp_path)
     assert ls[-1] < ls[0] - 0.5, ls  # the chat format is new to the base: its loss must drop fast
-    assert r.data_stats["think_off"] > 0 and r.data_stats["think_on"] > r.data_stats["think_off"]
+    stats = r.plan.data_stats
+    assert stats["think_off"] > 0 and stats["think_on"] > stats["think_off"]
     assert set(r.before) == set(r.after) == {"think", "no_think"}
     final = tmp_path / "final"
     assert (final / "tokenizer_config.json").is_file() and json.loads((tmp_path / "eval.json").read_text())["after"]
@@ -51,8 +52,8 @@ def test_dpo_raises_the_chosen_over_rejected_margin(base, tmp_path):
     # 40 training pairs, 8 per step: each pair comes round four times in 20 steps
     r = align(base, tmp_path, "dpo", data="synthetic:reasoning?docs=48&difficulty=1-2", steps=20, lr=2e-3, beta=0.5,
               heldout_fraction=0.15)
-    before, after = r.preference["before"], r.preference["after"]
-    assert before["margin"] == pytest.approx(0.0, abs=1e-6) and before["pairs"] == after["pairs"] > 0
+    before, after = r.pairs_before, r.pairs_after
+    assert before.margin == pytest.approx(0.0, abs=1e-6) and before.pairs == after.pairs > 0
     m = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     m = [x for x in m if "margins" in x]
     first, last = m[:4], m[-4:]
@@ -169,7 +170,7 @@ def test_grpo_mu_rolls_out_once_per_mu_steps_and_resumes_exactly_inside_a_batch(
 def test_grpo_epochs_count_passes_over_the_prompts_times_mu(base, tmp_path):
     r = align(base, tmp_path, "grpo", data="synthetic:reasoning?docs=20&difficulty=1", steps=None, epochs=1,
               global_batch=4, mu=3, dry_run=True)
-    assert r.plan["rollout_batches"] == 5 and r.steps == 15 and r.plan["mu"] == 3
+    assert r.plan.rollout_batches == 5 and r.plan.steps == 15 and r.plan.options.mu == 3
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -177,7 +178,7 @@ def test_grpo_epochs_count_passes_over_the_prompts_times_mu(base, tmp_path):
     (dict(mu=1.5), "--mu must be an integer of at least 1"),
     (dict(mu=True), "--mu must be an integer of at least 1"),
     (dict(mu=2, method="sft"), "--mu 2 applies to --method grpo only"),
-    (dict(clip_eps=0.0), "--clip-eps must be > 0"),
+    (dict(clip_eps=0.0), "--clip-eps must be a finite number > 0"),
 ])
 def test_bad_grpo_options_fail_before_any_work(base, tmp_path, kw, message):
     with pytest.raises(al.AlignError, match=message) as e:
@@ -195,6 +196,12 @@ def test_bad_mu_from_a_recipe_is_one_line(base, tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and "--mu must be an integer of at least 1" in lines[0], r.stderr
 
 
+def test_fp8_precision_runs_fp8_gemms(base, tmp_path):
+    """--precision fp8 converts the policy's Linears (align trained in bf16 before the one training run)."""
+    r = align(base, tmp_path, "sft", steps=2, precision="fp8", fp8_keep=1)
+    assert r.fp8 and r.fp8["fp8"] and r.steps_done == 2 and (tmp_path / "final" / "model.safetensors").is_file()
+
+
 def test_merge_cli_writes_the_weighted_mean(base, tmp_path):
     a = tmp_path / "a"
     align(base, a, "sft", steps=2)
@@ -205,6 +212,9 @@ def test_merge_cli_writes_the_weighted_mean(base, tmp_path):
     assert r.returncode == 0, r.stderr
     w0, w1, m = (load_file(str(p / "model.safetensors")) for p in (base, a / "final", out))
     assert all(torch.allclose(m[k], 0.25 * w0[k] + 0.75 * w1[k], atol=1e-6) for k in m)
+    r = subprocess.run([sys.executable, "-m", "nanocli", "align", "merge", str(base), str(a / "final")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --out DIR is required: where the merged checkpoint goes"
 
 
 def test_resume_is_exact_for_sft(base, tmp_path):
@@ -220,7 +230,7 @@ def test_resume_is_exact_for_sft(base, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "ppo"], "--method 'ppo' is unknown"),
+    (["--method", "ppo"], "'--method': Value error, 'ppo' is not one of 'sft', 'dpo', 'grpo'"),
     (["--data", "synthetic:reasoning"], "--model DIR is required"),
     (["--method", "grpo", "--rewards", "nope"], "nope"),
     (["--data", "missing.jsonl"], "missing.jsonl"),
@@ -247,4 +257,4 @@ def test_malformed_jsonl_line_is_named_or_skipped(base, tmp_path):
     with pytest.raises(DataError, match="sft.jsonl:2"):
         align(base, tmp_path / "o", "sft", data=str(f), steps=1)
     r = align(base, tmp_path / "o2", "sft", data=str(f), steps=1, on_error="skip")
-    assert r.data_stats["skipped_malformed"] == 1 and r.steps_done == 1
+    assert r.plan.data_stats["skipped_malformed"] == 1 and r.steps_done == 1

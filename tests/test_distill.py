@@ -4,6 +4,7 @@ student's KL to the teacher and its held-out loss more than the same steps of pl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -313,11 +314,11 @@ def test_top_k_teacher_cache_is_reused_across_runs(pair, tmp_path):
     common = dict(steps=4, top_k=8, heldout_fraction=0.0, teacher_cache=str(tmp_path / "topk"))
     first = ds.run(options(pair, tmp_path / "one", **common))
     files = sorted((tmp_path / "topk").rglob("*.safetensors"))
-    assert first.teacher_cache["misses"] == len(files) > 0 and first.teacher_cache["hits"] == 16 - len(files)
+    assert first.teacher_cache.misses == len(files) > 0 and first.teacher_cache.hits == 16 - len(files)
     stored = load_file(str(files[0]))
     assert stored["values"].shape == (64, 8) and stored["indices"].dtype == torch.int32
     second = ds.run(options(pair, tmp_path / "two", **common))
-    assert second.teacher_cache == {**first.teacher_cache, "hits": 16, "misses": 0}
+    assert second.teacher_cache == dataclasses.replace(first.teacher_cache, hits=16, misses=0)
     a, b = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)  # cached logits are exactly what the teacher gave
     plain = ds.run(options(pair, tmp_path / "three", **{**common, "teacher_cache": None}))
@@ -326,7 +327,7 @@ def test_top_k_teacher_cache_is_reused_across_runs(pair, tmp_path):
 
 def test_default_bf16_run_keeps_fp32_master_weights_and_a_bf16_teacher(pair, tmp_path):
     r = ds.run(options(pair, tmp_path / "run", steps=2, precision="bf16", top_k=16, eval_batches=2))
-    assert r.resolved.teacher_dtype == "bf16" and ckpt.read_hparams(r.final)["teacher_dtype"] == "bf16"
+    assert r.plan.teacher_dtype == "bf16" and ckpt.read_hparams(r.final)["teacher_dtype"] == "bf16"
     assert all(v.dtype == torch.float32 for v in weights(r.final).values())
     assert 0 < r.last_kd < r.before["eval_kl"] * 2 and r.eval["eval_kl"] < r.before["eval_kl"]
 
@@ -400,11 +401,11 @@ def test_reformatted_tokenizer_json_is_the_same_tokenizer(pair, tmp_path):
     d = tmp_path / "s"
     shutil.copytree(student, d)
     (d / "tokenizer.json").write_text(json.dumps(json.loads((d / "tokenizer.json").read_text()), indent=4))
-    ds.resolve(options(pair, tmp_path / "out", student=str(d)))  # no error
+    ds.plan(options(pair, tmp_path / "out", student=str(d)))  # no error
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(teacher="nowhere"), "--teacher nowhere: not a model directory"),
+    (dict(teacher="nowhere"), "--teacher nowhere: no such model directory"),
     (dict(student=None), "--student DIR is required"),
     (dict(data=None), "--data is required"),
     (dict(steps=None), "--steps N or --tokens N"),
@@ -415,6 +416,12 @@ def test_reformatted_tokenizer_json_is_the_same_tokenizer(pair, tmp_path):
     (dict(teacher_dtype="int8"), "auto, fp32, bf16, fp16"),
     (dict(seq_len=5000), "max_position_embeddings"),
     (dict(global_batch=6, micro_batch=4), "not a multiple"),
+    # pretrain's checks, which distill had drifted from (0 meant the default, -1 acted on every step, a negative
+    # weight decay failed only after the lock, the tokenization and the teacher's load)
+    (dict(micro_batch=0), "--micro-batch must be at least 1, got 0"),
+    (dict(save_every=-1), "--save-every must be at least 0, got -1"),
+    (dict(eval_every=-1), "--eval-every must be at least 0, got -1"),
+    (dict(weight_decay=-1.0), "--weight-decay must be a finite number >= 0, got -1.0"),
 ])
 def test_bad_options_are_named_before_any_work(pair, tmp_path, kw, message):
     from nanocli_model.errors import NanoError

@@ -43,7 +43,8 @@ def test_pure_modules_import_no_torch(name):
 @pytest.mark.parametrize("module", ["nanocli.cli", "nanocli.profiles", "nanocli.demo", "nanocli_model",
                                     "nanocli.stages.fit_check", "nanocli.nvml", "nanocli.plot", "nanocli_model.fit",
                                     "nanocli.library_check", "nanocli.stages.prune", "nanocli.commands.prune",
-                                    "nanocli.commands.demo", "nanocli.prune.search"])
+                                    "nanocli.commands.demo", "nanocli.prune.search",
+                                    "nanocli.commands.pretrain", "nanocli.commands.distill", "nanocli.commands.align"])
 def test_importing_does_not_load_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

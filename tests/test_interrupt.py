@@ -14,9 +14,9 @@ One trial per stage is a chain on one output directory:
 
 A kill "inside a write" is counted when a temporary directory (``.checkpoint-*.tmp-*`` / ``.state-*``,
 ``.final.*``, prune's ``.OUT.prune-*``) is still there after the kill: proof that the write was cut.
-A tiny model's write takes ~15 ms on an idle machine, so the runs get ``NANO_TEST_SLOW_SAVE=0.1``: each
-write holds 0.1 s longer (training: after the trainer state, before the model; prune: 0.05 s after its
-staging directory appears and 0.05 s before the rename).
+A tiny model's write takes ~15 ms on an idle machine, so the runs go through ``tests/held_writes.py 0.1``:
+each write holds 0.1 s longer (training: after the trainer state, before the model; prune: 0.05 s after its
+staging directory appears and 0.05 s before the rename). nano itself has no such pause.
 The bounded CI form runs one trial per stage; ``NANO_KILL_TRIALS=N`` (and ``NANO_KILLS_PER_TRIAL``) make
 the soak, whose totals are printed (``pytest -s``) and, with ``NANO_KILL_REPORT=file.json``, written.
 """
@@ -42,6 +42,8 @@ from nanocli.train.lock import LOCK_NAME
 from nanocli_model import load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
+HELD_WRITES = Path(__file__).resolve().parent / "held_writes.py"  # nano with every write held open longer
+HOLD_SECONDS = 0.1
 TRIALS = int(os.environ.get("NANO_KILL_TRIALS", "1"))
 KILLS = int(os.environ.get("NANO_KILLS_PER_TRIAL", "2"))
 SEED = int(os.environ.get("NANO_KILL_SEED", "10"))
@@ -61,7 +63,7 @@ class Stage:
     def command(self, out: Path, resume: bool, keep: int = 2) -> list[str]:
         extra = ["--resume", "auto"] if resume and self.graceful else []
         extra += ["--keep-last", str(keep)] if self.keep_last else []
-        return [sys.executable, "-m", "nanocli", *self.args, "--out", str(out), *extra]
+        return [sys.executable, str(HELD_WRITES), str(HOLD_SECONDS), *self.args, "--out", str(out), *extra]
 
     def temp_dirs(self, out: Path) -> list[Path]:
         """Temporary directories of an unfinished write (checkpoint, tokenizer, prune staging)."""
@@ -92,10 +94,10 @@ def stages(tiny_base) -> dict[str, Stage]:
 
 
 def env() -> dict:
-    # a tiny model's checkpoint is written in ~15 ms on an idle machine: NANO_TEST_SLOW_SAVE holds every write
-    # open 0.1 s longer (training: the trainer state written, the model not yet; prune: before and after its
-    # staged model) so that "write" kills land inside it however busy the machine is
-    return {**os.environ, "OMP_NUM_THREADS": "1", "NANO_TEST_SLOW_SAVE": "0.1"}
+    # a tiny model's checkpoint is written in ~15 ms on an idle machine: held_writes.py holds every write open
+    # 0.1 s longer (training: the trainer state written, the model not yet; prune: before and after its staged
+    # model) so that "write" kills land inside it however busy the machine is
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:

@@ -54,6 +54,16 @@ def main(capsys, monkeypatch, *args: str) -> tuple[int, str]:
     return info.value.code, errors[0]
 
 
+class Said(Silent):
+    """A reporter that keeps the status lines."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def status(self, message: str) -> None:
+        self.lines.append(message)
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
@@ -123,8 +133,9 @@ def test_stale_lock_of_a_dead_run_is_taken_over_with_a_status_line(tiny_base, tm
     pid = dead_pid()
     (out / lock.LOCK_NAME).write_text(json.dumps({"pid": pid, "host": os.uname().nodename, "started": 1.0,
                                                   "command": "nano pretrain"}))
-    said = []
-    r = pt.run(options(tiny_base, out, steps=2, warmup=0, decay=0), pt.Hooks(status=said.append))
+    reporter = Said()
+    r = pt.run(options(tiny_base, out, steps=2, warmup=0, decay=0), reporter)
+    said = reporter.lines
     assert r.steps_done == 2 and ckpt.is_complete(out / "final")
     assert any(f"took over the lock of a run that is gone (pid {pid} on " in s for s in said), said
     assert not (out / lock.LOCK_NAME).exists()
@@ -284,8 +295,9 @@ def _poison_loss(monkeypatch, at_call: int, grad_only: bool = False) -> None:
 
 def test_on_nan_skip_drops_that_update_reports_step_and_data_and_goes_on(tiny_base, tmp_path, monkeypatch):
     _poison_loss(monkeypatch, at_call=3)
-    said = []
-    r = pt.run(options(tiny_base, tmp_path, save_every=1, keep_last=10, on_nan="skip"), pt.Hooks(status=said.append))
+    reporter = Said()
+    r = pt.run(options(tiny_base, tmp_path, save_every=1, keep_last=10, on_nan="skip"), reporter)
+    said = reporter.lines
     assert r.steps_done == 6 and not r.interrupted
     ckpts = {s: p for s, p in ckpt.list_checkpoints(tmp_path)}
     assert equal(ckpts[2], ckpts[3]), "the skipped step changed the weights"

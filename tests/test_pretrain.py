@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from nanocli.stages import pretrain as pt
 from nanocli.train import checkpoints as ckpt
+from nanocli.train.recipe import make_options
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = "synthetic:reasoning?docs=1500&difficulty=1-2"
@@ -126,7 +127,7 @@ def test_wsd_lr_is_logged_per_step(tmp_path, cache, tokenizer_dir):
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, cache, tokenizer_dir):
     whole = pt.run(options(tmp_path / "a", cache, tokenizer_dir, steps=4, heldout_fraction=0.0))
     accum = pt.run(options(tmp_path / "b", cache, tokenizer_dir, steps=4, heldout_fraction=0.0, micro_batch=2))
-    assert accum.resolved.accumulation == 4 and whole.resolved.accumulation == 1
+    assert accum.plan.accumulation == 4 and whole.plan.accumulation == 1
     a, b = weights(tmp_path / "a" / "final"), weights(tmp_path / "b" / "final")
     assert_same_training(a, b, 1e-4)
     ma, mb = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab")
@@ -302,10 +303,11 @@ def test_gpu_recipes_validate(tmp_path, recipe):
     (["--profile", "tiny", "--data", "missing/*.jsonl", "--steps", "1"], "no files match"),
     (["--profile", "tiny", "--data", DATA, "--steps", "1", "--seq-len", "5000"], "max_position_embeddings"),
     (["--profile", "tiny", "--data", DATA], "--steps N or --tokens N"),
-    (["--profile", "tiny", "--data", DATA, "--steps", "1", "--precision", "fp4"], "fp32, bf16, fp8"),
+    (["--profile", "tiny", "--data", DATA, "--steps", "1", "--precision", "fp4"],
+     "'--precision': Value error, 'fp4' is not one of 'fp32', 'bf16', 'fp8'"),
     (["--profile", "tiny", "--data", DATA, "--steps", "1", "--global-batch", "6", "--micro-batch", "4"],
      "not a multiple"),
-    (["--model", "nowhere", "--data", DATA, "--steps", "1"], "not a model directory"),
+    (["--model", "nowhere", "--data", DATA, "--steps", "1"], "--model nowhere: no such model directory"),
     (["--profile", "tiny", "--data", DATA, "--steps", "1", "--recipe", "nope.yaml"], "no such recipe"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
@@ -331,6 +333,7 @@ def test_empty_data_file_is_an_error_and_nothing_is_written(tmp_path, cache, tok
     ("stage: pretrain\nsteps: ten\n", "steps"),
     ("stage: align\nsteps: 10\n", "recipe for `nano align`"),
     ("stage: pretrain\nsteps: [10\n", "not valid YAML"),
+    ("stage: pretrain\nprecision: fp4\n", "precision: 'fp4' is not one of fp32, bf16, fp8"),
     ("- 1\n- 2\n", "mapping"),
 ])
 def test_recipe_mistakes_are_named(tmp_path, text, message):
@@ -339,13 +342,24 @@ def test_recipe_mistakes_are_named(tmp_path, text, message):
     f = tmp_path / "r.yaml"
     f.write_text(text)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("`", "`")):
-        pt.make_options(str(f), {})
+        make_options(pt.PretrainOptions, pt.STAGE, str(f), {})
+
+
+def test_help_shows_the_real_defaults_in_one_panel_per_group():
+    r = cli("pretrain", "--help", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    for flag, default in (("--lr", "0.0003"), ("--seq-len", "256"), ("--save-every", "0"), ("--precision", "bf16"),
+                          ("--schedule", "wsd"), ("--heldout-fraction", "0.005")):
+        line = next(ln for ln in r.stdout.splitlines() if f" {flag} " in ln)
+        assert f"[default: {default}]" in line, line
+    for panel in ("Model", "Data", "Batch", "Schedule", "Optimizer", "Precision", "Checkpoints", "Run"):
+        assert f"─ {panel} ─" in r.stdout, panel
 
 
 def test_flags_override_recipe_over_defaults(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text("stage: pretrain\nsteps: 10\nlr: 0.01\nseq_len: 32\n")
-    o = pt.make_options(str(f), {"lr": 0.5, "seq_len": None})
+    o = make_options(pt.PretrainOptions, pt.STAGE, str(f), {"lr": 0.5, "seq_len": None})
     assert (o.steps, o.lr, o.seq_len, o.global_batch) == (10, 0.5, 32, pt.PretrainOptions().global_batch)
 
 

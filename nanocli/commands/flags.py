@@ -91,11 +91,12 @@ def given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def command(app: typer.Typer, name: str, handler: Callable[..., Any], *groups: type, help: str | None = None,
-            **typer_kwargs: Any) -> Callable[..., Any]:
+            callback: bool = False, **typer_kwargs: Any) -> Callable[..., Any]:
     """Register ``nano NAME`` with the fields of ``groups`` (options dataclasses) as its parameters.
 
     ``handler(*given)`` receives, for each class in ``groups``, a dict of the fields given on the command line
     (``dict`` keyed by field name; the defaults are the dataclass's own, so an empty dict means "all defaults").
+    ``callback``: ``app`` is a command group (``nano align``) and this is what it runs without a subcommand.
     """
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     owners: list[list[str]] = []
@@ -106,6 +107,8 @@ def command(app: typer.Typer, name: str, handler: Callable[..., Any], *groups: t
     params = params[:1] + sorted(params[1:], key=lambda p: not _is_argument(p))  # arguments first
 
     def run(ctx: typer.Context, **values: Any) -> Any:
+        if callback and ctx.invoked_subcommand is not None:
+            return None  # `nano align merge ...`: the group's own options are not used
         came = given(ctx, values)
         return handler(*({k: v for k, v in came.items() if k in names} for names in owners))
 
@@ -113,8 +116,16 @@ def command(app: typer.Typer, name: str, handler: Callable[..., Any], *groups: t
     run.__annotations__ = {p.name: p.annotation for p in params}
     run.__doc__ = help if help is not None else handler.__doc__
     run.__name__ = f"{name.replace('-', '_')}_command"
-    app.command(name, **typer_kwargs)(run)
+    if callback:
+        app.callback(invoke_without_command=True, **typer_kwargs)(run)
+    else:
+        app.command(name, **typer_kwargs)(run)
     return run
+
+
+def _shown(default: Any) -> bool:
+    """Whether ``--help`` shows the default: not for None, False or an empty list (0 and 0.0 are shown)."""
+    return not (default is None or default is False or default in ([], ()))
 
 
 def _is_argument(p: inspect.Parameter) -> bool:

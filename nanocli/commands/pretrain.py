@@ -1,11 +1,50 @@
-"""``nano pretrain``: registered from the legacy command module until it moves here (issue #17)."""
+"""``nano pretrain``: its options (``PretrainOptions`` and ``--recipe``), the call into ``stages/pretrain.py``
+and the rendering of the plan (``--dry-run``) and of the finished run."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
+
+from .. import ui
+from ..stages.pretrain import PretrainOptions
+from . import training
+from .flags import command
+
+if TYPE_CHECKING:
+    from ..stages.pretrain import PretrainPlan, PretrainResult
 
 
 def register(app: typer.Typer) -> None:
-    from ..cli_legacy import COMMANDS
+    command(app, "pretrain", pretrain, PretrainOptions, training.Recipe)
 
-    app.command("pretrain")(COMMANDS["pretrain"])
+
+def pretrain(given: dict, recipe: dict) -> None:
+    """Pretrain a NemotronH model: WSD schedule, bf16 or FP8, exact resume, torchrun data parallel.
+
+    Checkpoints (HF NemotronH format + training state) go to OUT/checkpoint-N and OUT/final; metrics to
+    OUT/metrics.jsonl and the loss curve to OUT/loss.png. Ctrl-C or SIGTERM writes a checkpoint and exits 0.
+    """
+    from ..stages import pretrain as stage
+
+    training.run(stage, PretrainOptions, recipe, given, show_plan, show_result)
+
+
+def show_plan(p: PretrainPlan) -> None:
+    """``nano pretrain --dry-run``: the resolved settings and the token/step plan."""
+    t = training.table("nano pretrain: plan (dry run)")
+    t.add_row("model", f"{p.model_source} ({ui.human_count(p.parameters)} parameters)")
+    training.token_plan_rows(t, p)
+    training.print_plan(t, p, p.options.precision)
+
+
+def show_result(r: PretrainResult) -> None:
+    """The end-of-run summary: tokens, time, tokens/s, losses, peak memory, MFU, where things are."""
+    t = training.result_table("nano pretrain", r)
+    if t is None:
+        return
+    t.add_row("loss", f"{r.first_loss:.4f} -> {r.last_loss:.4f}")
+    if r.eval:
+        t.add_row("held-out", f"loss {r.eval['eval_loss']:.4f}, perplexity {r.eval['eval_ppl']:.2f}")
+    training.print_result(t, r)

@@ -469,7 +469,7 @@ def _write(o: PruneOptions, result: PruneResult, path: Path, pruned, plan, score
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.prune-", dir=out.parent))
     try:
-        hold_write_open(0.5)  # NANO_TEST_SLOW_SAVE: the kill trials' window into this write
+        hold_write_open(0.5)  # a point inside the write (checkpoints.write_hold: the kill trials hold it open)
         ckpt = save_pretrained(pruned, staging / "model", extra_files=side_files(path))
         (ckpt / "pruning.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         hold_write_open(0.5)

@@ -1,6 +1,5 @@
-"""Training mechanics shared by pretrain, align and distill: schedule, optimizer, loop, checkpoints,
-distributed set-up, FP8. The choices below are plain data so the CLI can validate without torch."""
+"""Training mechanics shared by pretrain, align and distill: their options (``options.py``), the one training
+run (``run.py``) and its token-stream side (``tokens.py``), schedule, optimizer, loop, checkpoints,
+distributed set-up, FP8. Importing this package does not import torch."""
 
-PRECISIONS = ("fp32", "bf16", "fp8")
-ON_NAN = ("stop", "skip")
-PARALLEL = ("ddp", "fsdp")
+PARALLEL = ("ddp", "fsdp")  # as options.Run.parallel: wrap() checks callers that skip the options

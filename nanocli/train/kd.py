@@ -72,7 +72,7 @@ def check_kd_args(temperature: float, kind: str, top_k: int | None, kd_ratio: fl
     if top_k is not None and kind == "reverse":
         raise ConfigError("--top-k works with forward KL only (reverse KL needs the teacher's whole distribution)")
     if chunk < 1:
-        raise ConfigError(f"chunk must be at least 1 token row, got {chunk}")
+        raise ConfigError(f"--kd-chunk must be at least 1 token row, got {chunk}")
     if kd_ratio < 1.0 and not has_labels:
         raise ConfigError("kd_ratio < 1 mixes in cross-entropy, which needs labels")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from nanocli_model.checkpoint import _canonical, load_pretrained, save_pretrained, weight_files
+from nanocli_model.checkpoint import canonical_name, load_pretrained, save_pretrained, weight_files
 from nanocli_model.config import NanoConfig
 from nanocli_model.errors import CheckpointError, ConfigError
 from nanocli_model.headers import read_safetensors_header
@@ -75,7 +75,7 @@ def _tensor_index(path: Path) -> dict[str, tuple[str, Path, tuple[int, ...]]]:
     """canonical name -> (stored name, file, shape) from the safetensors headers (``mtp.*`` dropped)."""
     out = {}
     for name, file in weight_files(path).items():
-        canon = _canonical(name)
+        canon = canonical_name(name)
         if canon is not None:
             out[canon] = (name, file, read_safetensors_header(file)[name].shape)
     return out

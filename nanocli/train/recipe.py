@@ -83,8 +83,14 @@ def make_options(options_cls: type, stage: str, recipe: str | None, flags: dict[
 
 
 def check_type(value: Any, hint: Any, where: str) -> Any:
-    """Accept ``value`` for the annotation ``hint`` (int for float is fine); otherwise a ConfigError."""
+    """Accept ``value`` for the annotation ``hint`` (int for float is fine; a ``Literal`` takes one of its
+    values); otherwise a ConfigError."""
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and value in allowed:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -118,6 +124,8 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
     if origin is dict and isinstance(value, dict):
         return value
     raise ConfigError(f"{where}: expected {_name(hint)}, got {value!r}")
+
+
 
 
 def _name(hint: Any) -> str:
