@@ -44,7 +44,7 @@ def test_twin_is_pure_attention_of_the_same_width_and_size(name):
 def test_twin_of_the_9b_is_a_qwen3_8b_sized_transformer():
     twin = bench.transformer_twin(_config("nemotron-nano-9b-v2"))
     assert 30 <= twin.count("attention") <= 45  # Qwen3-8B: 36 layers
-    # REFERENCE.md: ~144 KiB of bf16 KV per token for a dense 36-layer GQA model vs 16 KiB for the 9B
+    # docs/REFERENCE.md: ~144 KiB of bf16 KV per token for a dense 36-layer GQA model vs 16 KiB for the 9B
     assert 120 * 1024 <= memory.kv_cache_bytes(twin, 1, 1, "bf16") <= 170 * 1024
 
 

@@ -57,7 +57,7 @@ def test_info_profile_shows_exact_params():
     result = nano("info", "nemotron-nano-9b-v2")
     assert result.returncode == 0, result.stderr
     assert "8,888,227,328" in result.stdout
-    assert "147,450,624" in result.stdout  # one Mamba layer (REFERENCE.md)
+    assert "147,450,624" in result.stdout  # one Mamba layer (docs/REFERENCE.md)
     assert "2.00 GiB" in result.stdout  # KV cache at 128k
 
 

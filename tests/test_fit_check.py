@@ -81,7 +81,7 @@ def tiny_checkpoint(tmp_path_factory):
 def test_9b_v2_fits_the_a10g_profile_at_128k_as_in_the_report():
     r = check("nemotron-nano-9b-v2", context=131072, batch=1, dtype="bf16")
     e, c = r.estimate, r.model.config
-    # REFERENCE.md section 6, by hand: 8,888,227,328 params x 2 bytes; KV = 4 layers x 8 heads x 128 x 2 (K,V)
+    # docs/REFERENCE.md section 6, by hand: 8,888,227,328 params x 2 bytes; KV = 4 layers x 8 heads x 128 x 2 (K,V)
     # x 2 bytes x 131072 = 2 GiB; SSM state = 27 layers x 128 heads x 80 x 128 x 4 bytes (fp32).
     assert e.weights == 8_888_227_328 * 2 and round(e.weights / GIB, 2) == 16.56
     assert e.kv == 4 * 8 * 128 * 2 * 2 * 131072 == 2 * GIB

@@ -51,7 +51,7 @@ def test_cache_bytes_equal_allocated_cache(path, dtype, ssm):
 
 
 RELEASED = {
-    # REFERENCE.md: totals equal the released checkpoints' tensor totals
+    # docs/REFERENCE.md: totals equal the released checkpoints' tensor totals
     "nemotron-nano-12b-v2-base": (12_310_001_152, 168_504_704, 209_720_320, 62_919_680, 671_088_640),
     "nemotron-nano-9b-v2": (8_888_227_328, 147_450_624, 140_497_280, 55_054_720, 587_202_560),
     "nemotron-nano-9b-v2-base": (8_888_227_328, 147_450_624, 140_497_280, 55_054_720, 587_202_560),
@@ -70,7 +70,7 @@ def test_released_parameter_counts(name):
 
 
 def test_report_memory_figures_for_9b():
-    # REFERENCE.md section 6: 2.00 GiB KV at 128k (4 layers x 8 heads x 128 x 2 x 2 bytes x 131072),
+    # docs/REFERENCE.md section 6: 2.00 GiB KV at 128k (4 layers x 8 heads x 128 x 2 x 2 bytes x 131072),
     # 0.07-0.14 GiB Mamba state (bf16 / fp32), 16.56 GiB bf16 weights.
     c = _config(Path(__file__).resolve().parent.parent / "profiles" / "models" / "nemotron-nano-9b-v2.yaml")
     gib = 2**30

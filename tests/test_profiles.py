@@ -1,4 +1,4 @@
-"""Every shipped profile loads, the released ones match REFERENCE.md, and bad YAML fails loudly."""
+"""Every shipped profile loads, the released ones match docs/REFERENCE.md, and bad YAML fails loudly."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from nanocli_model.config import ATTENTION, MAMBA, MLP
 PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 PATTERN_12B = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
 PATTERN_9B = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
-RELEASED = {  # name: (params, layers, (Mamba, MLP, attention), pattern) from REFERENCE.md section 1
+RELEASED = {  # name: (params, layers, (Mamba, MLP, attention), pattern) from docs/REFERENCE.md section 1
     "nemotron-nano-12b-v2-base": (12_310_001_152, 62, (28, 28, 6), PATTERN_12B),
     "nemotron-nano-9b-v2-base": (8_888_227_328, 56, (27, 25, 4), PATTERN_9B),
     "nemotron-nano-9b-v2": (8_888_227_328, 56, (27, 25, 4), PATTERN_9B),

@@ -1,6 +1,6 @@
 """Activation importance of every prunable structure, from one forward pass over calibration data.
 
-Aggregation (REFERENCE.md §6, Minitron): for an activation ``a`` of shape (samples, tokens, channels),
+Aggregation (docs/REFERENCE.md §6, Minitron): for an activation ``a`` of shape (samples, tokens, channels),
 a channel's score is ``sqrt(sum_s (mean_t |a[s, t, c]|)^2)``: the mean of |activation| over the
 sequence, then the L2 norm over samples. Structures and where they are read (forward hooks, no
 gradients):

@@ -318,8 +318,8 @@ def _write_eval(out: Path, r: AlignResult) -> None:
     import json
 
     pairs = {"before": r.pairs_before, "after": r.pairs_after}
-    data = {"before": {m: a.as_dict() for m, a in r.before.items()},
-            "after": {m: a.as_dict() for m, a in r.after.items()},
+    data = {"before": {m: a.to_json() for m, a in r.before.items()},
+            "after": {m: a.to_json() for m, a in r.after.items()},
             "preference": {k: dataclasses.asdict(v) for k, v in pairs.items() if v is not None},
             "data": r.plan.data_stats}
     tmp = out / ".eval.json.tmp"

@@ -1,6 +1,6 @@
 """``nano distill``: logit distillation from a frozen teacher into a (pruned) student of the same tokenizer.
 
-The report (REFERENCE.md §6) recovered the pruned 9B's accuracy by distilling from the aligned 12B with
+The report (docs/REFERENCE.md §6) recovered the pruned 9B's accuracy by distilling from the aligned 12B with
 forward KL over the full vocabulary, temperature 1 and no cross-entropy term, on pretraining data mixed
 with reasoning data. Those are the defaults here; reverse KL, top-k KD, a temperature and a CE mix
 (``--kd-ratio``) are options. The loss itself lives in ``nanocli/train/kd.py``.

@@ -1,4 +1,4 @@
-"""FP8 training GEMMs: the Nemotron Nano 2 recipe (REFERENCE.md §4) and Nemotron-H's per-tensor option.
+"""FP8 training GEMMs: the Nemotron Nano 2 recipe (docs/REFERENCE.md §4) and Nemotron-H's per-tensor option.
 
 The recipe
     Every GEMM operand of a Linear, in forward *and* backward, is E4M3 (``torch.float8_e4m3fn``, max 448):

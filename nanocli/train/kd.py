@@ -11,7 +11,7 @@ With student logits ``z`` and teacher logits ``u`` at one position, temperature 
     CE        = logsumexp(z) - z_label (temperature 1)                        d/dz = softmax(z) - onehot
     loss      = kd_ratio * KD + (1 - kd_ratio) * CE
 
-The T^2 factor keeps gradient magnitudes comparable across temperatures. The report (REFERENCE.md §6)
+The T^2 factor keeps gradient magnitudes comparable across temperatures. The report (docs/REFERENCE.md §6)
 distilled with forward KL, T = 1, over the full vocabulary and no CE term: the defaults here.
 
 Memory. Both models' full (tokens, vocab) logits never exist at once: ``kd_loss`` runs the student through

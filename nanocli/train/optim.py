@@ -19,7 +19,7 @@ from nanocli_model.errors import ConfigError
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW settings (REFERENCE.md §4: beta1 0.9, beta2 0.95, weight decay 0.1)."""
+    """AdamW settings (docs/REFERENCE.md §4: beta1 0.9, beta2 0.95, weight decay 0.1)."""
 
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8

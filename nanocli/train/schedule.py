@@ -1,6 +1,6 @@
 """Learning-rate schedules: warmup-stable-decay (the report's) and cosine, as pure functions of the step.
 
-WSD (REFERENCE.md §4): linear warmup from 0 to ``lr`` over the first ``warmup`` steps, constant ``lr``
+WSD (docs/REFERENCE.md §4): linear warmup from 0 to ``lr`` over the first ``warmup`` steps, constant ``lr``
 through the stable phase, then a decay to ``min_lr`` over the last ``decay`` steps (the 12B: warmup over
 8B tokens, stable 4.5e-4, decay over the final 3.6T of 20T tokens to 4.5e-6; decay shape uncertain, so
 it is a parameter: ``linear``, ``cosine`` or ``1-sqrt``). Cosine: the same warmup, then a half cosine
