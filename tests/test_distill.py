@@ -278,7 +278,9 @@ def test_distillation_beats_plain_cross_entropy_on_a_pruned_student(pair, tmp_pa
     print(f"\nheld-out KL to teacher: before {kd.before['eval_kl']:.4f}, KD {kd.eval['eval_kl']:.4f}, "
           f"CE {ce.eval['eval_kl']:.4f}; held-out CE: before {kd.before['eval_loss']:.4f}, "
           f"KD {kd.eval['eval_loss']:.4f}, CE {ce.eval['eval_loss']:.4f}")  # docs/BENCHMARKS.md (pytest -s)
-    assert kd.before == ce.before and kd.before["eval_kl"] > 0.3  # pruning hurt: a gap to recover
+    # pruning hurt: a gap to recover. (Which windows are held out is keyed by the source's content hash, which
+    # covers the generator's source files: 0.27-0.44 over the versions of this corpus so far.)
+    assert kd.before == ce.before and kd.before["eval_kl"] > 0.2
     # the report's reason to distill: KL to the teacher and held-out loss both fall further than with CE
     assert kd.eval["eval_kl"] < 0.75 * ce.eval["eval_kl"] and kd.eval["eval_kl"] < 0.4 * kd.before["eval_kl"]
     assert kd.eval["eval_loss"] < ce.eval["eval_loss"] - 0.015

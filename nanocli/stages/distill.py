@@ -146,7 +146,7 @@ class DistillResult(TrainResult):
 # ------------------------------------------------------------------------------------------ 1. plan
 def plan(o: DistillOptions, world: int | None = None) -> DistillPlan:
     """The checks before any work and the resolved run (``world``: processes, default $WORLD_SIZE)."""
-    from ..resolve import device, model_target
+    from ..resolve import model_target, visible_device
 
     settings.validate(o, DistillError)
     teacher = model_target(o.teacher, "--teacher", kinds=("checkpoint", "run"))
@@ -159,7 +159,7 @@ def plan(o: DistillOptions, world: int | None = None) -> DistillPlan:
         raise DistillError(f"--seq-len {o.seq_len} exceeds max_position_embeddings of the teacher or student "
                            f"({limit}); lower it")
     if o.teacher_device == "cuda":
-        device("cuda", "--teacher-device")  # no CUDA GPU: one line now, before any work or any file
+        visible_device("cuda", "--teacher-device")  # no CUDA GPU: one line now, before any work or any file
     return token_plan(DistillPlan, o, student.config, DistillError, world, teacher_config=teacher.config,
                       teacher_dir=teacher.directory, student_dir=student.directory)
 
