@@ -254,7 +254,7 @@ def drop_layers(src: Path, dst: Path, drop: tuple[int, ...]) -> Path:
 def options(pair, out: Path, **kw) -> ds.DistillOptions:
     teacher, student, cache = pair
     base = dict(teacher=str(teacher), student=str(student), data=DATA, out=str(out), steps=15, seq_len=64,
-                global_batch=4, lr=3e-3, warmup=0, precision="fp32", heldout_fraction=0.05, eval_batches=8,
+                global_batch=4, lr=3e-3, warmup=0, precision="fp32", heldout_fraction=0.05, eval_batches=12,
                 cache_dir=str(cache))
     return ds.DistillOptions(**{**base, **kw})
 
@@ -278,9 +278,7 @@ def test_distillation_beats_plain_cross_entropy_on_a_pruned_student(pair, tmp_pa
     print(f"\nheld-out KL to teacher: before {kd.before['eval_kl']:.4f}, KD {kd.eval['eval_kl']:.4f}, "
           f"CE {ce.eval['eval_kl']:.4f}; held-out CE: before {kd.before['eval_loss']:.4f}, "
           f"KD {kd.eval['eval_loss']:.4f}, CE {ce.eval['eval_loss']:.4f}")  # docs/BENCHMARKS.md (pytest -s)
-    # pruning hurt: a gap to recover. (Which windows are held out is keyed by the source's content hash, which
-    # covers the generator's source files: 0.27-0.44 over the versions of this corpus so far.)
-    assert kd.before == ce.before and kd.before["eval_kl"] > 0.2
+    assert kd.before == ce.before and kd.before["eval_kl"] > 0.3  # pruning hurt: a gap to recover
     # the report's reason to distill: KL to the teacher and held-out loss both fall further than with CE
     assert kd.eval["eval_kl"] < 0.75 * ce.eval["eval_kl"] and kd.eval["eval_kl"] < 0.4 * kd.before["eval_kl"]
     assert kd.eval["eval_loss"] < ce.eval["eval_loss"] - 0.015
@@ -407,7 +405,7 @@ def test_reformatted_tokenizer_json_is_the_same_tokenizer(pair, tmp_path):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(teacher="nowhere"), "--teacher nowhere: no such model directory"),
+    (dict(teacher="nowhere"), "--teacher nowhere: unknown model profile, and no such model directory"),
     (dict(student=None), "--student DIR is required"),
     (dict(data=None), "--data is required"),
     (dict(steps=None), "--steps N or --tokens N"),

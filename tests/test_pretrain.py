@@ -307,7 +307,7 @@ def test_gpu_recipes_validate(tmp_path, recipe):
      "'--precision': Value error, 'fp4' is not one of 'fp32', 'bf16', 'fp8'"),
     (["--profile", "tiny", "--data", DATA, "--steps", "1", "--global-batch", "6", "--micro-batch", "4"],
      "not a multiple"),
-    (["--model", "nowhere", "--data", DATA, "--steps", "1"], "--model nowhere: no such model directory"),
+    (["--model", "nowhere", "--data", DATA, "--steps", "1"], "--model nowhere: unknown model profile, and no such model directory"),
     (["--profile", "tiny", "--data", DATA, "--steps", "1", "--recipe", "nope.yaml"], "no such recipe"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):

@@ -11,9 +11,9 @@ A shard directory (format ``nano-tokens``) holds
 
 ``prepare_source`` writes it under ``cache_dir/<key>/`` where ``key`` is the sha256 of the format
 version, the source kind, the text field, the tokenizer (its serialized JSON) and the source's
-contents (every file's bytes and extension, in order; for ``synthetic:reasoning`` its options and
-the generator's own source code), so a changed byte of data, tokenizer or generator re-tokenizes and
-an unchanged source is reused. Writing goes to a temporary directory renamed into place, so a
+contents (every file's bytes and extension, in order; for ``synthetic:reasoning`` its options and the
+``synthetic.fingerprint()`` of what the generators produce), so a changed byte of data, tokenizer or generator
+output re-tokenizes and an unchanged source is reused. Writing goes to a temporary directory renamed into place, so a
 crashed or concurrent run never leaves a half-written shard behind.
 
 Also here, because it is the other use of a tokenizer: ``train_bpe_tokenizer`` (nano's byte-level BPE
@@ -102,11 +102,10 @@ def tokenizer_hash(tokenizer) -> str:
 def _content_hash(spec: SourceSpec) -> str:
     h = hashlib.sha256()
     if spec.kind == "synthetic":
-        from . import reasoning_tasks, synthetic
+        from .synthetic import fingerprint
 
         h.update(json.dumps(spec.options, sort_keys=True).encode())
-        for module in (synthetic, reasoning_tasks):  # a changed generator or format is a changed source
-            h.update(Path(module.__file__).read_bytes())
+        h.update(fingerprint().encode())  # a changed generator or format is a changed source
         return h.hexdigest()
     for path in spec.paths:
         h.update(f"\0{path.suffix.lower()}\0".encode())

@@ -48,6 +48,7 @@ chat template when tokenized (the report distilled on reasoning SFT-style data m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import re
@@ -145,6 +146,21 @@ def generate(n: int, seed: int = 0, split: str = "train", tasks: Sequence[str] |
         raise ConfigError(f"synthetic:reasoning: the number of problems must be an integer >= 0, got {n!r}")
     stream = iter_problems(seed, split, tasks, difficulty)
     return [next(stream) for _ in range(n)]
+
+
+@functools.cache
+def fingerprint() -> str:
+    """sha256 of a fixed probe of the corpus: four problems of every task at every difficulty, from both splits,
+    as text and as chat. The token-shard cache keys on it (``shards.py``), so a change of any generator or
+    format is a new source, while a refactor that changes no output keeps the caches and the held-out windows."""
+    h = hashlib.sha256()
+    for task in TASKS:
+        for d in range(MIN_DIFFICULTY, MAX_DIFFICULTY + 1):
+            for split in SPLITS:
+                for p in generate(4, seed=7, split=split, tasks=[task], difficulty=d):
+                    h.update(as_text(p).encode("utf-8"))
+                    h.update(repr(as_chat(p, think=d % 2 == 0)).encode("utf-8"))
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
