@@ -49,15 +49,18 @@ def layer_counts(s: ModelSummary) -> str:
     return "/".join(str(counts[kind]) for kind, _, _ in KINDS)
 
 
-def model_table(models: Sequence[ModelSummary], title: str = "Model profiles") -> Table:
-    """One row per model: layers, M/-/* counts, parameters, bf16 weights, KV cache at 128k."""
+def name_table(title: str, columns: Sequence[str]) -> Table:
+    """A table of named rows: the bold ``name`` column, then right-aligned number columns."""
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
     table.add_column("name", no_wrap=True, style="bold")
-    table.add_column("layers", justify="right", no_wrap=True)
-    table.add_column("M/-/*", justify="right", no_wrap=True)
-    table.add_column("params", justify="right", no_wrap=True)
-    table.add_column("weights", justify="right", no_wrap=True)
-    table.add_column("KV@128k", justify="right", no_wrap=True)
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    return table
+
+
+def model_table(models: Sequence[ModelSummary], title: str = "Model profiles") -> Table:
+    """One row per model: layers, M/-/* counts, parameters, bf16 weights, KV cache at 128k."""
+    table = name_table(title, ("layers", "M/-/*", "params", "weights", "KV@128k"))
     for s in models:
         table.add_row(s.name, str(s.config.num_hidden_layers), layer_counts(s), human_count(s.params.total),
                       human_bytes(s.weight_bytes), human_bytes(s.kv_bytes))
@@ -66,14 +69,7 @@ def model_table(models: Sequence[ModelSummary], title: str = "Model profiles") -
 
 def gpu_table(gpus: Sequence[GpuProfile]) -> Table:
     """One row per GPU: memory, what the framework and other models keep, the budget left."""
-    table = Table(title="GPU profiles", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
-    table.add_column("name", no_wrap=True, style="bold")
-    table.add_column("memory", justify="right", no_wrap=True)
-    table.add_column("overhead", justify="right", no_wrap=True)
-    table.add_column("reserved", justify="right", no_wrap=True)
-    table.add_column("budget", justify="right", no_wrap=True)
-    table.add_column("GB/s", justify="right", no_wrap=True)
-    table.add_column("TFLOP/s", justify="right", no_wrap=True)
+    table = name_table("GPU profiles", ("memory", "overhead", "reserved", "budget", "GB/s", "TFLOP/s"))
     for g in gpus:
         table.add_row(g.name, f"{g.memory_gib:.2f} GiB", f"{g.framework_overhead:.0%}", f"{g.reserved_gib:.2f} GiB",
                       f"{g.budget_gib:.2f} GiB", f"{g.bandwidth_gbs:g}", f"{g.bf16_tflops:g}")

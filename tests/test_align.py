@@ -199,7 +199,7 @@ def test_bad_mu_from_a_recipe_is_one_line(base, tmp_path):
 def test_fp8_precision_runs_fp8_gemms(base, tmp_path):
     """--precision fp8 converts the policy's Linears (align trained in bf16 before the one training run)."""
     r = align(base, tmp_path, "sft", steps=2, precision="fp8", fp8_keep=1)
-    assert r.fp8 and r.fp8["fp8"] and r.steps_done == 2 and (tmp_path / "final" / "model.safetensors").is_file()
+    assert r.fp8 and r.fp8.fp8 and r.steps_done == 2 and (tmp_path / "final" / "model.safetensors").is_file()
 
 
 def test_merge_cli_writes_the_weighted_mean(base, tmp_path):

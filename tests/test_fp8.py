@@ -247,10 +247,10 @@ def test_convert_picks_the_middle_layers_and_keeps_checkpoints():
     with torch.no_grad():
         ref = m(ids)
     report = convert_to_fp8(m, FP8Recipe(keep_high_precision=2))  # 6 layers "M-M*-M": 2 and 3 in FP8
-    assert report["fp8"] == ["backbone.layers.2.mixer.in_proj", "backbone.layers.2.mixer.out_proj",
+    assert report.fp8 == ["backbone.layers.2.mixer.in_proj", "backbone.layers.2.mixer.out_proj",
                              "backbone.layers.3.mixer.q_proj", "backbone.layers.3.mixer.k_proj",
                              "backbone.layers.3.mixer.v_proj", "backbone.layers.3.mixer.o_proj"]
-    assert "lm_head" in report["high_precision"] and "backbone.layers.0.mixer.in_proj" in report["high_precision"]
+    assert "lm_head" in report.high_precision and "backbone.layers.0.mixer.in_proj" in report.high_precision
     assert isinstance(m.backbone.layers[3].mixer.q_proj, FP8Linear)
     assert type(m.backbone.layers[1].mixer.up_proj) is nn.Linear
     sd = m.state_dict()
@@ -259,8 +259,8 @@ def test_convert_picks_the_middle_layers_and_keeps_checkpoints():
     with torch.no_grad():
         out = m(ids)
     assert 0 < nrel(out, ref) < 0.08
-    assert len(convert_to_fp8(m, FP8Recipe(keep_high_precision=0))["fp8"]) == 14  # every block's Linears
-    assert convert_to_fp8(m, FP8Recipe(keep_high_precision=3))["fp8"] == []
+    assert len(convert_to_fp8(m, FP8Recipe(keep_high_precision=0)).fp8) == 14  # every block's Linears
+    assert convert_to_fp8(m, FP8Recipe(keep_high_precision=3)).fp8 == []
     revert_fp8(m)
     assert not any(isinstance(mod, FP8Linear) for mod in m.modules())
     assert all(p is params[k] for k, p in m.named_parameters())
@@ -536,17 +536,17 @@ def test_scale_layouts_match_torchs_checks():
 def test_convert_reports_the_gemm_form(fake_mm):
     m = tiny_model()
     report = convert_to_fp8(m, FP8Recipe(backend="emulate"))
-    assert report["gemm_form"] == "emulate" and report["gemm"].startswith("emulated (quantize-dequantize")
-    assert "'emulate'" in report["gemm"]
+    assert report.gemm_form == "emulate" and report.gemm.startswith("emulated (quantize-dequantize")
+    assert "'emulate'" in report.gemm
     if SCALED_MM:
         report = convert_to_fp8(m, FP8Recipe())
-        assert report["gemm_form"] == "per-block"
-        assert report["gemm"].startswith("per-128-block _scaled_mm loop: torch._scaled_mm refused block-wise")
-        assert convert_to_fp8(m, FP8Recipe(scaling="tensorwise"))["gemm"] == "tensorwise single _scaled_mm"
+        assert report.gemm_form == "per-block"
+        assert report.gemm.startswith("per-128-block _scaled_mm loop: torch._scaled_mm refused block-wise")
+        assert convert_to_fp8(m, FP8Recipe(scaling="tensorwise")).gemm == "tensorwise single _scaled_mm"
         fake_mm()
         report = convert_to_fp8(m, FP8Recipe())
-        assert report["gemm_form"] == "blockwise" and report["gemm"] == "block-wise single _scaled_mm (cuBLASLt)"
-    assert len(report["fp8"]) == 6 and "lm_head" in report["high_precision"]  # the old keys are unchanged
+        assert report.gemm_form == "blockwise" and report.gemm == "block-wise single _scaled_mm (cuBLASLt)"
+    assert len(report.fp8) == 6 and "lm_head" in report.high_precision  # the old keys are unchanged
 
 
 def test_auto_on_a_gpu_without_fp8_says_it_emulates(monkeypatch, fresh_probe):
@@ -558,11 +558,11 @@ def test_auto_on_a_gpu_without_fp8_says_it_emulates(monkeypatch, fresh_probe):
     monkeypatch.setattr(torch, "_scaled_mm", no_fp8)
     monkeypatch.setattr(fp8, "_model_device", lambda model: torch.device("cuda", 0))
     report = convert_to_fp8(tiny_model(), FP8Recipe(backend="auto"))
-    assert report["gemm_form"] == "emulate"
-    assert report["gemm"].startswith("emulated (quantize-dequantize float32 matmul): torch._scaled_mm does not "
+    assert report.gemm_form == "emulate"
+    assert report.gemm.startswith("emulated (quantize-dequantize float32 matmul): torch._scaled_mm does not "
                                      "run on cuda:0: ")
-    assert fp8.gemm_reason("cuda:0") in report["gemm"] and fp8.gemm_reason("cuda:0")
+    assert fp8.gemm_reason("cuda:0") in report.gemm and fp8.gemm_reason("cuda:0")
     assert fp8._resolve_backend("auto", torch.device("cuda", 0)) == "emulate"
-    assert len(report["fp8"]) == 6
+    assert len(report.fp8) == 6
     with pytest.raises(ConfigError, match="scaled_mm"):
         convert_to_fp8(tiny_model(), FP8Recipe(backend="scaled_mm"))

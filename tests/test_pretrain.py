@@ -222,7 +222,7 @@ def test_fp8_loss_curve_tracks_bf16(tmp_path, cache, tokenizer_dir):
     kw = dict(steps=30, fp8_keep=0, heldout_fraction=0.0)
     bf16 = pt.run(options(tmp_path / "bf16", cache, tokenizer_dir, precision="bf16", **kw))
     fp8 = pt.run(options(tmp_path / "fp8", cache, tokenizer_dir, precision="fp8", **kw))
-    assert fp8.fp8 and len(fp8.fp8["fp8"]) > 0
+    assert fp8.fp8 and len(fp8.fp8.fp8) > 0
 
     def tail(out):
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

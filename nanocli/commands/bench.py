@@ -7,7 +7,6 @@ models compared, throughput per (prompt, output) pair, time per output token as 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ from .. import settings, ui
 from ..bench import BenchOptions
 from ..summary import KINDS
 from .flags import command
+from .output import check_plot, emit
 
 if TYPE_CHECKING:
     from ..bench_results import BenchResult
@@ -52,22 +52,11 @@ def bench(given: dict, output: dict) -> None:
 
     options, out = BenchOptions(**given), BenchOutput(**output)
     settings.validate(options, stage.BenchError)
-    if out.plot is not None:
-        from ..plot import checked_png
+    from ..plot import plot_bench
 
-        checked_png(out.plot)  # a bad path fails before the long run
+    check_plot(out.plot)
     result = stage.run(options, ui.Progress())  # status lines on stderr (no bars: nothing is counted)
-    plot_path = None
-    if out.plot is not None:
-        from ..plot import plot_bench
-
-        plot_path = str(plot_bench(result, out.plot))
-    if out.json:
-        data = result.to_json()
-        data["plot"] = plot_path
-        typer.echo(json.dumps(data, indent=2))
-    else:
-        show_bench(result, plot_path)
+    emit(result, json_out=out.json, plot=out.plot, draw=plot_bench, show=show_bench)
 
 
 # ------------------------------------------------------------------------------------------ rendering

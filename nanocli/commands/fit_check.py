@@ -18,6 +18,7 @@ from rich.text import Text
 from .. import settings, ui
 from ..stages.fit_check import FitCheckOptions
 from .flags import command
+from .output import emit
 
 if TYPE_CHECKING:
     from ..measure import Measurement
@@ -65,21 +66,13 @@ def fit_check(given: dict, output: dict) -> None:
         measured = measure.run(result.model.config, context=e.context, batch=e.batch, dtype=e.dtype,
                                ssm_dtype=e.ssm_dtype, prefill_chunk=result.prefill_chunk,
                                device_index=options.device_index)
-    plot_path = None
-    if out.plot is not None:
-        from ..plot import plot_fit
+    from dataclasses import asdict
 
-        plot_path = str(plot_fit(result, out.plot))
-    if out.json:
-        import json
-        from dataclasses import asdict
+    from ..plot import plot_fit
 
-        data = result.to_json()
-        data["plot"] = plot_path
-        data["measured"] = None if measured is None else asdict(measured)
-        typer.echo(json.dumps(data, indent=2))
-    else:
-        show_fit_check(result, measured, plot_path)
+    emit(result, json_out=out.json, plot=out.plot, draw=plot_fit,
+         show=lambda r, plot_path: show_fit_check(r, measured, plot_path),
+         extra={"measured": None if measured is None else asdict(measured)})
     raise typer.Exit(result.exit_code)
 
 

@@ -106,9 +106,8 @@ def print_result(t: Table, r: TrainResult, resources: bool = True) -> None:
         if r.mfu is not None:
             t.add_row("MFU", f"{100 * r.mfu:.1f}%")
     if r.fp8:
-        gemm = f"; GEMMs: {r.fp8['gemm']}" if r.fp8.get("gemm") else ""
-        t.add_row("fp8", f"{len(r.fp8['fp8'])} linear layers in FP8, {len(r.fp8['high_precision'])} kept in bf16"
-                  f"{gemm}")
+        t.add_row("fp8", f"{len(r.fp8.fp8)} linear layers in FP8, {len(r.fp8.high_precision)} kept in bf16; "
+                  f"GEMMs: {r.fp8.gemm}")
     t.add_row("checkpoint", str(r.final))
     if r.plot:
         t.add_row("loss curve", str(r.plot))

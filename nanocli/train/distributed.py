@@ -97,17 +97,13 @@ def setup(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    from ..resolve import visible_device
+
+    if visible_device(device) == "cuda":  # auto: a visible GPU; cuda without one, or an unknown name: one line
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-    elif device == "cpu":
-        dev = torch.device("cpu")
     else:
-        raise ConfigError(f"--device {device!r} is unknown; use auto, cpu or cuda")
+        dev = torch.device("cpu")
     if world == 1:
         return Dist(device=dev)
     if not tdist.is_initialized():

@@ -54,6 +54,7 @@ Layout: this module holds the recipe, the Linear's autograd Function and the mod
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -322,15 +323,26 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def convert_to_fp8(model: nn.Module, recipe: FP8Recipe) -> dict[str, list[str] | str]:
+@dataclass(frozen=True)
+class FP8Conversion:
+    """What ``convert_to_fp8`` did: the Linears in FP8 and in high precision (module names), and how the FP8
+    GEMMs run on the model's device (``gemm_form``: one of GEMM_FORMS; ``gemm``: in words, with the reason when
+    that is less than the best form; an emulation is always named as one)."""
+
+    fp8: list[str]
+    high_precision: list[str]
+    gemm_form: str
+    gemm: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def convert_to_fp8(model: nn.Module, recipe: FP8Recipe) -> FP8Conversion:
     """Swap the ``nn.Linear`` modules of ``model.backbone.layers`` for FP8Linear, in place.
 
     The first and last ``recipe.keep_high_precision`` layers holding a Linear stay as they are, and so do the
     embeddings and lm_head. Parameters are shared, not copied, so optimizers and checkpoints are unaffected.
-    Returns ``{"fp8": [module names], "high_precision": [names of the Linears left as they are],
-    "gemm_form": one of GEMM_FORMS, "gemm": how the FP8 GEMMs run on the model's device}``; "gemm" says
-    why when that is less than the best form, and an emulation (backend "auto" where no FP8 GEMM runs) is
-    always named as one, with the reason.
     """
     layers = getattr(getattr(model, "backbone", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -352,6 +364,6 @@ def convert_to_fp8(model: nn.Module, recipe: FP8Recipe) -> dict[str, list[str] |
             if type(module) is nn.Linear:  # exact type: subclasses (adapters, ...) are left alone
                 _replace(layers[i], name, FP8Linear.from_linear(module, recipe))
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return {"fp8": [name for name, m in linears if isinstance(m, FP8Linear)],
-            "high_precision": [name for name, m in linears if not isinstance(m, FP8Linear)],
-            "gemm_form": gemm_form(device, recipe), "gemm": describe_gemm(device, recipe)}
+    return FP8Conversion(fp8=[name for name, m in linears if isinstance(m, FP8Linear)],
+                         high_precision=[name for name, m in linears if not isinstance(m, FP8Linear)],
+                         gemm_form=gemm_form(device, recipe), gemm=describe_gemm(device, recipe))

@@ -94,7 +94,7 @@ class TrainResult:
     already_done: bool = False
     peak_memory_bytes: int = 0
     mfu: float | None = None
-    fp8: dict | None = None  # which Linear layers run in FP8 and the GEMM form (--precision fp8)
+    fp8: Any = None  # fp8.FP8Conversion: which Linears run in FP8 and the GEMM form (--precision fp8)
     plot: Path | None = None
 
     @property
