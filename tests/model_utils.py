@@ -55,3 +55,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| in float64."""
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def ssd_inputs(b, T, H, P, G, N, seed=0, dtype=torch.float64):
+    """Random scan operands x (b,T,H,P), dt (b,T,H) in (0.01, 0.81), A (H,) negative, B, C (b,T,G,N), D (H,),
+    an initial state (b,H,P,N): what the SSD tests of reference.py and cpu_fastpath.py run on."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, T, H, P, generator=g, dtype=dtype)
+    dt = torch.rand(b, T, H, generator=g, dtype=dtype) * 0.8 + 0.01
+    A = -torch.rand(H, generator=g, dtype=dtype) * 3 - 0.1
+    B = torch.randn(b, T, G, N, generator=g, dtype=dtype)
+    C = torch.randn(b, T, G, N, generator=g, dtype=dtype)
+    D = torch.randn(H, generator=g, dtype=dtype)
+    h0 = torch.randn(b, H, P, N, generator=g, dtype=dtype)
+    return x, dt, A, B, C, D, h0
