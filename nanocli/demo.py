@@ -1,6 +1,6 @@
 """``nano demo`` (``make demo``): the report's pipeline in miniature, from one recipe, on a laptop CPU.
 
-``profiles/recipes/demo.yaml`` names the output folder and one section per stage, in order::
+``nanocli/profiles/recipes/demo.yaml`` names the output folder and one section per stage, in order::
 
     pretrain -> sft -> grpo (or dpo) -> prune -> distill
 

@@ -5,7 +5,7 @@ the schedule, ...) by inheritance, so its fields are flat (``o.lr``) and every s
 declarations. Each field has a default, a type (``Literal[...]`` for a choice) and a docstring, and is at once:
 
 * a stage input: ``PretrainOptions(lr=1e-3)``;
-* a recipe key (``profiles/recipes/*.yaml``; ``train/recipe.py`` checks names and types);
+* a recipe key (``nanocli/profiles/recipes/*.yaml``; ``train/recipe.py`` checks names and types);
 * a command-line flag: ``commands/flags.py`` turns the fields into typer parameters, the docstring becoming
   the help text and the default the ``--help`` default, grouped into one help panel per group.
 

@@ -8,7 +8,7 @@ import yaml
 
 from nanocli_model import HybridCache, NanoConfig, NanoForCausalLM, memory
 
-PROFILES = sorted((Path(__file__).resolve().parent.parent / "profiles" / "models").glob("*.yaml"))
+PROFILES = sorted((Path(__file__).resolve().parent.parent / "nanocli" / "profiles" / "models").glob("*.yaml"))
 
 
 def _config(path: Path) -> NanoConfig:
@@ -60,7 +60,7 @@ RELEASED = {
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_released_parameter_counts(name):
-    c = _config(Path(__file__).resolve().parent.parent / "profiles" / "models" / f"{name}.yaml")
+    c = _config(Path(__file__).resolve().parent.parent / "nanocli" / "profiles" / "models" / f"{name}.yaml")
     total, mamba, mlp, attn, emb = RELEASED[name]
     assert memory.param_count(c).total == total
     assert memory.mamba_layer_params(c) == mamba
@@ -72,7 +72,7 @@ def test_released_parameter_counts(name):
 def test_report_memory_figures_for_9b():
     # docs/REFERENCE.md section 6: 2.00 GiB KV at 128k (4 layers x 8 heads x 128 x 2 x 2 bytes x 131072),
     # 0.07-0.14 GiB Mamba state (bf16 / fp32), 16.56 GiB bf16 weights.
-    c = _config(Path(__file__).resolve().parent.parent / "profiles" / "models" / "nemotron-nano-9b-v2.yaml")
+    c = _config(Path(__file__).resolve().parent.parent / "nanocli" / "profiles" / "models" / "nemotron-nano-9b-v2.yaml")
     gib = 2**30
     assert memory.kv_cache_bytes(c, 1, 131072, "bf16") == 2 * gib
     assert memory.ssm_state_bytes(c, 1, "float32") / gib == pytest.approx(0.132, abs=0.005)

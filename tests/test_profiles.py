@@ -18,7 +18,7 @@ from nanocli.profiles import (
 from nanocli_model import memory
 from nanocli_model.config import ATTENTION, MAMBA, MLP
 
-PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+PROFILES = Path(__file__).resolve().parent.parent / "nanocli" / "profiles"
 PATTERN_12B = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
 PATTERN_9B = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
 RELEASED = {  # name: (params, layers, (Mamba, MLP, attention), pattern) from docs/REFERENCE.md section 1

@@ -29,7 +29,7 @@ class DemoOptions(settings.Group):
     panel = "Options"
 
     recipe: str = "demo"
-    """The pipeline recipe (name in profiles/recipes/ or a .yaml path)."""
+    """The pipeline recipe (name in nanocli/profiles/recipes/ or a .yaml path)."""
     out: str | None = None
     """Where the stages write (default: the recipe's, runs/demo; with --library-check: runs/demo-model)."""
     fresh: bool = False

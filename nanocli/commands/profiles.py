@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 def profiles() -> None:
     """List the shipped model profiles (layers, parameters, bf16 weights, KV cache at 128k) and GPU profiles.
 
-    Profiles live in profiles/models and profiles/gpus (or $NANO_PROFILES_DIR).
+    Profiles live in nanocli/profiles/models and nanocli/profiles/gpus (or $NANO_PROFILES_DIR).
     """
     from ..profiles import list_gpu_profiles, list_model_profiles
     from ..summary import summarize

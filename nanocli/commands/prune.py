@@ -28,7 +28,7 @@ class PruneRecipe(settings.Group):
     panel = "Run"
 
     recipe: str | None = None
-    """Settings YAML (profiles/recipes/ name or path); flags override it."""
+    """Settings YAML (nanocli/profiles/recipes/ name or path); flags override it."""
 
 
 def register(app: typer.Typer) -> None:

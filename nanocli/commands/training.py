@@ -27,7 +27,7 @@ class Recipe(settings.Group):
     panel = "Run"
 
     recipe: str | None = None
-    """Settings YAML (a profiles/recipes/ name or a path); flags override it."""
+    """Settings YAML (a nanocli/profiles/recipes/ name or a path); flags override it."""
 
 
 def run(stage: ModuleType, options_cls: type, recipe: dict, given: dict, show_plan: Callable[[Any], None],

@@ -1,4 +1,4 @@
-"""Recipes: YAML files of stage settings (``profiles/recipes/*.yaml``) merged under the command-line flags.
+"""Recipes: YAML files of stage settings (``nanocli/profiles/recipes/*.yaml``) merged under the command-line flags.
 
 A recipe is a mapping whose keys are the fields of the stage's options dataclass (the same names as
 the flags, with ``_`` for ``-``), plus an optional ``stage:`` naming the stage it is for. Precedence:
@@ -23,7 +23,7 @@ from ..profiles import profiles_dir
 
 
 def recipe_path(name_or_path: str) -> Path:
-    """A recipe name in ``profiles/recipes/`` or a path to a YAML file."""
+    """A recipe name in ``nanocli/profiles/recipes/`` or a path to a YAML file."""
     p = Path(name_or_path).expanduser()
     if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():

@@ -1,6 +1,6 @@
 """Profiles: the YAML data under ``profiles/`` as typed, validated dataclasses.
 
-``profiles/models/<name>.yaml`` describes a model (``config:`` holds the Hugging Face ``config.json``
+``nanocli/profiles/models/<name>.yaml`` describes a model (``config:`` holds the Hugging Face ``config.json``
 fields), ``profiles/gpus/<name>.yaml`` a GPU's memory, bandwidth and bf16 rate. Every problem is a
 ``ProfileError`` whose one-line message names the file, the field and what to do.
 YAML is read with ``yaml.safe_load`` only.
@@ -66,11 +66,12 @@ class GpuProfile:
 
 # ---------------------------------------------------------------------------- finding files
 def profiles_dir() -> Path:
-    """The ``profiles/`` folder: ``$NANO_PROFILES_DIR`` if set, else the one beside the package."""
+    """The profiles folder: ``$NANO_PROFILES_DIR`` if set, else the package's own (``nanocli/profiles/``, shipped
+    in the wheel as package data)."""
     override = os.environ.get("NANO_PROFILES_DIR")
     if override:
         return Path(override).expanduser()
-    return Path(__file__).resolve().parent.parent / "profiles"
+    return Path(__file__).resolve().parent
 
 
 def profile_names(kind: str) -> list[str]:
