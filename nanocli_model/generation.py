@@ -140,6 +140,7 @@ class _RowThinking:
     forced_end: bool = False  # the budget ended the thinking
     generated: int = 0  # tokens observed so far (to locate the answer)
     answer_start: int | None = None  # index in the generated ids where the answer begins
+    ends_in_period: bool = False  # the thinking's last non-blank token ends with a period
 
 
 class ThinkingBudget:
@@ -153,6 +154,12 @@ class ThinkingBudget:
     next tokens, fed through the model like generated ones (after a newline the model wrote, leading
     newline ids are skipped); then the model writes its answer.
 
+    ``period_close_ids`` (the model card's client: the ids of ``".\n</think>\n\n"``) are forced instead of
+    ``think_end_ids`` (``"\n</think>\n\n"``) unless the thinking already ends in a period: its last token
+    outside ``blank_ids`` (whitespace-only tokens) is one of ``period_end_ids``. After a newline the model
+    wrote, the period close is forced whole (``"...\n.\n</think>"``, as the card's client writes it), while
+    the newline it wrote stands for the first one of ``think_end_ids``.
+
     ``budget=None`` only tracks the span (never forces). ``close_ids`` defaults to the ids of
     ``think_end_ids`` that are not newlines (the ``</think>`` token). ``generate`` calls ``start``;
     the per-row figures are in its result.
@@ -160,7 +167,8 @@ class ThinkingBudget:
 
     def __init__(self, budget: int | None, think_end_ids: Sequence[int], newline_ids: Collection[int],
                  grace: int = 500, *, in_thinking: bool | Sequence[bool] = True,
-                 close_ids: Collection[int] | None = None):
+                 close_ids: Collection[int] | None = None, period_close_ids: Sequence[int] = (),
+                 period_end_ids: Collection[int] = (), blank_ids: Collection[int] = ()):
         if budget is not None and budget < 0:
             raise GenerationError(f"thinking budget must be >= 0 tokens, got {budget}")
         if grace < 0:
@@ -173,6 +181,9 @@ class ThinkingBudget:
         if close_ids is None:
             close_ids = set(self.think_end_ids) - self.newline_ids or set(self.think_end_ids)
         self.close_ids = frozenset(int(i) for i in close_ids)
+        self.period_close_ids = [int(i) for i in period_close_ids]
+        self.period_end_ids = frozenset(int(i) for i in period_end_ids)
+        self.blank_ids = frozenset(int(i) for i in blank_ids)
         self.in_thinking = in_thinking
         self.rows: list[_RowThinking] = []
 
@@ -203,6 +214,8 @@ class ThinkingBudget:
                 r.in_thinking, r.answer_start = False, r.generated
                 return
             r.tokens += 1
+            if token not in self.blank_ids:
+                r.ends_in_period = token in self.period_end_ids
             past_budget = self.budget is not None and r.tokens > self.budget
             self._maybe_end(r, newline=past_budget and token in self.newline_ids)
 
@@ -210,8 +223,9 @@ class ThinkingBudget:
         if not r.in_thinking or self.budget is None:
             return
         if newline or r.tokens >= self.budget + self.grace:
-            pending = list(self.think_end_ids)
-            while newline and len(pending) > 1 and pending[0] in self.newline_ids and pending[0] not in self.close_ids:
+            period = bool(self.period_close_ids) and not r.ends_in_period
+            pending = list(self.period_close_ids if period else self.think_end_ids)
+            while newline and not period and len(pending) > 1 and pending[0] in self.newline_ids and pending[0] not in self.close_ids:
                 pending.pop(0)  # the model just wrote a newline: the close follows it, not a second one
             r.in_thinking, r.forced_end, r.pending = False, True, pending
 
@@ -224,7 +238,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "eos" | "stop" | "length"
     prompt_tokens: int
-    thinking_tokens: int = 0  # tokens generated inside the thinking span (0 without a ThinkingBudget)
+    thinking_tokens: int = 0  # tokens generated inside the thinking span (0 when no ThinkingBudget tracked it)
     budget_forced: bool = False  # the thinking budget inserted think_end_ids
     answer_start: int | None = 0  # index in token_ids where the answer begins (None: still thinking)
 

@@ -38,15 +38,19 @@ THINK_TAGS = ("/think", "/no_think")  # the reasoning switches a system or user 
 _TEMPLATE_FILE = "chat_template.jinja"
 _PROBE = "nano: 12 + 30 = 42 <think>é</think>\n"  # encoded once at load, to catch a tokenizer that cannot work
 
-# nano's chat template (Nemotron-Nano-9B-v2 structure). Reasoning is on unless the last /think or
-# /no_think found in the system and user messages (in order) is /no_think; the tags are removed from
-# the rendered text. Past assistant turns keep only their answer (thinking after </think> or in
-# `reasoning_content` is dropped). A trailing assistant message with add_generation_prompt=False is
-# the turn being trained on and keeps its thinking, so render(messages[:-1], True) is a prefix of it.
-NANO_CHAT_TEMPLATE = r"""{%- set ns = namespace(think=true) -%}
+# nano's chat template: the Nemotron-Nano-9B-v2 card's structure and reasoning switches, without tools. Reasoning
+# is on unless the last system or user message holding a switch holds /no_think and not /think (the card's
+# precedence: a message with both turns it on); the switches are removed from the rendered text. Past assistant
+# turns keep only their answer (after the first </think>; `reasoning_content` is dropped). A trailing assistant
+# message with add_generation_prompt=False is the turn being trained on and keeps its thinking (from
+# `reasoning_content`, or before </think>), so render(messages[:-1], True) is a prefix of it; with
+# add_generation_prompt=True its text follows the generation prompt, for the model to continue (as the card's).
+# On system/user/assistant conversations in the card's own form it renders what the card renders.
+NANO_CHAT_TEMPLATE = r"""{#- nano chat template (Nemotron-Nano-9B-v2 structure) -#}
+{%- set ns = namespace(think=true, prefill='') -%}
 {%- for m in messages if m.role in ['system', 'user'] and m.content is string -%}
-{%- if m.content.rfind('/no_think') > m.content.rfind('/think') -%}{%- set ns.think = false -%}
-{%- elif m.content.rfind('/think') > m.content.rfind('/no_think') -%}{%- set ns.think = true -%}
+{%- if '/think' in m.content -%}{%- set ns.think = true -%}
+{%- elif '/no_think' in m.content -%}{%- set ns.think = false -%}
 {%- endif -%}
 {%- endfor -%}
 {%- if messages and messages[0].role == 'system' -%}
@@ -59,9 +63,11 @@ NANO_CHAT_TEMPLATE = r"""{%- set ns = namespace(think=true) -%}
 {%- if content is not string -%}{{- raise_exception('message content must be a string, got ' ~ content) -}}
 {%- elif m.role == 'user' -%}
 {{- '<SPECIAL_11>User\n' + content.replace('/think', '').replace('/no_think', '').strip() + '\n' -}}
+{%- elif m.role == 'assistant' and loop.last and add_generation_prompt -%}
+{%- set ns.prefill = content.strip() -%}
 {%- elif m.role == 'assistant' -%}
-{%- set answer = content.split('</think>')[-1].strip() -%}
-{%- if loop.last and not add_generation_prompt -%}
+{%- set answer = (content.split('</think>')[1] if '</think>' in content else content).strip() -%}
+{%- if loop.last -%}
 {%- if m.reasoning_content is string -%}{%- set thinking = m.reasoning_content -%}
 {%- elif '</think>' in content -%}{%- set thinking = content.split('</think>')[0].replace('<think>', '') -%}
 {%- else -%}{%- set thinking = '' -%}
@@ -77,7 +83,7 @@ NANO_CHAT_TEMPLATE = r"""{%- set ns = namespace(think=true) -%}
 {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
-{{- '<SPECIAL_11>Assistant\n' + ('<think>\n' if ns.think else '<think></think>') -}}
+{{- '<SPECIAL_11>Assistant\n' + ('<think>\n' if ns.think else '<think></think>') + ns.prefill -}}
 {%- endif -%}"""
 
 
@@ -178,6 +184,66 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}; restore the file")
     return data
+
+
+# ---------------------------------------------------------------------------- messages, as transformers
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # one value under the names templates read
+_CONTINUE_MARK = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What a template sees, as transformers builds it: fresh dicts without the keys whose value is None, and a
+    message's reasoning under each of ``_REASONING_FIELDS``."""
+    chat = []
+    for message in messages:
+        if not isinstance(message, Mapping):
+            raise TokenizerError(f"a chat message must be a mapping with 'role' and 'content', got {message!r:.80}")
+        m = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((m[k] for k in _REASONING_FIELDS if k in m), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        chat.append(m)
+    return chat
+
+
+def _mark_final_message(chat: list[dict[str, Any]], field: bool | str, template: str, source: str) -> str:
+    """Append the continuation marker to the final message's ``field`` (``content`` for True); return the text
+    to continue."""
+    field = field if isinstance(field, str) else "content"
+    if not chat:
+        raise TokenizerError("continue_final_message: the conversation is empty; give the message to continue")
+    final = chat[-1].get(field)
+    if final is None:
+        raise TokenizerError(f"continue_final_message: the final message has no {field!r} to continue")
+    fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final] if field in _REASONING_FIELDS else [field]
+    if not any(f in template for f in fields):
+        raise TokenizerError(f"{source}: continue_final_message: the chat template never reads {field!r}")
+    if isinstance(final, (list, tuple)):  # content blocks: continue the last text block
+        blocks = [dict(b) if isinstance(b, Mapping) else b for b in final]
+        for block in reversed(blocks):
+            if isinstance(block, dict) and isinstance(block.get("text"), str):
+                final, block["text"] = block["text"], block["text"] + _CONTINUE_MARK
+                break
+        else:
+            raise TokenizerError("continue_final_message: the final message has no text block to continue")
+        chat[-1][field] = blocks
+        return final
+    if not isinstance(final, str):
+        raise TokenizerError(f"continue_final_message: the final message's {field!r} is not text")
+    for f in fields:
+        chat[-1][f] = final + _CONTINUE_MARK
+    return final
+
+
+def _cut_at_marker(text: str, final: str, source: str) -> str:
+    """The render up to the continuation marker (and without the whitespace before it, when the template trimmed
+    the whitespace after it)."""
+    mark = _CONTINUE_MARK.strip()
+    if final.strip() not in text or mark not in text:
+        raise TokenizerError(f"{source}: continue_final_message: the chat template does not write the final message "
+                             "as given (it rewrites or drops part of it), so there is nothing to continue")
+    at = text.rindex(mark)
+    return text[:at] if text[at:at + len(_CONTINUE_MARK)] == _CONTINUE_MARK else text[:at].rstrip()
 
 
 # ---------------------------------------------------------------------------- the tokenizer
@@ -317,10 +383,20 @@ class Tokenizer:
         return self.hf.id_to_token(token_id)
 
     # -- chat
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            chat_template: str | None = None, **kwargs: Any) -> str:
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool | None = None,
+                            chat_template: str | None = None, continue_final_message: bool | str = False,
+                            **kwargs: Any) -> str:
         """Render ``messages`` with the checkpoint's template (or ``chat_template``: a template name or a
-        Jinja string), the way transformers' ``apply_chat_template(tokenize=False)`` does."""
+        Jinja string), the way transformers' ``apply_chat_template(tokenize=False)`` does.
+
+        ``add_generation_prompt`` defaults to True (open an assistant turn), or False with
+        ``continue_final_message``: then the text ends where the final message's content (or the field it names,
+        e.g. ``"reasoning_content"``) ends, whatever the template writes after it, so the model continues that
+        message (transformers' rule: a marker is appended to the content, the render is cut at the marker)."""
+        if continue_final_message and add_generation_prompt:
+            raise TokenizerError("continue_final_message and add_generation_prompt exclude each other: continue the "
+                                 "final message, or open a new assistant turn")
+        add_generation_prompt = not continue_final_message if add_generation_prompt is None else add_generation_prompt
         template, source = self.chat_template, self.template_source
         if chat_template in self.chat_templates:
             template, source = self.chat_templates[chat_template], f"{self.source} ({chat_template} template)"
@@ -333,9 +409,11 @@ class Tokenizer:
         if not isinstance(template, str):
             raise TokenizerError(f"{source}: the chat template is a {type(template).__name__}, not text; fix it "
                                  "or use --raw")
+        chat = _template_messages(messages)
+        final = _mark_final_message(chat, continue_final_message, template, source) if continue_final_message else None
         try:
             compiled = _compile(template)
-            text = compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+            text = compiled.render(messages=chat, add_generation_prompt=add_generation_prompt,
                                    **{**self._specials(), **kwargs})
         except jinja2.TemplateSyntaxError as exc:
             raise TokenizerError(f"{source}: chat template does not parse (line {exc.lineno}: {exc.message}); "
@@ -350,19 +428,19 @@ class Tokenizer:
                                  f"{str(exc)[:200]}); check the messages or use --raw") from None
         if not isinstance(text, str):
             raise TokenizerError(f"{source}: chat template rendered a {type(text).__name__}, not text")
-        return text
+        return text if final is None else _cut_at_marker(text, final, source)
 
     def _specials(self) -> dict[str, str]:
         return {k: v for k, v in self.special_tokens.items() if v is not None}
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool | None = None,
                     **kwargs: Any) -> list[int]:
         """``apply_chat_template`` then ``encode`` (no special tokens added: the template writes them)."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs))
 
 
 def render_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], think: bool | None = None,
-                add_generation_prompt: bool = True, **kwargs: Any) -> str:
+                add_generation_prompt: bool | None = None, **kwargs: Any) -> str:
     """Render a chat, forcing reasoning on (``think=True``) or off (``False``): existing ``/think`` and
     ``/no_think`` tags are removed from system and user messages and the chosen one is appended to the
     system message (created when absent). ``think=None`` renders ``messages`` as they are."""

@@ -1,7 +1,9 @@
 """``nano generate`` end to end on a tiny checkpoint with nano's own tokenizer and chat template."""
 
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +102,51 @@ def test_thinking_budget_closes_the_span(capsys, monkeypatch, model_dir, budget,
     assert "</think>" in o["text"]
     if o["budget_forced"]:
         assert o["thinking_tokens"] >= budget
+
+
+LLAMA_CPP_TEMPLATE = (Path(__file__).parent / "fixtures" / "chat_templates" /
+                      "llama.cpp-NVIDIA-Nemotron-Nano-v2.jinja").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def released_template_dir(model_dir, tmp_path_factory):
+    """The same model with llama.cpp's copy of the card's template (generation prompt ``<think>\n\n``)."""
+    out = tmp_path_factory.mktemp("released") / "model"
+    shutil.copytree(model_dir, out)
+    (out / "chat_template.jinja").write_text(LLAMA_CPP_TEMPLATE, encoding="utf-8")
+    return out
+
+
+@pytest.mark.parametrize("budget", [4, 9])
+def test_budget_with_a_think_blank_line_generation_prompt(capsys, monkeypatch, released_template_dir, budget):
+    """The issue's case: a prompt ending ``<think>\n\n`` opens the span, so the budget ends it with the card's
+    close (``.\n</think>\n\n``, the period only when the thinking lacks one)."""
+    from nanocli_model.tokenizer import Tokenizer
+
+    d = gen_json(capsys, monkeypatch, released_template_dir, "Why?", "--greedy", "--ignore-eos", "--max-new-tokens",
+                 "40", "--thinking-budget", budget, "--thinking-grace", "0")
+    o = d["outputs"][0]
+    tok = Tokenizer.from_dir(released_template_dir)
+    assert tok.decode(o["prompt_ids"]).endswith("<SPECIAL_11>Assistant\n<think>\n\n")
+    assert o["budget_forced"] is True and o["thinking_tokens"] == budget and o["thinking"]
+    close = o["generated_ids"][budget:]
+    head = tok.decode(o["generated_ids"][:budget])
+    expected = ("\n</think>\n\n" if head.rstrip().endswith(".") else ".\n</think>\n\n")
+    assert tok.decode(close).startswith(expected)
+    assert o["answer"] == o["text"].partition("</think>")[2].strip()
+
+
+def test_thinking_tokens_are_counted_without_a_budget(capsys, monkeypatch, model_dir, released_template_dir):
+    from nanocli_model.tokenizer import Tokenizer
+
+    for d in (model_dir, released_template_dir):
+        o = gen_json(capsys, monkeypatch, d, "Why?", "--greedy", "--ignore-eos", "--max-new-tokens", "12")["outputs"][0]
+        end = Tokenizer.from_dir(d).think_end_id
+        ids = o["generated_ids"]
+        assert o["thinking_tokens"] == (ids.index(end) if end in ids else len(ids)) > 0
+        assert not o["budget_forced"]
+        off = gen_json(capsys, monkeypatch, d, "Why?", "--no-think", "--greedy", "--max-new-tokens", "6")["outputs"][0]
+        assert off["thinking_tokens"] == 0 and off["thinking"] == ""
 
 
 def test_stop_string_cuts_the_text(capsys, monkeypatch, model_dir):

@@ -21,7 +21,7 @@ from nanocli_model.errors import NanoError
 
 from .. import settings
 from ..settings import flag
-from ..thinking import DEFAULT_GRACE, THINK_CLOSE, THINK_OPEN, newline_ids, split_thinking, think_close_text
+from ..thinking import DEFAULT_GRACE, THINK_CLOSE, budget_controller, prompt_opens_thinking, split_thinking
 
 if TYPE_CHECKING:
     from nanocli_model.generation import GenerationResult
@@ -261,9 +261,7 @@ def prompt_ids(tokenizer, prompt: str | list[dict], options: GenerateOptions) ->
     ids = tokenizer.encode(text, add_special_tokens=options.raw)
     if not ids:
         raise GenerateError("the prompt is empty; give some text")
-    stripped = text.rstrip(" ")
-    in_thinking = not options.raw and stripped.endswith((THINK_OPEN, THINK_OPEN + "\n"))
-    return ids, in_thinking
+    return ids, prompt_opens_thinking(text)
 
 
 # ---------------------------------------------------------------------------------------- generation
@@ -273,7 +271,7 @@ OnText = Callable[[int, str, bool], None]  # (row, new text, inside thinking)
 def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loaded | None = None,
         on_text: OnText | None = None) -> GenerateResult:
     """Generate a completion for every prompt (batched), streaming text through ``on_text``."""
-    from nanocli_model.generation import SamplingParams, ThinkingBudget, generate
+    from nanocli_model.generation import SamplingParams, generate
     from nanocli_model.tokenizer import StreamDecoder
 
     settings.validate(options, GenerateError)
@@ -298,13 +296,10 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
                             min_p=options.min_p, repetition_penalty=options.repetition_penalty, seed=options.seed,
                             max_new_tokens=max_new, ignore_eos=options.ignore_eos,
                             eos_ids=set() if options.ignore_eos else set(tok.eos_ids))
-    thinking = None
-    if options.thinking_budget is not None:
-        if tok.think_end_id is None:
-            raise GenerateError("--thinking-budget: this tokenizer has no </think> token")
-        thinking = ThinkingBudget(options.thinking_budget, tok.encode("\n" + think_close_text(tok)),
-                                  newline_ids(tok), options.thinking_grace, in_thinking=[b[1] for b in built],
-                                  close_ids={tok.think_end_id})
+    # Counts the thinking tokens of every row; with --thinking-budget it also ends the span.
+    thinking = budget_controller(tok, options.thinking_budget, options.thinking_grace, [b[1] for b in built])
+    if thinking is None and options.thinking_budget is not None:
+        raise GenerateError("--thinking-budget: this tokenizer has no single </think> token to end the thinking with")
     streams = [StreamDecoder(tok, skip_special_tokens=True, context_ids=row[-5:]) for row in ids]
     texts = [""] * len(ids)
     inside = [b[1] for b in built]

@@ -47,7 +47,6 @@ from nanocli_model.generation import SamplingParams, ThinkingBudget, generate
 from .preference import gather_logprobs
 from .rewards import RewardFn, score
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 DEFAULT_GRACE = 500  # model card: end the thinking at the first newline after the budget, else at budget + 500
 
 
@@ -158,21 +157,20 @@ class Rollout:
         return self.rewards
 
 
-def _in_thinking(tokenizer, prompt: Sequence[int]) -> bool:
-    """Whether generation starts inside the thinking span (the prompt ends with ``<think>``)."""
-    return tokenizer.decode(list(prompt[-4:])).rstrip(" ").endswith((THINK_OPEN, THINK_OPEN + "\n"))
-
-
 def _thinking(tokenizer, prompts: Sequence[Sequence[int]], budget: int | None, grace: int) -> ThinkingBudget | None:
+    """``nano generate``'s budget rule (``nanocli.thinking.budget_controller``); None without a budget."""
     if budget is None:
         return None
-    if tokenizer.think_end_id is None:
-        raise ConfigError("thinking_budget: this tokenizer has no </think> token")
-    from nanocli.thinking import newline_ids, think_close_text  # cached on the tokenizer
+    from nanocli.thinking import (  # vocabulary scans cached on the tokenizer
+        budget_controller,
+        prompt_opens_thinking,
+    )
 
-    return ThinkingBudget(budget, tokenizer.encode("\n" + think_close_text(tokenizer)), newline_ids(tokenizer), grace,
-                          in_thinking=[_in_thinking(tokenizer, p) for p in prompts],
-                          close_ids={tokenizer.think_end_id})
+    thinking = budget_controller(tokenizer, budget, grace,
+                                 [prompt_opens_thinking(tokenizer.decode(list(p))) for p in prompts])
+    if thinking is None:
+        raise ConfigError("thinking_budget: this tokenizer has no single </think> token to end the thinking with")
+    return thinking
 
 
 def rollout(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[int]], group_size: int,
