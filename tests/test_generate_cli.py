@@ -15,15 +15,19 @@ from nanocli_model.tokenizer import build_test_tokenizer
 TEXTS = ["The answer is 42.\nLet me think step by step.\n", "Hello world! How are you today?\n"] * 50
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
+def build_model(root: Path) -> Path:
+    """A tiny random-weight checkpoint with nano's test tokenizer and chat template: ``root/model``."""
     tok = build_test_tokenizer(root / "tok", TEXTS, vocab_size=300)
     m = NanoForCausalLM(tiny_config(vocab_size=tok.vocab_size))
     randomize(m, 1)
     files = [root / "tok" / f for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")]
     save_pretrained(m, root / "model", extra_files=files)
     return root / "model"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model(tmp_path_factory.mktemp("gen"))
 
 
 def run(capsys, monkeypatch, *args, stdin=None):
@@ -275,7 +279,8 @@ def test_a_failed_compile_falls_back_to_eager_and_says_why(capsys, monkeypatch, 
 
 
 def test_chat_session_keeps_the_history_and_its_own_settings(model_dir):
-    from nanocli.stages.generate import ChatSession, GenerateOptions
+    from nanocli.stages.chat import ChatSession
+    from nanocli.stages.generate import GenerateOptions
 
     options = GenerateOptions(model=str(model_dir), greedy=True, max_new_tokens=3)
     session = ChatSession(options)

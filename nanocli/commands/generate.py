@@ -1,9 +1,14 @@
 """``nano generate``: text from a NemotronH model, one prompt, a batch file, or a chat.
 
 The command: ``GenerateOptions`` (the stage's) plus what only the command line asks for (where the prompts
-come from and go to, ``--json``, ``--hide-thinking``, ``--interactive``); the call into
-``stages/generate.py`` (``run``, or a ``ChatSession`` fed the lines typed); the rendering (the streamed text,
-the thinking dimmed, and the figures line on stderr).
+come from and go to, ``--json``, ``--hide-thinking``, ``--interactive``, ``--stats``); the call into the
+stages (``stages/generate.py``'s ``run`` for a prompt, ``stages/generate_batch.py`` for ``--input``, a
+``stages/chat.py`` session for ``-i``, whose terminal loop is ``commands/chat.py``); the rendering (the
+streamed text, the thinking dimmed, the result records, and the figures line on stderr).
+
+Where the results go: a prompt streams to stdout; ``--input`` prints one JSON record a line (JSONL) on
+stdout, or writes them to ``--output``; ``--json`` prints instead one JSON object for the whole run (its
+``outputs`` being the records with the token ids), with ``--output`` written as well when given.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from .. import settings, ui
 from ..settings import flag
@@ -23,7 +27,7 @@ from ..stages.generate import GenerateOptions
 from .flags import command
 
 if TYPE_CHECKING:
-    from ..stages.generate import ChatSession, GenerateResult
+    from ..stages.generate import GenerateResult
 
 
 @dataclass
@@ -35,9 +39,12 @@ class GenerateInput(settings.Group):
     file: str | None = None
     """Read the prompt from this file."""
     input_file: str | None = flag(None, name="input")
-    """Batch mode: a .jsonl of {"prompt"} or {"messages"} lines."""
+    """Batch: a .jsonl, a line {"prompt": "..."} or {"messages": [...]} with an optional "id" and its own think,
+    system, temperature, top_p, top_k, min_p, max_new_tokens, seed, stop, thinking_budget (lines with equal
+    settings run as one batch; other fields are refused). Prints one JSON result a line unless --output."""
     output_file: str | None = flag(None, name="output")
-    """Batch mode: write results here (.jsonl)."""
+    """Write the results here, one JSON object a line: id, prompt or messages, text, thinking, answer,
+    finish_reason, token counts."""
 
 
 @dataclass
@@ -45,11 +52,15 @@ class GenerateOutput(settings.Group):
     panel = "Output"
 
     json: bool = False
-    """Print one JSON object (ids, text, thinking, answer, timings)."""
+    """Print one JSON object for the whole run (outputs with their token ids, timings, seed), --input too."""
     hide_thinking: bool = False
-    """Do not show the thinking span."""
+    """Do not show the thinking span (streamed text and chat)."""
     interactive: bool = flag(False, aliases=("-i",))
-    """Multi-turn chat: /think, /no_think, /budget N, /reset, /exit."""
+    """Multi-turn chat with line editing and history: /help lists the commands, a \"\"\" line starts a
+    multi-line message."""
+    stats: bool = False
+    """Chat: print the figures line after every answer (/stats toggles it). A prompt or --input always prints it
+    on stderr."""
 
 
 def register(app: typer.Typer) -> None:
@@ -59,37 +70,74 @@ def register(app: typer.Typer) -> None:
 def generate(given: dict, inputs: dict, output: dict) -> None:
     """Generate text with a NemotronH model: chat template, reasoning on/off, thinking budget, streaming.
 
-    Applies the checkpoint's chat template (or --raw), streams the thinking span dimmed and the answer
-    plainly, and prints prompt/generated tokens, prefill and decode tokens/s and peak memory on stderr.
+    Applies the checkpoint's chat template (or --raw), streams the thinking span dimmed and the answer plainly, and prints prompt/generated tokens, prefill and decode tokens/s and peak memory on stderr.
+
+    --input FILE.jsonl runs a batch file and prints one JSON result a line (JSONL), or writes them to --output; --json prints one JSON object for the whole run instead. -i chats (/help lists its commands).
     """
     from ..stages import generate as gen
+    from ..stages import generate_batch as batch
 
     options, source, out = GenerateOptions(**given), GenerateInput(**inputs), GenerateOutput(**output)
     settings.validate(options, gen.GenerateError)
     if out.interactive:
-        chat(gen.ChatSession(options))
+        chat_mode(options, source, out)
         return
-    batch = source.input_file is not None
-    if batch:
-        prompts = gen.read_jsonl(Path(source.input_file))
-    else:
-        text = gen.read_prompt(source.prompt, None if source.file is None else Path(source.file))
-        prompts = [] if text is None or not text.strip() else [text]
-    if not prompts:
+    output_path = None if source.output_file is None else Path(source.output_file)
+    if output_path is not None:
+        batch.check_output(output_path)
+    if source.input_file is not None:
+        if source.prompt is not None or source.file is not None:
+            raise gen.GenerateError("--input reads the prompts from its file: drop the prompt argument / --file")
+        run_file(options, Path(source.input_file), output_path, out.json)
+        return
+    text = gen.read_prompt(source.prompt, None if source.file is None else Path(source.file))
+    if text is None or not text.strip():
         raise gen.GenerateError("the prompt is empty: pass it as an argument, with --file, on stdin or --input")
     loaded = gen.load(options, options.compile)
-    stream = None if (out.json or batch) else TextStream(out.hide_thinking)
-    result = gen.run(options, prompts, loaded, on_text=None if stream is None else stream.write)
+    stream = None if out.json else TextStream(out.hide_thinking)
+    result = gen.run(options, [text], loaded, on_text=None if stream is None else stream.write)
     if stream is not None:
         stream.close()
-    if source.output_file is not None:
-        gen.write_jsonl(Path(source.output_file), result)
+    if output_path is not None:
+        row = batch.BatchRow("prompt", 0, text, {})
+        batch.write_jsonl(output_path, batch.records([row], result))
     if out.json:
         typer.echo(json.dumps(result.to_json(), indent=2))
-    elif batch and source.output_file is None:
-        for o in result.outputs:
-            typer.echo(json.dumps({"answer": o.answer, "thinking": o.thinking}))
     show_generation_stats(result)
+
+
+def run_file(options: GenerateOptions, path: Path, output_path: Path | None, as_json: bool) -> None:
+    """``--input``: every line checked before the model loads; the records to stdout (JSONL) or --output."""
+    from ..stages import generate as gen
+    from ..stages import generate_batch as batch
+
+    rows = batch.read_batch(path, options)
+    result = batch.run_batch(options, rows, gen.load(options, options.compile))
+    records = batch.records(rows, result)
+    if output_path is not None:
+        batch.write_jsonl(output_path, records)
+    if as_json:
+        typer.echo(json.dumps(batch.batch_json(rows, result), indent=2, ensure_ascii=False))
+    elif output_path is None:
+        for r in records:
+            typer.echo(json.dumps(r, ensure_ascii=False))
+    show_generation_stats(result)
+    if output_path is not None:
+        Console(stderr=True, highlight=False).print(f"wrote {len(records)} results to {output_path}", markup=False)
+
+
+def chat_mode(options: GenerateOptions, source: GenerateInput, out: GenerateOutput) -> None:
+    from ..stages.chat import ChatSession
+    from ..stages.generate import GenerateError
+    from .chat import chat
+
+    extra = [name for name, on in (("a prompt", source.prompt is not None), ("--file", source.file is not None),
+                                   ("--input", source.input_file is not None),
+                                   ("--output", source.output_file is not None), ("--json", out.json)) if on]
+    if extra:
+        raise GenerateError(f"--interactive reads its prompts from the terminal: drop {', '.join(extra)} "
+                            "(/save FILE writes the conversation)")
+    chat(ChatSession(options, show_stats=out.stats), hide_thinking=out.hide_thinking)
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -125,36 +173,10 @@ def show_generation_stats(result: GenerateResult) -> None:
               f"prefill {s.prefill_tokens_per_s:,.1f} tok/s, decode {s.decode_tokens_per_s:,.1f} tok/s | "
               f"peak memory {ui.human_bytes(s.peak_memory_bytes)} ({s.peak_memory_source}) | "
               f"{result.device} {result.dtype} | kernels {result.kernels}"
-              + (f" | compiled decode (compile {s.compile_seconds:.1f} s)" if result.decode == "compiled" else ""),
+              + (f" | compiled decode (compile {s.compile_seconds:.1f} s)" if result.decode == "compiled" else "")
+              + (f" | {result.batches} batches (lines grouped by their settings)" if result.batches > 1 else ""),
               style="dim", markup=False)
     if result.device != "cpu" and result.kernels != "mamba-ssm+causal-conv1d":  # a GPU without every kernel
         err.print(f"note: {result.kernels_detail}", markup=False, highlight=False)
     if result.decode.startswith("eager ("):  # --compile asked for, and it fell back
         err.print(f"note: --compile: decode ran {result.decode}", markup=False)
-
-
-def chat(session: ChatSession) -> None:
-    """``--interactive``: read a line, hand it to the session, show what it did, until /exit or end of input."""
-    from ..stages.generate import CHAT_HELP
-
-    out, loaded = ui.console(), session.loaded
-    out.print(f"[bold]nano chat[/] ({escape(str(session.options.model))}, {loaded.device} {loaded.dtype}) - "
-              f"{CHAT_HELP}")
-    while True:
-        try:
-            line = out.input("[bold green]you>[/] ")
-        except (EOFError, KeyboardInterrupt):
-            out.print()
-            return
-        stream = TextStream()
-        turn = session.send(line, on_text=stream.write)
-        if turn.done:
-            return
-        if turn.generated:
-            stream.close()
-        if turn.note:
-            out.print(f"[dim]{escape(turn.note)}[/]")
-        if turn.error:
-            out.print(f"[red]{escape(turn.error)}[/]")
-        if turn.result is not None:
-            show_generation_stats(turn.result)

@@ -2,15 +2,15 @@
 
 Steps, top to bottom: load (model + tokenizer) -> build prompt ids (chat template with /think or
 /no_think, or --raw) -> generate (sampling, thinking budget, stop strings, streaming) -> split each
-output into thinking and answer. ``ChatSession`` is the multi-turn chat (``--interactive``): the history
-and the /think, /no_think, /budget, /reset and /exit commands. This module returns results and calls the
-``on_text`` hook it is given for streaming; the rendering is ``commands/generate.py``'s.
+output into thinking and answer. The batch file (``--input``: per-line settings, grouping, the result
+records) is ``generate_batch.py``'s; the multi-turn chat (``--interactive``) is ``chat.py``'s. This module
+returns results and calls the ``on_text`` hook it is given for streaming; the rendering is
+``commands/generate.py``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -171,6 +171,7 @@ class GenerateResult:
     decode: str = "eager"  # eager | compiled | eager (compile failed: why)
     kernels: str = "reference"  # kernels.KernelStatus.label: mamba-ssm+causal-conv1d | mamba-ssm | reference
     kernels_detail: str = ""  # kernels.KernelStatus.describe(): which runs, and why the others do not
+    batches: int = 1  # generate calls (a batch file runs one per distinct per-line settings)
 
     def to_json(self) -> dict[str, Any]:
         s = self.stats
@@ -182,6 +183,7 @@ class GenerateResult:
             "peak_memory_bytes": s.peak_memory_bytes, "peak_memory_source": s.peak_memory_source,
             "seed": s.seed, "device": self.device, "dtype": self.dtype, "decode": self.decode,
             "compile_seconds": s.compile_seconds, "kernels": self.kernels, "kernels_detail": self.kernels_detail,
+            "batches": self.batches,
         }
 
 
@@ -268,9 +270,41 @@ def prompt_ids(tokenizer, prompt: str | list[dict], options: GenerateOptions) ->
 OnText = Callable[[int, str, bool], None]  # (row, new text, inside thinking)
 
 
+@dataclass
+class Prepared:
+    """The prompts as the model gets them."""
+
+    ids: list[list[int]]  # token ids, cut from the left with --truncate left
+    opens_thinking: list[bool]  # generation starts inside the thinking span
+    max_new: int  # new tokens at most (the default: what the context leaves, up to DEFAULT_MAX_NEW_TOKENS)
+    limit: int  # the context limit: prompt + output
+
+
+def prepare(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loaded,
+            labels: list[str] | None = None) -> Prepared:
+    """Every prompt rendered and tokenized, checked against the context limit; ``labels``: what an error calls
+    each prompt (default ``prompt N``; a batch file gives ``FILE:LINE``)."""
+    built = [prompt_ids(loaded.tokenizer, p, options) for p in prompts]
+    ids = [b[0] for b in built]
+    limit = options.max_context or loaded.model.config.max_position_embeddings
+    max_new = options.max_new_tokens
+    if max_new is None:  # the default: as much as the context leaves, up to DEFAULT_MAX_NEW_TOKENS
+        max_new = max(1, min(DEFAULT_MAX_NEW_TOKENS, limit - max(len(r) for r in ids)))
+    for i, row in enumerate(ids):
+        if len(row) + max_new > limit:
+            if options.truncate != "left" or max_new >= limit:
+                label = labels[i] if labels else f"prompt {i + 1}"
+                raise GenerateError(f"{label}: {len(row)} prompt tokens + {max_new} new tokens exceed the context "
+                                    f"limit {limit} (use --truncate left, a shorter prompt, fewer --max-new-tokens "
+                                    "or a larger --max-context)")
+            ids[i] = row[len(row) + max_new - limit:]
+    return Prepared(ids, [b[1] for b in built], max_new, limit)
+
+
 def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loaded | None = None,
-        on_text: OnText | None = None) -> GenerateResult:
-    """Generate a completion for every prompt (batched), streaming text through ``on_text``."""
+        on_text: OnText | None = None, labels: list[str] | None = None) -> GenerateResult:
+    """Generate a completion for every prompt (batched), streaming text through ``on_text``; ``labels`` as
+    :func:`prepare` takes them."""
     from nanocli_model.generation import SamplingParams, generate
     from nanocli_model.tokenizer import StreamDecoder
 
@@ -279,30 +313,19 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
         raise GenerateError("no prompt given: pass it as an argument, with --file, on stdin or with --input")
     loaded = loaded or load(options, options.compile)
     tok, model = loaded.tokenizer, loaded.model
-    built = [prompt_ids(tok, p, options) for p in prompts]
-    ids = [b[0] for b in built]
-    limit = options.max_context or model.config.max_position_embeddings
-    max_new = options.max_new_tokens
-    if max_new is None:  # the default: as much as the context leaves, up to DEFAULT_MAX_NEW_TOKENS
-        max_new = max(1, min(DEFAULT_MAX_NEW_TOKENS, limit - max(len(r) for r in ids)))
-    for i, row in enumerate(ids):
-        if len(row) + max_new > limit:
-            if options.truncate != "left" or max_new >= limit:
-                raise GenerateError(f"prompt {i + 1} has {len(row)} tokens; with {max_new} new tokens that "
-                                    f"exceeds the context limit {limit} (use --truncate left, a shorter prompt, "
-                                    "fewer --max-new-tokens or a larger --max-context)")
-            ids[i] = row[len(row) + max_new - limit:]
+    prepared = prepare(options, prompts, loaded, labels)
+    ids, opens, max_new, limit = prepared.ids, prepared.opens_thinking, prepared.max_new, prepared.limit
     params = SamplingParams(temperature=options.sampling_temperature, top_k=options.top_k, top_p=options.top_p,
                             min_p=options.min_p, repetition_penalty=options.repetition_penalty, seed=options.seed,
                             max_new_tokens=max_new, ignore_eos=options.ignore_eos,
                             eos_ids=set() if options.ignore_eos else set(tok.eos_ids))
     # Counts the thinking tokens of every row; with --thinking-budget it also ends the span.
-    thinking = budget_controller(tok, options.thinking_budget, options.thinking_grace, [b[1] for b in built])
+    thinking = budget_controller(tok, options.thinking_budget, options.thinking_grace, opens)
     if thinking is None and options.thinking_budget is not None:
         raise GenerateError("--thinking-budget: this tokenizer has no single </think> token to end the thinking with")
     streams = [StreamDecoder(tok, skip_special_tokens=True, context_ids=row[-5:]) for row in ids]
     texts = [""] * len(ids)
-    inside = [b[1] for b in built]
+    inside = list(opens)
     stopped = [False] * len(ids)
 
     def on_token(row: int, token: int, forced: bool) -> bool:
@@ -344,7 +367,7 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
     for i, completion in enumerate(stats.completions):
         if not stopped[i]:
             texts[i] += streams[i].flush()
-        thinking_text, answer = split_thinking(texts[i], built[i][1])
+        thinking_text, answer = split_thinking(texts[i], opens[i])
         reason = "stop" if stopped[i] else completion.finish_reason
         outputs.append(Output(ids[i], completion.token_ids, texts[i], thinking_text.strip("\n"), answer.strip(),
                               reason, completion.thinking_tokens, completion.budget_forced))
@@ -363,68 +386,6 @@ def out_of_memory(options: GenerateOptions, batch: int, context: int) -> Generat
         f"--prefill-chunk {chunk} --gpu auto` predicts it")
 
 
-# ---------------------------------------------------------------------------------------- chat
-CHAT_HELP = "/think, /no_think, /budget N (or off), /reset, /exit; Ctrl-C stops an answer"
-
-
-@dataclass
-class ChatTurn:
-    """What one line typed into the chat did: a command's note, an answer, or an error that ended the turn."""
-
-    note: str = ""  # "(reasoning off)", "(history cleared)", "(stopped)", ...
-    error: str = ""  # a bad command, or a turn that failed (the chat goes on)
-    result: GenerateResult | None = None  # the answer's generation
-    generated: bool = False  # the line went to the model (text may have streamed)
-    done: bool = False  # /exit or /quit
-
-
-class ChatSession:
-    """``nano generate --interactive``: a multi-turn chat through the chat template. Lines starting with a
-    command change the session's settings (``/think``, ``/no_think``, ``/budget N`` or ``off``) or history
-    (``/reset``) or end it (``/exit``); any other line is a user turn, answered with the history so far."""
-
-    def __init__(self, options: GenerateOptions, loaded: Loaded | None = None):
-        settings.validate(options, GenerateError)
-        self.options = dataclasses.replace(options, stop=list(options.stop))  # the session changes its own
-        self.loaded = loaded or load(options, options.compile)
-        self.history: list[dict[str, str]] = []
-
-    def send(self, line: str, on_text: OnText | None = None) -> ChatTurn:
-        command = line.strip()
-        if not command:
-            return ChatTurn()
-        if command in ("/exit", "/quit"):
-            return ChatTurn(done=True)
-        if command == "/reset":
-            self.history.clear()
-            return ChatTurn(note="(history cleared)")
-        if command in ("/think", "/no_think"):
-            self.options.think = command == "/think"
-            return ChatTurn(note=f"(reasoning {'on' if self.options.think else 'off'})")
-        if command.startswith("/budget"):
-            return self._budget(command.split(maxsplit=1)[1:] or ["off"])
-        self.history.append({"role": "user", "content": line})
-        try:
-            result = run(self.options, [list(self.history)], self.loaded, on_text=on_text)
-        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
-            self.history.pop()
-            return ChatTurn(note="(stopped)", generated=True)
-        except NanoError as e:  # a bad turn (e.g. the context is full) ends the turn, not the chat
-            self.history.pop()
-            return ChatTurn(error=f"error: {e}", generated=True)
-        self.history.append({"role": "assistant", "content": result.outputs[0].answer})
-        return ChatTurn(result=result, generated=True)
-
-    def _budget(self, value: list[str]) -> ChatTurn:
-        if value[0] == "off":
-            self.options.thinking_budget = None
-        elif value[0].isdigit():
-            self.options.thinking_budget = int(value[0])
-        else:
-            return ChatTurn(error="/budget takes a number of tokens or 'off'")
-        return ChatTurn(note=f"(thinking budget: {self.options.thinking_budget or 'off'})")
-
-
 # ---------------------------------------------------------------------------------------- inputs
 def read_prompt(prompt: str | None, file: Path | None) -> str | None:
     """The prompt from the argument, ``--file`` or stdin (when it is not a terminal)."""
@@ -438,41 +399,3 @@ def read_prompt(prompt: str | None, file: Path | None) -> str | None:
     if prompt is None and not sys.stdin.isatty():
         return sys.stdin.read()
     return prompt
-
-
-def read_jsonl(path: Path) -> list[str | list[dict]]:
-    """``--input``: one ``{"prompt": str}`` or ``{"messages": [...]}`` per line."""
-    prompts: list[str | list[dict]] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise GenerateError(f"{path}: cannot be read ({e})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GenerateError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise GenerateError(f"{path}:{n}: JSON nested too deeply; fix or remove the line") from None
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-            prompts.append(row["prompt"])
-        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-            prompts.append(row["messages"])
-        else:
-            raise GenerateError(f'{path}:{n}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
-    if not prompts:
-        raise GenerateError(f"{path}: no prompts in the file")
-    return prompts
-
-
-def write_jsonl(path: Path, result: GenerateResult) -> None:
-    """``--output``: one result object per prompt, written to a temporary file and renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for o in result.outputs:
-            f.write(json.dumps({"text": o.text, "thinking": o.thinking, "answer": o.answer,
-                                "finish_reason": o.finish_reason, "prompt_tokens": len(o.prompt_ids),
-                                "generated_tokens": len(o.generated_ids)}) + "\n")
-    tmp.replace(path)
