@@ -6,7 +6,8 @@ command line's for that line: ``think`` (true/false/null), ``system``, ``tempera
 ``min_p``, ``max_new_tokens``, ``seed``, ``stop`` (a string or a list, replacing ``--stop``) and
 ``thinking_budget`` (null: none). Each is checked as its flag is, and any other field is refused, so a setting
 is never silently ignored. Lines with the same settings run as one batch; the results come back in the file's
-order. Without ``--seed``, one seed is drawn for the whole run (reported), so ``--seed`` reproduces it.
+order. Without ``--seed``, one seed is drawn for the whole run (reported), so ``--seed`` reproduces it; a
+batch samples from one generator, so a sampled line depends on the lines batched with it.
 
 :func:`record` is the result object of one line, what ``--output`` writes and batch stdout prints.
 """
