@@ -3,7 +3,10 @@
 A *model target* is what ``--model`` (``--teacher``, ``--student``, ``nano info TARGET``) may name: a model
 profile (``tiny``, ``nemotron-nano-9b-v2`` or a ``.yaml`` file), a model directory (``config.json`` with or
 without weights), a ``config.json`` file, or a run directory of ``nano pretrain`` / ``align`` / ``distill``
-(its ``final/`` checkpoint, else its newest ``checkpoint-N/``). Commands say which kinds they accept.
+(its ``final/`` checkpoint, else its newest ``checkpoint-N/``). Commands say which kinds they accept; one that
+accepts directories only (checkpoint, run) loads their weights, so a directory without safetensors weights is
+refused here, naming it (and, in a run, the checkpoints that have weights). A weights file or another file of a
+model directory given as the model is refused with its directory to pass instead.
 Everything here is cheap: no torch at import (``torch_dtype`` and ``device`` import it when called).
 """
 
@@ -18,6 +21,7 @@ from typing import Literal
 
 from nanocli_model.config import NanoConfig
 from nanocli_model.errors import CheckpointError, ConfigError, NanoError
+from nanocli_model.headers import INDEX_NAME, SINGLE_NAME
 
 from .profiles import ProfileError, load_model_profile, profile_names
 
@@ -25,6 +29,7 @@ Kind = Literal["profile", "checkpoint", "config", "run"]
 DEVICES = ("auto", "cpu", "cuda")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # nano's names -> torch's
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,13 @@ def model_target(target: str, flag: str = "--model", kinds: tuple[Kind, ...] = (
         else:
             raise CheckpointError(f"{flag} {target}: no config.json in this directory (nor a final/ or "
                                   "checkpoint-N/ of a run); give a NemotronH model directory")
+    elif path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".safetensors.index.json")):
+        raise CheckpointError(f"{flag} {target}: this is a weights file, not a model; pass its directory "
+                              f"({path.parent}), which holds config.json, the weights and the tokenizer")
+    elif path.suffix == ".json" and path.is_file() and path.name != "config.json" and \
+            (path.parent / "config.json").is_file():
+        raise CheckpointError(f"{flag} {target}: this is a file of the model directory {path.parent}; pass the "
+                              "directory")
     elif path.suffix == ".json" and path.is_file():
         found = ModelTarget(str(path), "config", read_config(path), path)
     elif path.is_file() or path.suffix in (".yaml", ".yml") or target in profile_names("models"):
@@ -95,7 +107,31 @@ def model_target(target: str, flag: str = "--model", kinds: tuple[Kind, ...] = (
         wanted = " or ".join({"profile": "a model profile", "checkpoint": "a model directory",
                               "config": "a config.json", "run": "a run directory"}[k] for k in kinds)
         raise NanoError(f"{flag} {target}: this is {_article(found.kind)}; give {wanted}")
+    if not set(kinds) - {"checkpoint", "run"}:  # a command that loads the weights
+        _require_weights(found, flag, target)
     return found
+
+
+def has_weights(directory: Path) -> bool:
+    """Whether a model directory holds safetensors weights (``model.safetensors`` or its sharded index)."""
+    return (directory / SINGLE_NAME).is_file() or (directory / INDEX_NAME).is_file()
+
+
+def _require_weights(found: ModelTarget, flag: str, target: str) -> None:
+    """A one-line error when the directory to load has no safetensors weights (a checkpoint of nano's holds
+    ``trainer_state.pt`` beside them, which is never loaded as weights), pointing at the run's checkpoints."""
+    directory = found.directory
+    if directory is None or has_weights(directory):
+        return
+    run = Path(target).expanduser() if found.kind == "run" else directory.parent
+    others = [p for p in (*sorted(run.glob("checkpoint-*")), run / "final")
+              if p != directory and (_CHECKPOINT.fullmatch(p.name) or p.name == "final") and has_weights(p)]
+    hint = ("; checkpoints of this run with weights: " + ", ".join(map(str, others)) if others else
+            f"; a run directory's models are its checkpoint-N/ and final/ (none of {run} has weights)"
+            if found.kind == "run" else "; pass a NemotronH model directory (config.json, model.safetensors, "
+            "tokenizer.json)")
+    raise CheckpointError(f"{flag} {target}: no safetensors weights in {directory} ({SINGLE_NAME} or "
+                          f"{INDEX_NAME}){hint}")
 
 
 def _article(kind: Kind) -> str:

@@ -30,6 +30,7 @@ log = logging.getLogger("nanocli_model")
 
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+TRAINER_STATE = "trainer_state.pt"  # a training checkpoint's optimizer state beside the weights, never weights
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -43,10 +44,12 @@ def weight_files(path: Path) -> dict[str, Path]:
     """Map each stored tensor name to the file that holds it (from the headers, validated up front)."""
     files = weight_file_list(path)
     if not files:
-        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        pickles = [p for p in (*path.glob("*.bin"), *path.glob("*.pt")) if p.name != TRAINER_STATE]
+        if pickles:
             raise CheckpointError(f"{path}: only pickle weights (*.bin/*.pt) found; nano never unpickles, "
                                   "convert them to safetensors first")
-        raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}; is this a model directory?")
+        raise CheckpointError(f"no safetensors weights in {path} ({SINGLE_NAME} or {INDEX_NAME}); is this a model "
+                              "directory?")
     out: dict[str, Path] = {}
     for f in files:
         for name in read_safetensors_header(f):

@@ -147,7 +147,7 @@ def test_help_shows_the_real_defaults():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "/nonexistent"], "not a model directory"),
+    (["--model", "/nonexistent"], "no such model directory"),
     (["--budgets", "8,x"], "--budgets"),
     (["--budgets", "0"], "positive"),
     (["--mode", "sometimes"], "--mode"),

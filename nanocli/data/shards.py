@@ -234,8 +234,7 @@ def _write_shard(out: Path, spec: SourceSpec, tokenizer, progress: Progress | No
             batch = []
     n_docs = int(sum(len(x) for x in lengths))
     if n_docs == 0:
-        raise DataError(f"source {spec.name!r} ({spec.source or spec.kind}) has no documents (empty files, blank "
-                        "lines or empty texts only); check the data or the text field")
+        raise no_documents(spec)
     doc_index = np.zeros(n_docs + 1, dtype=np.int64)
     np.cumsum(np.concatenate(lengths), out=doc_index[1:])
     np.save(out / INDEX_FILE, doc_index)
@@ -283,13 +282,22 @@ def sample_texts_for_tokenizer(specs: Sequence[SourceSpec], max_chars: int) -> l
     total_weight = sum(s.weight for s in usable)
     texts: list[str] = []
     for spec in usable:
-        budget = int(max_chars * spec.weight / total_weight)
+        budget, found = int(max_chars * spec.weight / total_weight), False
         for doc in iter_documents(spec):
-            if budget <= 0:
+            found = found or bool(doc.strip())
+            if budget <= 0 and found:
                 break
-            texts.append(doc[:budget])
+            texts.append(doc[:max(budget, 0)])
             budget -= len(texts[-1])
-    return texts
+        if not found:  # an empty file: say which, not "no text" for the whole blend
+            raise no_documents(spec)
+    return [t for t in texts if t]
+
+
+def no_documents(spec: SourceSpec) -> DataError:
+    """The error for a text source without a document, naming it and its files."""
+    return DataError(f"source {spec.name!r} ({spec.source or spec.kind}) has no documents (empty files, blank "
+                     "lines or empty texts only); check the data or the text field")
 
 
 def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int):

@@ -316,8 +316,11 @@ def _parse_difficulty(value: str) -> tuple[int, int]:
     if match is None:
         raise ConfigError(f"synthetic:reasoning: difficulty must be {MIN_DIFFICULTY}..{MAX_DIFFICULTY} "
                           f"or a range like 1-3, got {value!r}")
-    lo = int(match.group(1))
-    return _check_difficulty((lo, int(match.group(2) or lo)))
+    lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
+    if not MIN_DIFFICULTY <= lo <= hi <= MAX_DIFFICULTY:  # say it as it was written, not as the pair it became
+        raise ConfigError(f"synthetic:reasoning: difficulty must be {MIN_DIFFICULTY}..{MAX_DIFFICULTY} "
+                          f"or a range lo-hi within it, got {value!r}")
+    return _check_difficulty((lo, hi))
 
 
 _EXAMPLES = {"tasks": "add,sort", "difficulty": "1-3", "seed": "0", "docs": "10000", "split": "heldout",

@@ -18,7 +18,6 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from nanocli_model.errors import NanoError
@@ -98,12 +97,14 @@ class Problems(settings.Group):
         """The synthetic (tasks, difficulty) of ``--tasks`` and ``--difficulty``."""
         from ..data import synthetic
 
-        query = f"difficulty={self.difficulty}" + (f"&tasks={self.tasks}" if self.tasks else "")
-        try:
-            opts = synthetic.parse_synthetic_options(query)
-        except NanoError as e:
-            raise settings.OptionError(str(e).replace("synthetic:reasoning: ", "")) from None
-        return opts["tasks"], opts["difficulty"]
+        parsed = {}
+        for key, value in (("difficulty", self.difficulty), ("tasks", self.tasks)):
+            try:
+                parsed[key] = synthetic.parse_synthetic_options(f"{key}={value}" if value else "")[key]
+            except NanoError as e:  # "synthetic:reasoning: difficulty must be ..." -> "--difficulty 7: must be ..."
+                why = str(e).replace("synthetic:reasoning: ", "").removeprefix(f"{key} ").split(", got ")[0]
+                raise settings.OptionError(f"--{key} {value}: {why}") from None
+        return parsed["tasks"], parsed["difficulty"]
 
 
 @dataclass
@@ -185,9 +186,10 @@ def run(o: EvalOptions, reporter: Reporter | None = None, loaded=None) -> EvalRe
     """Evaluate ``o.model`` (or an already ``loaded`` ``generate.Loaded``)."""
     reporter = reporter or SILENT
     settings.validate(o, EvalError)
-    path = Path(o.model)
-    if not (path / "config.json").is_file():
-        raise EvalError(f"{path}: not a model directory (no config.json); pass a NemotronH checkpoint")
+    if loaded is None:  # before any work: a model directory with weights, or a run directory's model
+        from ..resolve import model_target
+
+        model_target(o.model, kinds=("checkpoint", "run"))
     t0 = time.perf_counter()
     if loaded is None:
         from .generate import GenerateError, load
