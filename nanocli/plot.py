@@ -1,10 +1,14 @@
-"""``nano fit-check --plot FILE.png``: memory vs context length, hybrid vs all-attention, with the GPU limit.
+"""Every PNG nano draws: ``nano fit-check --plot`` (memory vs context, hybrid vs all-attention, the GPU limit),
+``nano eval --plot`` (accuracy vs thinking budget), ``nano bench --plot`` and a training run's ``loss.png``.
 
-matplotlib is imported here, lazily (Agg backend, no display), only when a plot is asked for.
+Axes that count steps or tokens have whole-number ticks; the y range is set from the data (a loss curve's
+isolated spikes and non-finite values do not flatten it). matplotlib is imported here, lazily (Agg backend, no
+display), only when a plot is asked for.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +36,34 @@ def _contexts(lo: int, hi: int, n: int = 160) -> list[int]:
 
 def _tick_label(n: int) -> str:
     return f"{n // 2**20}M" if n >= 2**20 else f"{n // 1024}k" if n >= 1024 else str(n)
+
+
+def _token_label(x: float, _pos=None) -> str:
+    """A whole token count for a linear axis: 512, 1,536, 8k (multiples of 1024 as k)."""
+    n = int(round(x))
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else f"{n:,}"
+
+
+def _whole_ticks(axis, formatter=None) -> None:
+    """Ticks at whole numbers only (steps, tokens), optionally labelled by ``formatter(x, pos)``."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+    if formatter is not None:
+        axis.set_major_formatter(FuncFormatter(formatter))
+
+
+def loss_range(values: list[float], keep: list[float]) -> tuple[float, float]:
+    """The y range of a loss plot: the finite ``values`` up to their 98th percentile (an isolated spike does not
+    flatten the curve), always including every finite value of ``keep`` (the smoothed and held-out curves)."""
+    finite = sorted(v for v in values if math.isfinite(v))
+    kept = [v for v in keep if math.isfinite(v)]
+    if not finite and not kept:
+        return 0.0, 1.0
+    top = finite[int(0.98 * (len(finite) - 1))] if finite else max(kept)
+    lo, hi = min(finite + kept), max([top, *kept])
+    pad = 0.05 * (hi - lo) if hi > lo else 0.5
+    return max(0.0, lo - pad), hi + pad
 
 
 def plot_fit(r: FitCheckResult, path: str | Path) -> Path:
@@ -141,11 +173,14 @@ def plot_budget_sweep(result: EvalResult, path: str | Path) -> Path:
         if mode in acc:
             ax.axhline(100 * acc[mode].accuracy, color=color, ls="--", lw=1.2,
                        label=f"{label} ({100 * acc[mode].accuracy:.0f}%)")
+    else:  # no sweep: the reference lines only, over no budget axis
+        ax.set_xticks([])
     ax.set_xlabel("thinking budget (tokens)")
     ax.set_ylabel(f"held-out accuracy (%, {result.options.problems} problems)")
     ax.set_ylim(0, 100)
     model = Path(result.options.model)
-    ax.set_title(f"nano eval: {model.parent.name + '/' if model.name == 'final' else ''}{model.name}")
+    ax.set_title(f"nano eval: {model.parent.name + '/' if model.name == 'final' else ''}{model.name}: accuracy vs "
+                 f"thinking budget (difficulty {result.options.difficulty})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, plt, path)
@@ -160,20 +195,29 @@ def plot_loss(metrics: list[dict], path: str | Path, title: str = "training loss
     fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=120)
     steps, losses = [m["step"] for m in train], [m["loss"] for m in train]
     ax.plot(steps, losses, color="#1f77b4", lw=0.8, alpha=0.35, label="train loss (per step)")
+    smooth: list[float] = []
     if len(losses) >= 5:
         k = max(len(losses) // 25, 2)
-        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        window = [[x for x in losses[max(0, i - k + 1):i + 1] if math.isfinite(x)] for i in range(len(losses))]
+        smooth = [sum(w) / len(w) if w else math.nan for w in window]
         ax.plot(steps, smooth, color="#1f77b4", lw=2.0, label=f"train loss ({k}-step mean)")
+    held = [m["eval_loss"] for m in evals]
     if evals:
-        ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", color="#d62728", lw=1.5,
-                label="held-out loss")
-    ax.set_xlabel("step")
+        ax.plot([m["step"] for m in evals], held, "o-", color="#d62728", lw=1.5, label="held-out loss")
+    ax.set_ylim(*loss_range(losses, smooth + held))
+    first, last = min(steps + [m["step"] for m in evals]), max(steps + [m["step"] for m in evals])
+    ax.set_xlim(first, max(last, first + 1))
+    _whole_ticks(ax.xaxis)
+    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / token)")
-    ax.set_title(title)
+    ax.set_title(f"{title}: steps {first:,}-{last:,}", fontsize=10)
     ax.grid(alpha=0.3)
     if train and "lr" in train[0]:
         ax2 = ax.twinx()
-        ax2.plot(steps, [m["lr"] for m in train], color="#7f7f7f", lw=1.0, ls="--", label="learning rate")
+        lrs = [m["lr"] for m in train]
+        ax2.plot(steps, lrs, color="#7f7f7f", lw=1.0, ls="--", label="learning rate")
+        ax2.set_ylim(0, max(lrs) * 1.05 if lrs and max(lrs) > 0 else 1)
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         ax2.set_ylabel("learning rate", color="#7f7f7f")
         ax2.tick_params(axis="y", colors="#7f7f7f")
         lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
@@ -228,6 +272,7 @@ def plot_bench(r: BenchResult, path: str | Path) -> Path:
             ax2.plot(ctx, ms, "s--", color="#d62728", alpha=0.45 + 0.55 * tone, ms=3.5, lw=1.6,
                      label="pure Transformer" if i == 0 else None)
         ax2.axvline(p.prompt, color=shades(tone), lw=0.8, ls=":")
+    _whole_ticks(ax2.xaxis, _token_label)
     ax2.set_xlabel("context (tokens in the cache; dotted: where each run's decode starts)")
     ax2.set_ylabel("ms per decode step")
     ax2.set_ylim(bottom=0)
