@@ -93,9 +93,10 @@ class Workload(settings.Group):
     lengths: str | None = None
     """PROMPT:OUTPUT pairs, e.g. 512:1024,1024:2048 or 8k:16k (default: 512:1024,1024:2048,2048:4096 on CPU;
     1024:2048,8k:16k on CUDA)."""
-    batch: int | str = 1
-    """Sequences per run, or 'max' (CUDA: the largest batch that fits, per model and pair, from nano's memory
-    model)."""
+    batch: int = 1
+    """Sequences per run."""
+    max_batch: bool = False
+    """CUDA: the largest batch that fits, per model and pair, from nano's memory model (instead of --batch)."""
     repeats: int | None = None
     """Timed runs per model and pair, interleaved (default 3; 1 with --quick)."""
     quick: bool = False
@@ -107,7 +108,8 @@ class Workload(settings.Group):
 
     def check(self) -> None:
         settings.at_least(self, 1, "repeats", "prefill_chunk")
-        parse_batch(self.batch)
+        if parse_batch(self.batch) != 1 and self.max_batch:
+            raise settings.OptionError(f"give --batch {self.batch} or --max-batch, not both")
         if self.lengths is not None:
             parse_lengths(self.lengths)
 
@@ -150,9 +152,9 @@ def parse_batch(value: str | int) -> int | str:
     try:
         n = int(text)
     except ValueError:
-        raise BenchError(f"--batch: expected a whole number or 'max', got {value!r}") from None
+        raise BenchError(f"--batch {value!r}: expected a whole number (or --max-batch)") from None
     if n < 1:
-        raise BenchError(f"--batch: must be at least 1, got {value!r}")
+        raise BenchError(f"--batch must be at least 1, got {value!r}")
     return n
 
 
@@ -218,15 +220,15 @@ class _Plan:
 def resolve(o: BenchOptions) -> _Plan:
     """Check every option (one-line ``BenchError``s) before anything heavy is loaded."""
     settings.validate(o, BenchError)
-    batch = parse_batch(o.batch)
+    batch = "max" if o.max_batch else parse_batch(o.batch)
     lengths = parse_lengths(o.lengths) if o.lengths is not None else None
     target = model_target(o.model, kinds=("profile", "checkpoint", "run"))
     config, name, path = target.config, target.name, target.directory
     source = "checkpoint" if path is not None else "profile (random weights)"
     device = visible_device(o.device)
     if batch == "max" and device != "cuda":
-        raise BenchError("--batch max sizes the batch from free GPU memory and needs CUDA; on CPU give a "
-                         "number (default 1)")
+        raise BenchError("--max-batch sizes the batch from free GPU memory and needs CUDA; on CPU give "
+                         "--batch N (default 1)")
     dtype = o.dtype if o.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
     if lengths is None:
         lengths = parse_lengths(QUICK_LENGTHS if o.quick else GPU_LENGTHS if device == "cuda" else CPU_LENGTHS)

@@ -6,20 +6,29 @@ imported only when it runs: ``main`` registers just the command on the command l
 
 Errors: a ``NanoError`` from a command, and a bad flag or value on the command line, end as one line,
 ``error: <message>``, on stderr, with exit code 2 (a ``NanoError`` may carry its own: 1 for a failed check)
-and no traceback.
+and no traceback; a command-line mistake ends with where to look (``see `nano pretrain --help```) and, for an
+unknown option or command close to a real one, ``did you mean ...?``. ``nano FILE`` with an existing FILE is
+the text editor's command line: ``editor.py`` hands it over.
 """
 
 from __future__ import annotations
 
+import difflib
+import shlex
 import sys
+from collections.abc import Iterable, Sequence
 
 import typer
 
 from nanocli_model.errors import NanoError
 
-from . import commands
+from . import commands, editor
+from .commands import flags
 
-HELP = "nano: pretrain, align, prune, distill and serve hybrid Mamba-Transformer (NemotronH) models."
+HELP = ("nano: pretrain, align, prune, distill, evaluate, benchmark and generate with hybrid Mamba-Transformer "
+        "(NemotronH) models, and check what fits a GPU.")
+EXAMPLES = ["nano profiles", "nano fit-check -m nemotron-nano-9b-v2 --gpu a10g --context 128k",
+            "nano demo --recipe demo-smoke"]
 OUT_OF_MEMORY = ("CUDA out of memory: lower --batch, the context (--context / --max-new-tokens / --seq-len) or "
                  "--prefill-chunk; `nano fit-check --model MODEL --context N --batch B --gpu auto` predicts what fits")
 
@@ -43,13 +52,13 @@ def package_version() -> str:
 
 def build_app(only: str | None = None) -> typer.Typer:
     """The typer app with every command, or with ``only`` that one (what ``main`` runs)."""
-    app = typer.Typer(name="nano", help=HELP, no_args_is_help=True, add_completion=False,
-                      pretty_exceptions_show_locals=False)
+    app = typer.Typer(name="nano", help=HELP, epilog=flags.epilog(EXAMPLES), no_args_is_help=True,
+                      add_completion=False, pretty_exceptions_show_locals=False, cls=flags.Group)
 
     @app.callback()
     def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")) -> None:
-        """nano: pretrain, align, prune, distill and serve hybrid Mamba-Transformer (NemotronH) models."""
+        """nano: the hybrid Mamba-Transformer (NemotronH) toolchain."""
 
     commands.register(app, only)
     return app
@@ -66,19 +75,83 @@ def _fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+# ------------------------------------------------------------------------------------------ usage errors
+def _close(word: str, names: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(names), n=1, cutoff=0.7)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _value(args: Sequence[str], opts: Sequence[str]) -> str | None:
+    """What the command line gave ``opts`` (the last time: click keeps the last value)."""
+    found = None
+    for i, a in enumerate(args):
+        if a in opts and i + 1 < len(args):
+            found = args[i + 1]
+        elif "=" in a and a.split("=", 1)[0] in opts:
+            found = a.split("=", 1)[1]
+    return found
+
+
+def _reason(message: str) -> str:
+    """typer's words for a value it could not convert, made short."""
+    for start, short in (("Input should be a valid integer", "not a whole number"),
+                         ("Input should be a valid number", "not a number"),
+                         ("Input should be a valid boolean", "not true or false")):
+        if message.startswith(start):
+            return short
+    message = message.removeprefix("Value error, ").rstrip(".")
+    if " is not one of " in message:  # a Literal's choices
+        return "use one of " + message.split(" is not one of ", 1)[1].replace("'", "")
+    return message
+
+
+def _is(e: BaseException, name: str) -> bool:
+    """Whether ``e`` is click's ``name`` error (by name: typer vendors click and does not export its errors)."""
+    return any(k.__name__ == name for k in type(e).__mro__)
+
+
+def usage_message(e: typer.TyperException, args: Sequence[str]) -> str:
+    """One line for a command-line mistake: what was wrong, a close name if there is one, where to look."""
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else " ".join(["nano", *filter(None, [_command_in(list(args))])])
+    visible = [o for p in (ctx.command.params if ctx is not None else []) if not getattr(p, "hidden", False)
+               for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
+    if _is(e, "NoSuchOption"):
+        text = f"no such option {e.option_name} for {path}" + _close(e.option_name, visible)
+    elif _is(e, "MissingParameter"):
+        text = e.format_message()
+    elif _is(e, "BadParameter") and e.param is not None:
+        opts = [o for o in e.param.opts if o.startswith("--")] or list(e.param.opts)
+        name = opts[0] if e.param.param_type_name == "option" else (e.param.metavar or e.param.name).upper()
+        value = _value(args, e.param.opts) if e.param.param_type_name == "option" else None
+        text = f"{name}{'' if value is None else ' ' + shlex.quote(value)}: {_reason(e.message)}"
+    elif _is(e, "BadOptionUsage") and "requires an argument" in e.message:
+        text = f"{e.option_name} needs a value"
+    elif e.message.startswith("No such command"):
+        word = e.message.split("'")[1] if "'" in e.message else ""
+        text = f"no such command '{word}'" + _close(word, commands.NAMES)
+    else:
+        text = e.format_message()
+    text = text[:1].lower() + text[1:]
+    return f"{text.rstrip('.')}; see `{path} --help`"
+
+
 def main(args: list[str] | None = None) -> None:
     """Console-script entry point: runs the command; errors become one ``error:`` line and an exit code."""
     args = sys.argv[1:] if args is None else args
+    path = editor.edited_path(args, commands.NAMES)
+    if path is not None:  # `EDITOR=nano git commit` with nano's environment active
+        editor.hand_over(args, path)
     app = build_app(_command_in(args))
     try:
         code = app(args=args, prog_name="nano", standalone_mode=False)
     except NanoError as e:
         _fail(str(e) or type(e).__name__, getattr(e, "exit_code", 2))
-    except typer.TyperException as e:  # a bad flag or value: the parser's message, on one line
-        if type(e).__name__ == "NoArgsIsHelpError":  # `nano` / `nano align` alone: the help, as --help would
+    except typer.TyperException as e:  # a bad flag or value: one line, with where to look
+        if _is(e, "NoArgsIsHelpError"):  # `nano` / `nano align` alone: the help, as --help would
             typer.echo(e.ctx.get_help())
             raise SystemExit(0) from None
-        _fail(e.format_message(), e.exit_code)
+        _fail(usage_message(e, args) if _is(e, "UsageError") else e.format_message(), getattr(e, "exit_code", 2))
     except typer.Abort:
         _fail("aborted", 130)
     except Exception as e:

@@ -11,7 +11,8 @@ declarations. Each field has a default, a type (``Literal[...]`` for a choice) a
 
 Precedence: defaults < recipe < flags given on the command line. Validation runs once, before any work: every
 group's ``check()`` in the options class, through :func:`validate`. ``flag(...)`` adds what a field needs on
-the command line only (a short alias, a flag name other than the field's, a positional argument).
+the command line only (a short alias, a flag name other than the field's, a positional argument, a metavar, the
+old spelling of a renamed flag).
 No typer, rich or torch here: stages import this module.
 """
 
@@ -45,12 +46,15 @@ class CliSpec:
     aliases: tuple[str, ...] = ()  # e.g. ("-m",)
     argument: bool = False  # a positional argument instead of an option
     hidden: bool = False  # not on the command line (a recipe or API setting only)
+    metavar: str | None = None  # what --help shows after the flag (default: commands/flags.py's by name or type)
+    deprecated: tuple[str, ...] = ()  # old spellings of a renamed flag: hidden, still accepted, warned once
 
 
 def flag(default: Any = MISSING, *, default_factory: Any = MISSING, name: str | None = None,
-         aliases: tuple[str, ...] = (), argument: bool = False, hidden: bool = False) -> Any:
+         aliases: tuple[str, ...] = (), argument: bool = False, hidden: bool = False, metavar: str | None = None,
+         deprecated: tuple[str, ...] = ()) -> Any:
     """A dataclass field with command-line details (see :class:`CliSpec`); the help is the docstring."""
-    spec = CliSpec(name, tuple(aliases), argument, hidden)
+    spec = CliSpec(name, tuple(aliases), argument, hidden, metavar, tuple(deprecated))
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata={CLI: spec})
     return field(default=default, metadata={CLI: spec})
@@ -115,7 +119,8 @@ def validate(options: Any, error: type[NanoError] = OptionError) -> None:
             allowed = choices(hint)
             value = getattr(options, name, None)
             if allowed is not None and value is not None and value not in allowed:
-                raise OptionError(f"{_name(name)} {value!r} is unknown; use one of {', '.join(map(str, allowed))}")
+                raise OptionError(f"{_name(name, options)} {value!r} is unknown; use one of "
+                                  f"{', '.join(map(str, allowed))}")
         for klass in reversed(type(options).__mro__):
             check = klass.__dict__.get("check")
             if check is not None and check not in seen:
@@ -128,8 +133,10 @@ def validate(options: Any, error: type[NanoError] = OptionError) -> None:
 
 
 # ------------------------------------------------------------------------------------------ checks
-def _name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
+def _name(field_name: str, options: Any = None) -> str:
+    """The flag of a field of ``options`` as the command line spells it (``top_k`` of distill: --kd-top-k)."""
+    fields = {f.name: f for f in dataclasses.fields(options)} if dataclasses.is_dataclass(options) else {}
+    return flag_name(fields[field_name]) if field_name in fields else "--" + field_name.replace("_", "-")
 
 
 def at_least(o: Any, minimum: int | float, *names: str) -> None:
@@ -137,7 +144,7 @@ def at_least(o: Any, minimum: int | float, *names: str) -> None:
     for n in names:
         value = getattr(o, n)
         if value is not None and not value >= minimum:
-            raise OptionError(f"{_name(n)} must be at least {minimum}, got {value}")
+            raise OptionError(f"{_name(n, o)} must be at least {minimum}, got {value}")
 
 
 def finite(o: Any, *names: str, minimum: float | None = None, positive: bool = False) -> None:
@@ -149,7 +156,7 @@ def finite(o: Any, *names: str, minimum: float | None = None, positive: bool = F
         ok = math.isfinite(value) and (minimum is None or value >= minimum) and (not positive or value > 0)
         if not ok:
             bound = " > 0" if positive else f" >= {minimum:g}" if minimum is not None else ""
-            raise OptionError(f"{_name(n)} must be a finite number{bound}, got {value}")
+            raise OptionError(f"{_name(n, o)} must be a finite number{bound}, got {value}")
 
 
 def within(o: Any, name: str, lo: float, hi: float, *, hi_open: bool = False) -> None:
@@ -157,4 +164,4 @@ def within(o: Any, name: str, lo: float, hi: float, *, hi_open: bool = False) ->
     if value is None:
         return
     if not (math.isfinite(value) and lo <= value and (value < hi if hi_open else value <= hi)):
-        raise OptionError(f"{_name(name)} must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}, got {value}")
+        raise OptionError(f"{_name(name, o)} must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}, got {value}")

@@ -230,7 +230,7 @@ def test_resume_is_exact_for_sft(base, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "ppo"], "'--method': Value error, 'ppo' is not one of 'sft', 'dpo', 'grpo'"),
+    (["--method", "ppo"], "--method ppo: use one of sft, dpo, grpo"),
     (["--data", "synthetic:reasoning"], "--model DIR is required"),
     (["--method", "grpo", "--rewards", "nope"], "nope"),
     (["--data", "missing.jsonl"], "missing.jsonl"),

@@ -63,7 +63,7 @@ def test_twin_that_cannot_match_is_an_error():
 
 # ---------------------------------------------------------------------------------------- parsing
 def test_batch_max_plans_with_the_given_prefill_chunk():
-    # --batch max sizes the batch with fit.estimate at --prefill-chunk (the activations grow with it)
+    # --max-batch sizes the batch with fit.estimate at --prefill-chunk (the activations grow with it)
     from nanocli_model import fit
 
     c = load_model_profile("nemotron-nano-9b-v2").config
@@ -219,7 +219,9 @@ def test_help_shows_the_real_defaults(capsys, monkeypatch):
     (["--lengths", "0:16"], "at least 1"),
     (["--lengths", "-8:16"], "--lengths"),
     (["--batch", "0"], "--batch"),
-    (["--batch", "max"], "CUDA"),
+    (["--max-batch"], "CUDA"),
+    (["--batch", "max"], "--batch max: not a whole number"),
+    (["--batch", "2", "--max-batch"], "not both"),
     (["--repeats", "0"], "--repeats"),
     (["--threads", "-1"], "--threads"),
     (["--device", "tpu"], "--device"),

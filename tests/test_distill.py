@@ -409,7 +409,7 @@ def test_reformatted_tokenizer_json_is_the_same_tokenizer(pair, tmp_path):
     (dict(student=None), "--student DIR is required"),
     (dict(data=None), "--data is required"),
     (dict(steps=None), "--steps N or --tokens N"),
-    (dict(teacher_cache="c"), "give --top-k K with it"),
+    (dict(teacher_cache="c"), "give --kd-top-k K with it"),
     (dict(top_k=4, kd_kind="reverse"), "forward KL only"),
     (dict(top_k=600), "exceeds the vocabulary"),
     (dict(kd_ratio=2.0), "--kd-ratio must be in [0, 1]"),

@@ -121,7 +121,7 @@ def test_perplexity_equals_a_float64_hand_computation(tiny_base, tmp_path):
 def test_cli_writes_json_table_and_plot(tiny_base, tmp_path):
     out, plot = tmp_path / "eval.json", tmp_path / "sweep.png"
     p = nano("eval", "--model", str(tiny_base), "-n", "4", "--budgets", "16,4", "--max-new-tokens", "24",
-             "--json", "--out", str(out), "--plot", str(plot), "--device", "cpu")
+             "--json", "--output", str(out), "--plot", str(plot), "--device", "cpu")
     assert p.returncode == 0, p.stderr
     record = json.loads(p.stdout)
     assert record == json.loads(out.read_text())

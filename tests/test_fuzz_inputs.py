@@ -775,7 +775,7 @@ DISTILL_FLAGS = [("--steps", NUMBERS, lambda v: v >= 1), ("--seq-len", NUMBERS, 
                  ("--keep-last", NUMBERS, lambda v: v >= 1), ("--save-every", NUMBERS, lambda v: v >= 0),
                  ("--eval-every", NUMBERS, lambda v: v >= 0), ("--eval-batches", NUMBERS, lambda v: v >= 1),
                  ("--temperature", FLOATS, lambda v: v > 0), ("--kd-ratio", FLOATS, lambda v: 0 <= v <= 1),
-                 ("--top-k", NUMBERS, lambda v: 1 <= v <= 288), ("--kd-chunk", NUMBERS, lambda v: v >= 1),
+                 ("--kd-top-k", NUMBERS, lambda v: 1 <= v <= 288), ("--kd-chunk", NUMBERS, lambda v: v >= 1),
                  ("--teacher-dtype", st.sampled_from(["auto", "bf16", "fp64", "", "int8"]), lambda v: True)]
 EVAL_FLAGS = [("--problems", SMALL, lambda v: v >= 0), ("--batch", NUMBERS, lambda v: v >= 1),
               ("--seq-len", NUMBERS, lambda v: v >= 2), ("--max-new-tokens", WORK, lambda v: v >= 1),

@@ -86,18 +86,83 @@ def test_files_stay_under_500_lines(path):
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (split it by responsibility)"
 
 
-COMMANDS = ["profiles", "info", "demo", "fit-check", "generate", "pretrain", "align", "eval", "distill", "bench",
-            "prune"]
+COMMANDS = ["profiles", "info", "demo", "fit-check", "generate", "pretrain", "align", "align merge", "eval",
+            "distill", "bench", "prune"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_real_defaults(command):
     """Every option with a default shows it; none shows ``None`` as a default (a flag set only on the command
-    line would hide the recipe's and the stage's real value)."""
-    result = subprocess.run([sys.executable, "-m", "nanocli.cli", command, "--help"], capture_output=True,
+    line would hide the recipe's and the stage's real value). The help ends with examples and shows no type
+    label (``<bool>``, ``<str>``) where a value's name belongs."""
+    result = subprocess.run([sys.executable, "-m", "nanocli.cli", *command.split(), "--help"], capture_output=True,
                             text=True, timeout=60, env={"COLUMNS": "200", "PATH": "", "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     assert "[default: None]" not in text
-    if command not in ("profiles", "info"):  # every other command has settings with defaults
+    assert not re.search(r"<(bool|str|int|float|list\[[a-z]+\])>", text), text
+    assert f"Examples: nano {command}" in text
+    if command not in ("profiles", "info", "align merge"):  # every other command has settings with defaults
         assert re.search(r"\[default: [^\]]+\]", text), text[:500]
+
+
+# ------------------------------------------------------------------------------------------ help (issue #19)
+MODEL_READERS = ["info", "fit-check", "generate", "eval", "bench", "prune", "pretrain", "align"]  # distill: two
+
+
+def _commands():
+    """(path, click command) for every command and subcommand, as ``nano --help`` builds them."""
+    import typer
+
+    from nanocli.cli import build_app
+
+    def walk(cmd, path):
+        yield path, cmd
+        for name, sub in (getattr(cmd, "commands", None) or {}).items():
+            yield from walk(sub, f"{path} {name}")
+
+    return list(walk(typer.main.get_command(build_app()), "nano"))
+
+
+def test_every_command_has_examples_and_readable_metavars():
+    """Every command's help ends with runnable examples (two or more where it has options); no metavar is a
+    type label (``<bool>``, ``<list[str]>``): on/off flags show none, values a word such as N, FILE, a|b."""
+    import click
+
+    for path, cmd in _commands():
+        params = [p for p in cmd.get_params(click.Context(cmd)) if not getattr(p, "hidden", False)]
+        for p in params:
+            shown = p.metavar if p.param_type_name == "option" else p.display_type_rich(click.Context(cmd))
+            assert shown is None or ("<" not in shown and ">" not in shown and "[" not in shown), (path, p.name, shown)
+            if p.param_type_name == "argument":
+                assert p.metavar and p.metavar.isupper(), (path, p.name)
+        if path == "nano":
+            continue
+        from nanocli.commands.flags import examples
+
+        shown_examples = examples(cmd.epilog)
+        wanted = 2 if len(params) > 1 else 1
+        assert len(shown_examples) >= wanted, f"{path}: add examples (commands/*.py, command(..., examples=))"
+        assert all(e[: len(path.split())] == path.split() for e in shown_examples), path
+
+
+def test_every_model_reading_command_takes_dash_m():
+    found = {path.split()[1]: cmd for path, cmd in _commands() if path.count(" ") == 1}
+    for name in MODEL_READERS:
+        opts = {o for p in found[name].params for o in p.opts if p.name == "model"}
+        assert {"-m", "--model"} <= opts, f"nano {name}: -m/--model"
+
+
+def test_one_meaning_per_flag_name():
+    """A flag name is one kind of value everywhere (``--batch`` a whole number; ``--out`` a directory and
+    ``--output`` a file, by metavar; ``--top-k`` only as generate's sampling)."""
+    seen: dict[str, set] = {}
+    for _path, cmd in _commands():
+        for p in cmd.params:
+            if p.param_type_name == "option" and not p.hidden:
+                for o in p.opts:
+                    seen.setdefault(o, set()).add(p.metavar)
+    assert seen["--batch"] == {"N"} and seen["--out"] == {"DIR"} and seen["--output"] == {"FILE"}
+    assert seen["--model"] == {"MODEL"} and seen["--seed"] == {"N"}
+    top_k = [path for path, cmd in _commands() for p in cmd.params if "--top-k" in p.opts and not p.hidden]
+    assert top_k == ["nano generate"]

@@ -304,7 +304,7 @@ def test_gpu_recipes_validate(tmp_path, recipe):
     (["--profile", "tiny", "--data", DATA, "--steps", "1", "--seq-len", "5000"], "max_position_embeddings"),
     (["--profile", "tiny", "--data", DATA], "--steps N or --tokens N"),
     (["--profile", "tiny", "--data", DATA, "--steps", "1", "--precision", "fp4"],
-     "'--precision': Value error, 'fp4' is not one of 'fp32', 'bf16', 'fp8'"),
+     "--precision fp4: use one of fp32, bf16, fp8"),
     (["--profile", "tiny", "--data", DATA, "--steps", "1", "--global-batch", "6", "--micro-batch", "4"],
      "not a multiple"),
     (["--model", "nowhere", "--data", DATA, "--steps", "1"], "--model nowhere: unknown model profile, and no such model directory"),

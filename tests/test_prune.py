@@ -364,7 +364,7 @@ def test_budget_search_end_to_end_through_the_cli(trained, cache, tmp_path):
     out, scores_file = tmp_path / "searched", tmp_path / "scores.safetensors"
     args = ["prune", "--model", str(trained), "--out", str(out), "--target-params", "250000", "--calib-data", DATA,
             "--calib-samples", "64", "--calib-seq-len", "64", "--scores", str(scores_file), "--cache-dir", str(cache),
-            "--proxy-candidates", "3", "--top-k", "2", "--candidate-steps", "3"]
+            "--proxy-candidates", "3", "--distill-candidates", "2", "--candidate-steps", "3"]
     result = nano(*args)
     assert result.returncode == 0, result.stderr
     assert "proxy KL" in result.stdout and "pruned:" in result.stdout
@@ -423,7 +423,7 @@ def test_help_shows_the_real_defaults_in_one_panel_per_group():
         assert f"[default: {default}]" in " ".join(lines[at:at + 3]), (flag, lines[at:at + 3])
     for panel in ("Model", "Target shape", "Budget", "Calibration", "Depth and search", "Run"):
         assert f"─ {panel}" in result.stdout, panel
-    assert "<mse|cosine>" in result.stdout and "<auto|cpu|cuda>" in result.stdout
+    assert " mse|cosine " in result.stdout and " auto|cpu|cuda " in result.stdout and "<" not in result.stdout
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -450,7 +450,7 @@ def test_bad_value_is_one_error_line_naming_the_flag(args, needle, capsys, monke
 @pytest.mark.parametrize("change, needle", [
     (dict(depth_metric="l2"), "--depth-metric 'l2' is unknown; use one of mse, cosine"),
     (dict(device="tpu"), "--device 'tpu' is unknown"),
-    (dict(top_k=0), "--top-k must be at least 1"),
+    (dict(top_k=0), "--distill-candidates must be at least 1"),
     (dict(out=None, dry_run=False), "--out DIR is required"),
     (dict(model=None), "--model is required"),
 ])

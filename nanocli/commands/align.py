@@ -11,11 +11,19 @@ import typer
 
 from .. import settings
 from ..stages.align import AlignOptions
-from . import training
+from . import flags, training
 from .flags import command
 
 if TYPE_CHECKING:
     from ..stages.align import AlignPlan, AlignResult
+
+
+EXAMPLES = ["nano align --method sft -m runs/tiny-base/final --data synthetic:reasoning --epochs 1 --out runs/sft",
+            "nano align --method dpo -m runs/sft/final --data prefs.jsonl --steps 200 --beta 0.1 --out runs/dpo",
+            "nano align --method grpo -m runs/sft/final --data synthetic:reasoning --steps 50 --group-size 8 "
+            "--out runs/grpo"]
+MERGE_EXAMPLES = ["nano align merge runs/dpo/final runs/grpo/final --out runs/merged",
+                  "nano align merge runs/dpo/final runs/grpo/final --weights 0.3,0.7 --out runs/merged-37"]
 
 
 @dataclass
@@ -44,9 +52,9 @@ class MergeOptions(settings.Group):
 
 def register(app: typer.Typer) -> None:
     group = typer.Typer(help="Align a model: SFT with reasoning on/off and budget traces, DPO, GRPO; merge.",
-                        no_args_is_help=False)
-    command(group, "align", align, AlignOptions, training.Recipe, callback=True)
-    command(group, "merge", merge, MergeOptions)
+                        no_args_is_help=False, cls=flags.Group)
+    command(group, "align", align, AlignOptions, training.Recipe, callback=True, examples=EXAMPLES)
+    command(group, "merge", merge, MergeOptions, examples=MERGE_EXAMPLES)
     app.add_typer(group, name="align")
 
 

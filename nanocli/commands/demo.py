@@ -24,9 +24,13 @@ if TYPE_CHECKING:
     from ..library_check import LibraryReport, ModelRun
 
 
+EXAMPLES = ["nano demo", "nano demo --recipe demo-smoke --out runs/demo-smoke --fresh",
+            "nano demo --library-check --profile tiny"]
+
+
 @dataclass
 class DemoOptions(settings.Group):
-    panel = "Options"
+    panel = "Pipeline"
 
     recipe: str = "demo"
     """The pipeline recipe (name in nanocli/profiles/recipes/ or a .yaml path)."""
@@ -41,7 +45,8 @@ class DemoOptions(settings.Group):
 
 
 def register(app: typer.Typer) -> None:
-    command(app, "demo", demo, DemoOptions)
+    command(app, "demo", demo, DemoOptions, examples=EXAMPLES,
+            panels={"library_check": "Library check", "profile": "Library check"})
 
 
 def demo(given: dict) -> None:

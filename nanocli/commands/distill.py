@@ -16,8 +16,14 @@ if TYPE_CHECKING:
     from ..stages.distill import DistillPlan, DistillResult
 
 
+EXAMPLES = ["nano distill --recipe distill-tiny --teacher runs/teacher --student runs/student --out runs/distill",
+            "nano distill --teacher runs/tiny-base --student runs/pruned --data synthetic:reasoning --steps 200 "
+            "--kd-top-k 64 --out runs/kd",
+            "nano distill --recipe distill-tiny --teacher runs/teacher --student runs/student --out runs/d --dry-run"]
+
+
 def register(app: typer.Typer) -> None:
-    command(app, "distill", distill, DistillOptions, training.Recipe)
+    command(app, "distill", distill, DistillOptions, training.Recipe, examples=EXAMPLES)
 
 
 def distill(given: dict, recipe: dict) -> None:

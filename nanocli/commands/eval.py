@@ -1,6 +1,6 @@
 """``nano eval``: held-out accuracy on the built-in reasoning tasks, a thinking-budget sweep, perplexity.
 
-The command: ``EvalOptions`` (the stage's) plus what only the command line asks for (``--json``, ``--out``,
+The command: ``EvalOptions`` (the stage's) plus what only the command line asks for (``--json``, ``--output``,
 ``--plot``); the call into ``stages/evaluate.py`` with ``ui.Progress`` reporting on a terminal's stderr; the rendering
 (the accuracy table, perplexity, the problem set).
 """
@@ -20,40 +20,48 @@ from rich.table import Table
 from .. import settings, ui
 from ..stages.evaluate import EvalOptions
 from .flags import command
+from .output import JsonOutput, print_json
 
 if TYPE_CHECKING:
     from ..reasoning_accuracy import Accuracy
     from ..stages.evaluate import EvalResult
 
 
-@dataclass
-class EvalOutput(settings.Group):
-    panel = "Output"
+EXAMPLES = ["nano eval -m runs/demo/grpo/final -n 100 --difficulty 1-2",
+            "nano eval -m runs/demo/grpo/final --mode think --budgets 8,16,32 --plot sweep.png",
+            "nano eval -m runs/tiny-base/final --problems 0 --data synthetic:reasoning --json --output ppl.json"]
 
+
+@dataclass
+class EvalOutput(JsonOutput):
     json: bool = False
-    """Print one JSON object instead of the table."""
-    out: str | None = None
+    """Print one JSON object instead of the table, on one line."""
+    output: str | None = settings.flag(None, deprecated=("--out",))
     """Also write the JSON to this file."""
     plot: str | None = None
     """Accuracy vs thinking budget, as a PNG."""
 
 
 def register(app: typer.Typer) -> None:
-    command(app, "eval", evaluate, EvalOptions, EvalOutput)
+    command(app, "eval", evaluate, EvalOptions, EvalOutput, examples=EXAMPLES)
 
 
 def evaluate(given: dict, output: dict) -> None:
-    """Held-out accuracy on the built-in reasoning tasks (reasoning on / off, a thinking-budget sweep), and
-    perplexity on held-out text. Greedy; problems from the held-out split, never seen in training."""
+    """Held-out accuracy on the built-in reasoning tasks, a thinking-budget sweep, and held-out perplexity.
+
+    Accuracy with reasoning on and off, and at each thinking budget; greedy unless --samples; problems from the
+    held-out split, never seen in training. Perplexity on held-out text (--data).
+    """
     from ..stages import evaluate as ev
 
     if given.get("budgets") is not None:  # spelled 8,16,32 on the command line
         given["budgets"] = ev.parse_budgets(given["budgets"])
     options, out = EvalOptions(**given), EvalOutput(**output)
     settings.validate(options, ev.EvalError)
-    path = None if out.out is None else Path(out.out)
+    settings.validate(out, ev.EvalError)
+    path = None if out.output is None else Path(out.output)
     if path is not None and not path.parent.is_dir():
-        raise ev.EvalError(f"--out {path}: folder {path.parent} does not exist")
+        raise ev.EvalError(f"--output {path}: folder {path.parent} does not exist")
     if out.plot is not None:
         from ..plot import checked_png
 
@@ -69,8 +77,8 @@ def evaluate(given: dict, output: dict) -> None:
         from ..plot import plot_budget_sweep
 
         plot_budget_sweep(result, out.plot)
-    if out.json:
-        typer.echo(json.dumps(record))
+    if out.wants_json:
+        print_json(record, out.json_indent)
     else:
         show_eval_result(result, out.plot)
 

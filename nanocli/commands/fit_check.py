@@ -18,18 +18,23 @@ from rich.text import Text
 from .. import settings, ui
 from ..stages.fit_check import FitCheckOptions
 from .flags import command
-from .output import emit
+from .output import JsonOutput, emit
 
 if TYPE_CHECKING:
     from ..measure import Measurement
     from ..stages.fit_check import FitCheckResult
 
-@dataclass
-class FitCheckOutput(settings.Group):
-    panel = "Output"
+EXAMPLES = ["nano fit-check -m nemotron-nano-9b-v2 --gpu a10g --context 128k",
+            "nano fit-check -m nemotron-nano-12b-v2-base --gpu h100-80gb --context 1m --batch 4 --json",
+            "nano fit-check -m runs/tiny-base/final --gpu auto --plot fit.png"]
+PANELS = {"model": "Model", "dtype": "Model", "ssm_cache_dtype": "Model", "gpu": "GPU", "device_index": "GPU",
+          "context": "Workload", "batch": "Workload", "prefill_chunk": "Workload", "attention": "Workload"}
 
-    json: bool = settings.flag(False)
-    """Print one JSON object (bytes) for CI."""
+
+@dataclass
+class FitCheckOutput(JsonOutput):
+    json: bool = False
+    """Print one JSON object (bytes) for CI, on one line."""
     plot: str | None = None
     """Write memory vs context (hybrid vs all-attention, GPU limit) to this .png."""
     measure: bool = False
@@ -37,7 +42,7 @@ class FitCheckOutput(settings.Group):
 
 
 def register(app: typer.Typer) -> None:
-    command(app, "fit-check", fit_check, FitCheckOptions, FitCheckOutput)
+    command(app, "fit-check", fit_check, FitCheckOptions, FitCheckOutput, examples=EXAMPLES, panels=PANELS)
 
 
 def fit_check(given: dict, output: dict) -> None:
@@ -55,6 +60,7 @@ def fit_check(given: dict, output: dict) -> None:
 
     options, out = FitCheckOptions(**given), FitCheckOutput(**output)
     settings.validate(options, stage.FitCheckError)
+    settings.validate(out, stage.FitCheckError)
     if out.measure:
         from .. import measure
 
@@ -70,7 +76,7 @@ def fit_check(given: dict, output: dict) -> None:
 
     from ..plot import plot_fit
 
-    emit(result, json_out=out.json, plot=out.plot, draw=plot_fit,
+    emit(result, json_out=out.wants_json, indent=out.json_indent, plot=out.plot, draw=plot_fit,
          show=lambda r, plot_path: show_fit_check(r, measured, plot_path),
          extra={"measured": None if measured is None else asdict(measured)})
     raise typer.Exit(result.exit_code)

@@ -25,9 +25,15 @@ from .. import settings, ui
 from ..settings import flag
 from ..stages.generate import GenerateOptions
 from .flags import command
+from .output import JsonOutput, print_json
 
 if TYPE_CHECKING:
     from ..stages.generate import GenerateResult
+
+
+EXAMPLES = ['nano generate -m runs/demo/grpo/final "What is 17 + 25?"',
+            'nano generate -m runs/demo/grpo/final --no-think --greedy --json "Sort 3 1 2."',
+            "nano generate -m runs/demo/grpo/final --input prompts.jsonl --output answers.jsonl"]
 
 
 @dataclass
@@ -48,11 +54,10 @@ class GenerateInput(settings.Group):
 
 
 @dataclass
-class GenerateOutput(settings.Group):
-    panel = "Output"
-
+class GenerateOutput(JsonOutput):
     json: bool = False
-    """Print one JSON object for the whole run (outputs with their token ids, timings, seed), --input too."""
+    """Print one JSON object for the whole run (outputs with their token ids, timings, seed), --input too, on one
+    line."""
     hide_thinking: bool = False
     """Do not show the thinking span (streamed text and chat)."""
     interactive: bool = flag(False, aliases=("-i",))
@@ -64,7 +69,7 @@ class GenerateOutput(settings.Group):
 
 
 def register(app: typer.Typer) -> None:
-    command(app, "generate", generate, GenerateOptions, GenerateInput, GenerateOutput)
+    command(app, "generate", generate, GenerateOptions, GenerateInput, GenerateOutput, examples=EXAMPLES)
 
 
 def generate(given: dict, inputs: dict, output: dict) -> None:
@@ -79,6 +84,7 @@ def generate(given: dict, inputs: dict, output: dict) -> None:
 
     options, source, out = GenerateOptions(**given), GenerateInput(**inputs), GenerateOutput(**output)
     settings.validate(options, gen.GenerateError)
+    settings.validate(out, gen.GenerateError)
     if out.interactive:
         chat_mode(options, source, out)
         return
@@ -88,25 +94,26 @@ def generate(given: dict, inputs: dict, output: dict) -> None:
     if source.input_file is not None:
         if source.prompt is not None or source.file is not None:
             raise gen.GenerateError("--input reads the prompts from its file: drop the prompt argument / --file")
-        run_file(options, Path(source.input_file), output_path, out.json)
+        run_file(options, Path(source.input_file), output_path, out.wants_json, out.json_indent)
         return
     text = gen.read_prompt(source.prompt, None if source.file is None else Path(source.file))
     if text is None or not text.strip():
         raise gen.GenerateError("the prompt is empty: pass it as an argument, with --file, on stdin or --input")
     loaded = gen.load(options, options.compile)
-    stream = None if out.json else TextStream(out.hide_thinking)
+    stream = None if out.wants_json else TextStream(out.hide_thinking)
     result = gen.run(options, [text], loaded, on_text=None if stream is None else stream.write)
     if stream is not None:
         stream.close()
     if output_path is not None:
         row = batch.BatchRow("prompt", 0, text, {})
         batch.write_jsonl(output_path, batch.records([row], result))
-    if out.json:
-        typer.echo(json.dumps(result.to_json(), indent=2))
+    if out.wants_json:
+        print_json(result.to_json(), out.json_indent)
     show_generation_stats(result)
 
 
-def run_file(options: GenerateOptions, path: Path, output_path: Path | None, as_json: bool) -> None:
+def run_file(options: GenerateOptions, path: Path, output_path: Path | None, as_json: bool,
+             indent: int | None = None) -> None:
     """``--input``: every line checked before the model loads; the records to stdout (JSONL) or --output."""
     from ..stages import generate as gen
     from ..stages import generate_batch as batch
@@ -117,7 +124,7 @@ def run_file(options: GenerateOptions, path: Path, output_path: Path | None, as_
     if output_path is not None:
         batch.write_jsonl(output_path, records)
     if as_json:
-        typer.echo(json.dumps(batch.batch_json(rows, result), indent=2, ensure_ascii=False))
+        print_json(batch.batch_json(rows, result), indent)
     elif output_path is None:
         for r in records:
             typer.echo(json.dumps(r, ensure_ascii=False))
@@ -133,7 +140,7 @@ def chat_mode(options: GenerateOptions, source: GenerateInput, out: GenerateOutp
 
     extra = [name for name, on in (("a prompt", source.prompt is not None), ("--file", source.file is not None),
                                    ("--input", source.input_file is not None),
-                                   ("--output", source.output_file is not None), ("--json", out.json)) if on]
+                                   ("--output", source.output_file is not None), ("--json", out.wants_json)) if on]
     if extra:
         raise GenerateError(f"--interactive reads its prompts from the terminal: drop {', '.join(extra)} "
                             "(/save FILE writes the conversation)")

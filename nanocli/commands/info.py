@@ -15,33 +15,40 @@ from ..settings import flag
 from ..summary import KINDS, ModelSummary
 from .flags import command
 
+EXAMPLES = ["nano info nemotron-nano-9b-v2", "nano info -m runs/tiny-base/final", "nano info --kernels"]
+
 
 @dataclass
 class InfoOptions(settings.Group):
-    target: str | None = flag(None, argument=True)
+    panel = "Model"
+    target: str | None = flag(None, argument=True, metavar="MODEL")
     """A model directory (with config.json), a config.json or profile .yaml file, or a model profile name."""
+    model: str | None = flag(None, aliases=("-m",))
+    """The model, as a flag (the same as MODEL)."""
     kernels: bool = False
     """Say which GPU kernels nano runs on this machine (mamba-ssm's Triton scan/step, causal-conv1d's conv) and why
     any is missing; imports torch (a second or two)."""
 
     def check(self) -> None:
-        if self.target is None and not self.kernels:
+        if self.target is not None and self.model is not None:
+            raise settings.OptionError(f"give the model once: {self.target} or --model {self.model}")
+        if self.target is None and self.model is None and not self.kernels:
             raise settings.OptionError("give a model (a directory, config.json, profile .yaml or profile name), "
                                        "or --kernels")
 
 
 def register(app: typer.Typer) -> None:
-    command(app, "info", info, InfoOptions)
+    command(app, "info", info, InfoOptions, examples=EXAMPLES, panels={"kernels": "Kernels"})
 
 
 def info(given: dict) -> None:
     """Show a model's architecture, its parameters per layer kind and its memory at 128k context."""
     o = InfoOptions(**given)
     settings.validate(o)
-    if o.target is not None:
+    if (target := o.target or o.model) is not None:
         from ..summary import resolve_model
 
-        show_model_info(resolve_model(o.target))
+        show_model_info(resolve_model(target))
     if o.kernels:
         import torch
 

@@ -16,8 +16,14 @@ if TYPE_CHECKING:
     from ..stages.pretrain import PretrainPlan, PretrainResult
 
 
+EXAMPLES = ["nano pretrain --recipe pretrain-tiny --out runs/tiny-base",
+            'nano pretrain --profile small --data "data/*.jsonl@0.7;synthetic:reasoning@0.3" --tokens 50000000 '
+            "--out runs/small",
+            "nano pretrain --profile tiny --data synthetic:reasoning --steps 100 --out runs/t --dry-run"]
+
+
 def register(app: typer.Typer) -> None:
-    command(app, "pretrain", pretrain, PretrainOptions, training.Recipe)
+    command(app, "pretrain", pretrain, PretrainOptions, training.Recipe, examples=EXAMPLES)
 
 
 def pretrain(given: dict, recipe: dict) -> None:

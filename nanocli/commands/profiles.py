@@ -9,7 +9,7 @@ from .flags import command
 
 
 def register(app: typer.Typer) -> None:
-    command(app, "profiles", profiles)
+    command(app, "profiles", profiles, examples=["nano profiles"])
 
 
 def profiles() -> None:

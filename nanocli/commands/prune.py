@@ -31,8 +31,13 @@ class PruneRecipe(settings.Group):
     """Settings YAML (nanocli/profiles/recipes/ name or path); flags override it."""
 
 
+EXAMPLES = ["nano prune -m nemotron-nano-12b-v2-base --gpu a10g --context 128k --dry-run",
+            "nano prune -m runs/tiny-base/final --out runs/pruned --target-params 250000",
+            "nano prune -m runs/tiny-base/final --out runs/pruned-explicit --hidden-size 48 --ffn-hidden-size 192"]
+
+
 def register(app: typer.Typer) -> None:
-    command(app, "prune", prune, PruneOptions, PruneRecipe)
+    command(app, "prune", prune, PruneOptions, PruneRecipe, examples=EXAMPLES)
 
 
 def prune(given: dict, extra: dict) -> None:
@@ -41,7 +46,7 @@ def prune(given: dict, extra: dict) -> None:
     Importance from activations on calibration data (one pass, cached with --scores); depth by the
     report's greedy logit-MSE rule. Give the target widths (ModelOpt names) or a budget: --target-memory
     GiB or --gpu PROFILE at --context/--batch (fit-check's memory model), or --target-params. With a budget
-    the fitting shapes are searched, the largest scored by KL to the parent, the --top-k briefly distilled,
+    the fitting shapes are searched, the largest scored by KL to the parent, the --distill-candidates best briefly distilled,
     the best written to OUT with pruning.json.
     """
     from ..stages import prune as stage

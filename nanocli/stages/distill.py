@@ -59,7 +59,7 @@ class Models(settings.Group):
     teacher_device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (the student's), cpu or cuda."""
     teacher_cache: str | None = None
-    """Directory caching the teacher's top-k logits per window (with --top-k)."""
+    """Directory caching the teacher's top-k logits per window (with --kd-top-k)."""
 
     def check(self) -> None:
         for role in ("teacher", "student"):
@@ -75,7 +75,7 @@ class Loss(settings.Group):
     """KD temperature T of both models' softmax (the KD term is scaled by T^2)."""
     kd_kind: Literal["forward", "reverse"] = "forward"
     """forward KL(teacher || student) or reverse KL(student || teacher)."""
-    top_k: int | None = None
+    top_k: int | None = settings.flag(None, name="kd-top-k", deprecated=("--top-k",))
     """KD on the teacher's top-k tokens only (renormalised; forward KL)."""
     kd_ratio: float = 1.0
     """Weight of KD vs cross-entropy (1: KD only, the report's; 0: plain CE)."""
@@ -87,7 +87,7 @@ class Loss(settings.Group):
 
         check_kd_args(self.temperature, self.kd_kind, self.top_k, self.kd_ratio, self.kd_chunk)
         if self.teacher_cache is not None and self.top_k is None:
-            raise OptionError("--teacher-cache stores the teacher's top-k logits; give --top-k K with it")
+            raise OptionError("--teacher-cache stores the teacher's top-k logits; give --kd-top-k K with it")
 
 
 @dataclass
@@ -153,7 +153,7 @@ def plan(o: DistillOptions, world: int | None = None) -> DistillPlan:
     student = model_target(o.student, "--student", kinds=("checkpoint", "run"))
     check_same_tokenizer(teacher.directory, student.directory, teacher.config, student.config)
     if o.top_k is not None and o.top_k > student.config.vocab_size:
-        raise DistillError(f"--top-k {o.top_k} exceeds the vocabulary ({student.config.vocab_size} tokens)")
+        raise DistillError(f"--kd-top-k {o.top_k} exceeds the vocabulary ({student.config.vocab_size} tokens)")
     limit = min(student.config.max_position_embeddings, teacher.config.max_position_embeddings)
     if o.seq_len > limit:
         raise DistillError(f"--seq-len {o.seq_len} exceeds max_position_embeddings of the teacher or student "
@@ -278,7 +278,7 @@ class _Distill:
         at = f"at step {step}" if step else "outside a training step (loading, evaluation)"
         return DistillError(f"CUDA out of memory {at} ({p.micro_batch} sequences x {o.seq_len} tokens per forward, "
                             f"teacher {p.teacher_dtype}): lower --micro-batch or --seq-len or --kd-chunk, put the "
-                            "teacher on another device (--teacher-device cpu) or cache its top-k (--top-k K "
+                            "teacher on another device (--teacher-device cpu) or cache its top-k (--kd-top-k K "
                             f"--teacher-cache DIR); `nano fit-check --model {o.teacher} --context {o.seq_len} "
                             f"--batch {p.micro_batch} --gpu auto` shows the teacher's share")
 

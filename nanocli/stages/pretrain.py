@@ -24,7 +24,7 @@ from nanocli_model.errors import NanoError
 
 from .. import settings
 from ..report import Reporter
-from ..settings import OptionError, at_least
+from ..settings import OptionError, at_least, flag
 from ..train import run as skeleton
 from ..train import tokens
 from ..train.options import TokenTraining
@@ -46,7 +46,7 @@ class PretrainModel(settings.Group):
 
     profile: str | None = None
     """Model profile to train from scratch (nano profiles)."""
-    model: str | None = None
+    model: str | None = flag(None, aliases=("-m",))
     """A NemotronH directory (or a run directory) to continue training (e.g. a long-context phase)."""
     tokenizer: str | None = None
     """Directory with tokenizer.json (default: the model's, or trained on the data)."""

@@ -11,7 +11,7 @@ Steps, top to bottom (``run``):
   3. ``depth``     the removal order of layers (greedy logit MSE, or ``1 - cos``), the attention pin.
   4. ``search``    (budget) the frontier of fitting candidates by memory, proxy KL to the parent on
                    held-out rows for the largest ``--proxy-candidates``, a ``--candidate-steps`` distillation
-                   of the ``--top-k`` best, the best kept.
+                   of the ``--distill-candidates`` best, the best kept.
   5. ``write``     the pruned model (exact slices of the parent) as a NemotronH checkpoint, the
                    tokenizer, and ``pruning.json`` (kept indices, depth order, scores summary, search
                    table), into a temporary directory renamed into place.
@@ -157,10 +157,10 @@ class CandidateSearch(settings.Group):
     """Calibration sequences the greedy MSE rule runs on."""
     proxy_candidates: int = 8
     """Largest fitting candidates scored by the proxy (KL to the parent)."""
-    top_k: int = 3
+    top_k: int = settings.flag(3, name="distill-candidates", deprecated=("--top-k",))
     """Candidates given the short distillation."""
     candidate_steps: int = 20
-    """Distillation steps per top-k candidate (0: rank by the proxy only)."""
+    """Distillation steps per distilled candidate (0: rank by the proxy only)."""
     candidate_lr: float = 1e-4
     """Learning rate of the candidates' short distillation."""
 

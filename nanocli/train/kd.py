@@ -68,9 +68,9 @@ def check_kd_args(temperature: float, kind: str, top_k: int | None, kd_ratio: fl
     if not 0.0 <= kd_ratio <= 1.0:
         raise ConfigError(f"--kd-ratio must be in [0, 1] (1: KD only, 0: CE only), got {kd_ratio}")
     if top_k is not None and top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+        raise ConfigError(f"--kd-top-k must be at least 1, got {top_k}")
     if top_k is not None and kind == "reverse":
-        raise ConfigError("--top-k works with forward KL only (reverse KL needs the teacher's whole distribution)")
+        raise ConfigError("--kd-top-k works with forward KL only (reverse KL needs the teacher's whole distribution)")
     if chunk < 1:
         raise ConfigError(f"--kd-chunk must be at least 1 token row, got {chunk}")
     if kd_ratio < 1.0 and not has_labels:

@@ -1,4 +1,4 @@
-"""The teacher's top-k logits per data window on disk (``nano distill --top-k K --teacher-cache DIR``).
+"""The teacher's top-k logits per data window on disk (``nano distill --kd-top-k K --teacher-cache DIR``).
 
 Reused whenever a window comes round again (later epochs, later runs): ``DIR/<fingerprint>/<source
 key>/<window>.safetensors`` holding ``values`` (T, k) float32 and ``indices`` (T, k) int32. The fingerprint
