@@ -127,12 +127,13 @@ def _commands():
 def test_every_command_has_examples_and_readable_metavars():
     """Every command's help ends with runnable examples (two or more where it has options); no metavar is a
     type label (``<bool>``, ``<list[str]>``): on/off flags show none, values a word such as N, FILE, a|b."""
-    import click
+    import typer
 
     for path, cmd in _commands():
-        params = [p for p in cmd.get_params(click.Context(cmd)) if not getattr(p, "hidden", False)]
+        ctx = typer.Context(cmd)
+        params = [p for p in cmd.get_params(ctx) if not getattr(p, "hidden", False)]
         for p in params:
-            shown = p.metavar if p.param_type_name == "option" else p.display_type_rich(click.Context(cmd))
+            shown = p.metavar if p.param_type_name == "option" else p.display_type_rich(ctx)
             assert shown is None or ("<" not in shown and ">" not in shown and "[" not in shown), (path, p.name, shown)
             if p.param_type_name == "argument":
                 assert p.metavar and p.metavar.isupper(), (path, p.name)
