@@ -42,6 +42,10 @@ class ProfileError(ConfigError):
     """A profile YAML that is missing, malformed, or disagrees with itself."""
 
 
+class UnknownProfile(ProfileError):
+    """A profile name that no file or alias has (the message lists what was likely meant and what there is)."""
+
+
 @dataclass(frozen=True)
 class ModelProfile:
     """A named model architecture: ``config`` is the validated ``NanoConfig``."""
@@ -196,7 +200,7 @@ def load_gpu_profile(name_or_path: str | Path) -> GpuProfile:
     hit = keys.get(canonical(text))
     if hit is not None:
         return next(g for g in gpus if g.name == hit)
-    raise ProfileError(unknown_gpu_message(text, keys))
+    raise UnknownProfile(unknown_gpu_message(text, keys))
 
 
 def canonical(text: str) -> str:
