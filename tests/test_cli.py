@@ -49,7 +49,7 @@ def test_profiles_table():
     result = nano("profiles")
     assert result.returncode == 0, result.stderr
     for text in ["nemotron-nano-9b-v2", "nemotron-nano-12b-v2-base", "tiny", "27/25/4", "8.89B", "16.56 GiB",
-                 "a10g", "19.66 GiB"]:
+                 "a10g", "19.66", "rtx-4090", "24 GB", "65 fp16"]:
         assert text in result.stdout
 
 
