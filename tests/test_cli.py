@@ -110,6 +110,6 @@ def test_demo_library_check_runs_the_model_library_on_every_profile(tmp_path):
         assert text in result.stdout
     assert "FAILED" not in result.stdout
     assert (out / "config.json").is_file()
-    for text in ["nemotron-nano-9b-v2", "nemotron-nano-12b-v2-base", "a10g", "19.66 GiB"]:  # every profile loaded
+    for text in ["nemotron-nano-9b-v2", "nemotron-nano-12b-v2-base", "a10g", "19.66", "t4"]:  # every profile loaded
         assert text in result.stdout
     assert "not built yet" not in result.stdout and "stages to come" not in result.stdout

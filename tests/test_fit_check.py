@@ -533,6 +533,7 @@ def test_gpu_aliases(alias, name):
     ("-3GB", "--gpu -3GB: a memory size must be more than 0"),
     ("lotsGiB", "unknown gpu profile 'lotsGiB'"),
     ("24", "or a memory size such as 24GiB"),
+    ("1" + "0" * 400 + "GiB", "too large for a GPU's memory"),
 ])
 def test_bad_gpus_are_one_line_errors_with_a_hint(capsys, gpu, needle):
     code, out, err = main_in_process(capsys, "fit-check", "--gpu", gpu)
@@ -670,3 +671,16 @@ def test_no_prefill_chunk_hint_without_a_context_limit(tmp_path):
     (tmp_path / "config.json").write_text(config("tiny").replace(hybrid_override_pattern="M-M-").to_json_string())
     r = check(str(tmp_path / "config.json"), batch=4, context="4k")
     assert r.max_context is None and r.smaller_chunks == []
+
+
+def test_a_huge_size_has_no_context_limit_and_says_why(capsys, tmp_path):
+    assert check(gpu="100000TiB").max_context is None
+    code, out, _ = main_in_process(capsys, "fit-check", "--gpu", "100000TiB")
+    assert code == 0 and "no limit from memory (2^40 tokens still fit)" in out
+
+
+def test_plot_against_a_memory_size(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    code, out, _ = main_in_process(capsys, "fit-check", "--gpu", "24GB", "--context", "32k", "--plot",
+                                   str(tmp_path / "fit.png"))
+    assert code == 0 and (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"

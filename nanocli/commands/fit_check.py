@@ -196,7 +196,8 @@ def _solve_lines(r: FitCheckResult) -> list[str]:
         lines.append(f"the weights alone ({ui.gib(e.weights)}) exceed the {ui.gib(r.gpu.budget)} budget: no context "
                      "or batch fits; a smaller dtype, a pruned model or a larger GPU is needed")
     if r.max_context is None:
-        lines.append(f"largest context at batch {b}: no limit from memory (no attention layers)")
+        why = "no attention layers" if not c.count("attention") else "2^40 tokens still fit"
+        lines.append(f"largest context at batch {b}: no limit from memory ({why})")
     elif r.max_context or r.smaller_chunks:
         lines.append(f"largest context at batch {b}: [bold]{r.max_context:,}[/bold] tokens" + _chunk_hint(r))
     if r.max_batch:

@@ -75,6 +75,8 @@ def parse_size(text: str) -> int | None:
     base = 1024 if binary or not b else 1000
     if not value > 0:
         raise FitCheckError(f"--gpu {text}: a memory size must be more than 0; write it like 24GiB or 24GB")
+    if not value < 1e15:
+        raise FitCheckError(f"--gpu {text[:20]}...: too large for a GPU's memory; write it like 24GiB or 24GB")
     return round(value * base ** _POWER[prefix.lower()])
 
 
