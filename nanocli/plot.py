@@ -90,7 +90,8 @@ def plot_fit(r: FitCheckResult, path: str | Path) -> Path:
         n_layers = c.count("attention") + c.count("mamba")
         ax.plot(xs, [v / GIB for v in cf], color="#d62728", lw=2.0, ls="--",
                 label=f"all-attention counterfactual ({n_layers} attention layers, KV in each)")
-    gpu_label = (f"{r.gpu.name} profile budget" if r.gpu.source == "profile" else f"{r.gpu.name} (free, NVML)")
+    gpu_label = {"profile": f"{r.gpu.name} profile budget", "size": f"{r.gpu.name} budget"}.get(
+        r.gpu.source, f"{r.gpu.name} (free, NVML)")
     ax.axhline(budget, color="black", lw=1.6, label=f"{gpu_label}: {budget:.2f} GiB")
     mark = "#2ca02c" if r.fits else "#ff7f0e"
     ax.axvline(e.context, color=mark, lw=1.2, ls=":")

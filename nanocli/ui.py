@@ -68,11 +68,14 @@ def model_table(models: Sequence[ModelSummary], title: str = "Model profiles") -
 
 
 def gpu_table(gpus: Sequence[GpuProfile]) -> Table:
-    """One row per GPU: memory, what the framework and other models keep, the budget left."""
-    table = name_table("GPU profiles", ("memory", "overhead", "reserved", "budget", "GB/s", "TFLOP/s"))
+    """One row per GPU: the vendor's memory, what CUDA reports, what the framework and other models keep, the
+    budget left, bandwidth and the dense tensor rate (bf16; fp16 on a card without bf16)."""
+    table = name_table("GPU profiles", ("vendor", "memory", "overhead", "reserved", "budget", "GB/s", "TFLOP/s"))
     for g in gpus:
-        table.add_row(g.name, f"{g.memory_gib:.2f} GiB", f"{g.framework_overhead:.0%}", f"{g.reserved_gib:.2f} GiB",
-                      f"{g.budget_gib:.2f} GiB", f"{g.bandwidth_gbs:g}", f"{g.bf16_tflops:g}")
+        vendor = "-" if g.vendor_memory_gb is None else f"{g.vendor_memory_gb:g} GB"
+        rate = f"{g.bf16_tflops:g}" if g.bf16 else f"{g.fp16_tflops:g} fp16"
+        table.add_row(g.name, vendor, f"{g.memory_gib:.2f}", f"{g.framework_overhead:.0%}", f"{g.reserved_gib:.2f}",
+                      f"{g.budget_gib:.2f}", f"{g.bandwidth_gbs:g}", rate)
     return table
 
 
@@ -83,8 +86,9 @@ def show_profiles(models: Sequence[ModelSummary], gpus: Sequence[GpuProfile]) ->
     out.print("weights: bf16. KV@128k: bf16 K+V of every attention layer at 131,072 tokens, batch 1.")
     out.print()
     out.print(gpu_table(gpus))
-    out.print("budget = memory x (1 - overhead) - reserved: what weights + caches may use. "
-              "TFLOP/s: dense bf16 peak.")
+    out.print("vendor: the marketed memory (GB = 10^9 bytes). memory, reserved, budget: GiB (2^30 bytes), memory "
+              "as CUDA reports the total; budget = memory x (1 - overhead) - reserved: what weights + caches may "
+              "use. TFLOP/s: dense bf16 tensor peak; fp16 where the card has no bf16.")
 
 
 

@@ -49,7 +49,7 @@ def test_profiles_table():
     result = nano("profiles")
     assert result.returncode == 0, result.stderr
     for text in ["nemotron-nano-9b-v2", "nemotron-nano-12b-v2-base", "tiny", "27/25/4", "8.89B", "16.56 GiB",
-                 "a10g", "19.66 GiB"]:
+                 "a10g", "19.66", "rtx-4090", "24 GB", "65 fp16"]:
         assert text in result.stdout
 
 
@@ -110,6 +110,6 @@ def test_demo_library_check_runs_the_model_library_on_every_profile(tmp_path):
         assert text in result.stdout
     assert "FAILED" not in result.stdout
     assert (out / "config.json").is_file()
-    for text in ["nemotron-nano-9b-v2", "nemotron-nano-12b-v2-base", "a10g", "19.66 GiB"]:  # every profile loaded
+    for text in ["nemotron-nano-9b-v2", "nemotron-nano-12b-v2-base", "a10g", "19.66", "t4"]:  # every profile loaded
         assert text in result.stdout
     assert "not built yet" not in result.stdout and "stages to come" not in result.stdout

@@ -15,7 +15,7 @@ import pytest
 
 from nanocli import cli, nvml
 from nanocli.profiles import load_gpu_profile, load_model_profile, profile_names
-from nanocli.stages import fit_check
+from nanocli.stages import fit_check, fit_gpu
 from nanocli.stages.fit_check import FitCheckError, FitCheckOptions
 from nanocli_model import fit, memory
 from nanocli_model.errors import CheckpointError, NanoError
@@ -213,6 +213,7 @@ def test_no_nvml_asks_for_a_profile():
         fit_check.run(FitCheckOptions(model="tiny"), nvml_query=absent)
     message = str(info.value)
     assert "--gpu PROFILE" in message and all(name in message for name in profile_names("gpus"))
+    assert "24GiB" in message  # or a memory size
 
 
 def test_no_nvml_library_is_one_line_exit_2_in_a_real_process():
@@ -340,7 +341,7 @@ def test_bad_models_are_one_line_errors_exit_2(capsys, tmp_path):
         {k: v for k, v in tiny.items() if k not in ("hidden_size", "mamba_head_dim")}))
     (tmp_path / "nolayout").mkdir()
     (tmp_path / "nolayout" / "config.json").write_text('{"hidden_size": 64, "vocab_size": 512}')
-    cases = [([], "--model is required"), (["--model", str(tmp_path / "missing")], "no such model directory"),
+    cases = [(["--model", str(tmp_path / "missing")], "no such model directory"),
              (["--model", str(tmp_path / "empty")], "config.json"),
              (["--model", str(tmp_path / "partial")], "missing hidden_size, mamba_head_dim"),
              (["--model", str(tmp_path / "nolayout")], "hybrid_override_pattern"),
@@ -488,3 +489,198 @@ def test_plot_writes_a_png(tmp_path, capsys):
 
 def test_every_error_is_a_nano_error():
     assert issubclass(FitCheckError, NanoError) and issubclass(nvml.NvmlUnavailable, NanoError)
+
+
+# ---------------------------------------------------------------------------- issue #18: the model card's question
+def test_without_a_model_it_is_the_released_9b_v2(capsys):
+    """`nano fit-check --gpu a10g` answers the report's question: the 9B-v2 at 128k in bf16 on the A10G."""
+    assert FitCheckOptions().model == "nemotron-nano-9b-v2" and FitCheckOptions().gpu == "auto"
+    default, explicit = (main_in_process(capsys, "fit-check", *args, "--gpu", "a10g", "--json")
+                         for args in ((), ("--model", "nemotron-nano-9b-v2")))
+    assert default[0] == explicit[0] == 0 and json.loads(default[1]) == json.loads(explicit[1])
+    data = json.loads(default[1])
+    assert (data["model"], data["context"], data["dtype"], data["batch"]) == ("nemotron-nano-9b-v2", 131072, "bf16", 1)
+    code, out, _ = main_in_process(capsys, "fit-check", "--gpu", "a10g")
+    assert code == 0 and out.startswith("nemotron-nano-9b-v2 (profile): 131,072 tokens x batch 1, bf16 weights")
+
+
+def test_with_nothing_it_still_asks_nvml_and_says_so_in_one_line(monkeypatch, capsys):
+    def absent(index):
+        raise nvml.NvmlUnavailable("NVML is not available (NVML Shared Library Not Found)")
+
+    monkeypatch.setattr(nvml, "query_device", absent)
+    code, out, err = main_in_process(capsys, "fit-check")
+    assert code == 2 and out == "" and "--gpu auto found no GPU" in one_line_error(err)
+
+
+@pytest.mark.parametrize("spelling", ["A10G", "a10G", "A10g"])
+def test_gpu_names_are_case_insensitive(spelling):
+    r, ref = check(gpu=spelling), check(gpu="a10g")
+    assert r.gpu == ref.gpu and r.gpu.name == "a10g" and r.to_json() == ref.to_json()
+
+
+@pytest.mark.parametrize("alias,name", [("h100", "h100-80gb"), ("4090", "rtx-4090"), ("rtx4090", "rtx-4090"),
+                                        ("RTX-3090", "rtx-3090")])
+def test_gpu_aliases(alias, name):
+    assert check(gpu=alias).gpu.name == name
+
+
+@pytest.mark.parametrize("gpu,needle", [
+    ("a100", "gpu profile 'a100' is ambiguous; did you mean a100-40gb or a100-80gb?"),
+    ("a10gg", "did you mean a10g"),
+    ("h10", "did you mean h100-80gb?"),
+    ("0GiB", "--gpu 0GiB: a memory size must be more than 0"),
+    ("-3GB", "--gpu -3GB: a memory size must be more than 0"),
+    ("lotsGiB", "unknown gpu profile 'lotsGiB'"),
+    ("24", "or a memory size such as 24GiB"),
+    ("1" + "0" * 400 + "GiB", "too large for a GPU's memory"),
+])
+def test_bad_gpus_are_one_line_errors_with_a_hint(capsys, gpu, needle):
+    code, out, err = main_in_process(capsys, "fit-check", "--gpu", gpu)
+    assert code == 2 and out == "" and needle in one_line_error(err)
+
+
+@pytest.mark.parametrize("text,total", [("24GiB", 24 * GIB), ("24GB", 24 * 10**9), ("80gib", 80 * GIB),
+                                        ("16G", 16 * GIB), ("16Gi", 16 * GIB), ("1.5 TB", 1_500_000_000_000),
+                                        ("512MiB", 512 * 2**20), ("22.06GiB", round(22.06 * GIB))])
+def test_gpu_memory_sizes_need_no_profile(text, total):
+    r = check(gpu=text, context="4k")
+    g = r.gpu
+    assert (g.source, g.name, g.total, g.available, g.reserved) == ("size", text, total, total, 0)
+    assert g.framework == round(0.05 * total) and g.budget == total - round(0.05 * total)
+    assert fit_gpu.parse_size("lotsGiB") is None and fit_gpu.parse_size("a100-80gb") is None
+
+
+def test_a_size_equal_to_a_profile_judges_the_same():
+    sized, profile = check(gpu="22.06GiB", reserve=1.3), check(gpu="a10g")
+    assert sized.gpu.budget == profile.gpu.budget and sized.max_context == profile.max_context
+
+
+def test_the_a10g_reservation_is_named_and_reserve_replaces_it(capsys):
+    r = check()
+    assert r.gpu.reserved == round(1.3 * GIB) and r.gpu.reserved_for == "a vision encoder, as in the report"
+    code, out, _ = main_in_process(capsys, "fit-check", "--gpu", "a10g")
+    gpu_line = " ".join(out.split("Memory, term by term")[0].split())
+    assert code == 0 and "1.30 GiB reserved for a vision encoder, as in the report (--reserve 0 frees it)" in gpu_line
+    assert "= 19.66 GiB for the model" in gpu_line
+    total, framework = round(22.06 * GIB), round(round(22.06 * GIB) * 0.05)
+    for reserve, reserved in ((0, 0), (0.5, GIB // 2), (2.25, round(2.25 * GIB))):
+        g = check(reserve=reserve).gpu
+        assert g.reserved == reserved and g.budget == total - framework - reserved and g.reserve_given
+    assert check(reserve=0).gpu.budget - r.gpu.budget == round(1.3 * GIB)
+    code, out, _ = main_in_process(capsys, "fit-check", "--gpu", "a10g", "--reserve", "0")
+    gpu_line = " ".join(out.split("Memory, term by term")[0].split())
+    assert "0 B reserved (--reserve; the profile keeps 1.30 GiB for a vision encoder" in gpu_line
+    assert "= 20.96 GiB for the model" in gpu_line
+    assert check(gpu="24GiB", reserve=2).gpu.reserved == 2 * GIB
+    auto = fit_check.run(FitCheckOptions(gpu="auto", reserve=1), nvml_query=fake_device(80.0, 30.0))
+    assert auto.gpu.budget == 30 * GIB - round(0.05 * 80 * GIB) - GIB
+
+
+@pytest.mark.parametrize("args,needle", [(["--reserve", "-1"], "--reserve must be"),
+                                         (["--reserve", "nan"], "--reserve must be"),
+                                         (["--reserve", "30"], "--reserve 30: leaves nothing for the model")])
+def test_bad_reserves_are_one_line_errors(capsys, args, needle):
+    code, out, err = main_in_process(capsys, "fit-check", "--gpu", "a10g", *args)
+    assert code == 2 and out == "" and needle in one_line_error(err)
+
+
+JSON_CASES = [  # fitting and not, profile, size and NVML, with and without --reserve
+    ["--gpu", "a10g"], ["--gpu", "a10g", "--reserve", "0"], ["--gpu", "a10g", "--prefill-chunk", "8192"],
+    ["--gpu", "a10g", "--reserve", "1.35"], ["--model", "nemotron-nano-12b-v2-base", "--gpu", "a10g"],
+    ["--gpu", "t4"], ["--gpu", "24GB", "--batch", "4", "--context", "32k"], ["--gpu", "h100", "--batch", "24"],
+    ["--gpu", "auto"], ["--gpu", "auto", "--reserve", "10"],
+]
+
+
+@pytest.mark.parametrize("args", JSON_CASES, ids=" ".join)
+def test_json_needed_and_budget_compare_like_for_like(monkeypatch, capsys, args):
+    monkeypatch.setattr(nvml, "query_device", fake_device(24.0, 21.0, "NVIDIA A10G"))
+    code, out, err = main_in_process(capsys, "fit-check", *args, "--json")
+    d = json.loads(out)
+    assert code == (0 if d["fits"] else 1), err
+    assert d["fits"] == (d["needed_bytes"] <= d["budget_bytes"]) == (d["verdict"] == "FITS")
+    assert d["fits"] == (d["needed_on_gpu_bytes"] <= d["gpu"]["available_bytes"])
+    assert d["needed_bytes"] == d["model_bytes"] and d["headroom_bytes"] == d["budget_bytes"] - d["needed_bytes"]
+    g = d["gpu"]
+    assert d["budget_bytes"] == g["available_bytes"] - g["framework_bytes"] - g["reserved_bytes"]
+    assert (g["framework_bytes"], g["reserved_bytes"]) == (d["terms"]["framework_overhead"], d["terms"]["reserved"])
+
+
+def test_the_report_verdicts_in_json():
+    fits, big = check().to_json(), check("nemotron-nano-12b-v2-base").to_json()
+    assert fits["fits"] and fits["needed_bytes"] <= fits["budget_bytes"] == 21106543034  # 19.66 GiB
+    assert not big["fits"] and big["needed_bytes"] > big["budget_bytes"]
+
+
+def test_a_gpu_without_bf16_says_so_for_bf16_only(capsys):
+    note = "t4 has no bf16 arithmetic (its profile says bf16: false): serve the model in fp16, --dtype fp16"
+    assert any(note in n for n in check(gpu="t4").notes)
+    assert not any("bf16 arithmetic" in n for n in check(gpu="t4", dtype="fp16").notes)
+    assert not any("bf16 arithmetic" in n for n in check(gpu="a10g").notes)
+    assert check(gpu="t4").to_json()["gpu"]["bf16"] is False and check().to_json()["gpu"]["bf16"] is True
+    auto = fit_check.run(FitCheckOptions(context="4k", model="tiny"), nvml_query=fake_device(15.0, 14.5, "Tesla T4"))
+    assert auto.gpu.bf16 is False and any("no bf16 arithmetic" in n for n in auto.notes)
+    code, out, _ = main_in_process(capsys, "fit-check", "--gpu", "T4")
+    assert code == 1 and "no bf16 arithmetic" in out and "--dtype fp16" in out
+
+
+def smaller_chunk_boundary(r, chunk: int) -> int:
+    e, c = r.estimate, r.model.config
+    kw = dict(dtype=e.dtype, ssm_cache_dtype=e.ssm_dtype, attention=e.attention, weights=e.weights)
+    return fit.max_context(c, r.gpu.budget, batch=e.batch, prefill_chunk=chunk, **kw)
+
+
+def test_a_smaller_prefill_chunk_is_offered_at_batch_above_1_when_it_fits_more(capsys):
+    r = check(gpu="24GB", batch=4, context="32k")
+    assert [c for c, _ in r.smaller_chunks] == [1024, 512, 256]
+    assert all(n == smaller_chunk_boundary(r, c) for c, n in r.smaller_chunks)
+    contexts = [r.max_context] + [n for _, n in r.smaller_chunks]
+    assert contexts == sorted(set(contexts))  # each one gains
+    assert r.to_json()["max_context_smaller_prefill_chunk"] == [{"prefill_chunk": c, "max_context": n}
+                                                                for c, n in r.smaller_chunks]
+    c1, n1 = r.smaller_chunks[0]
+    code, out, _ = main_in_process(capsys, "fit-check", "--gpu", "24GB", "--batch", "4", "--context", "32k")
+    line = " ".join(out.split("largest context at batch 4:")[1].split("largest batch")[0].split())
+    assert code == 0 and line.startswith(f"{r.max_context:,} tokens; with --prefill-chunk {c1}: {n1:,} tokens, ")
+
+
+def test_only_the_halvings_that_gain_are_offered():
+    """At 18 GiB and batch 2 the 9B fits 654 tokens at chunk 2048; chunk 1024 is capped at the context there too
+    (no gain, not offered); 512 and 256 gain."""
+    r = check(gpu="18GiB", batch=2, context="1k")
+    assert r.max_context == smaller_chunk_boundary(r, 1024) == 654
+    assert [c for c, _ in r.smaller_chunks] == [512, 256]
+    assert all(n == smaller_chunk_boundary(r, c) > r.max_context for c, n in r.smaller_chunks)
+
+
+@pytest.mark.parametrize("kw", [dict(gpu="24GB", batch=1), dict(gpu="24GB", batch=4, context="32k", prefill_chunk=256),
+                                dict(gpu="24GB", batch=2, prefill_chunk=300), dict(gpu="17.8GiB", batch=2),
+                                dict(model="nemotron-nano-12b-v2-base", batch=2)])
+def test_no_prefill_chunk_hint_when_it_gains_nothing(capsys, kw):
+    """batch 1; a chunk at 256 or halving below it; 205 tokens fit (below every smaller chunk: the same
+    activations); the 12B's weights alone exceed the budget (0 tokens at any chunk)."""
+    r = check(**kw)
+    assert r.smaller_chunks == [] and r.to_json()["max_context_smaller_prefill_chunk"] == []
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in {"gpu": "a10g", **kw}.items()]
+    code, out, _ = main_in_process(capsys, "fit-check", *args)
+    assert code in (0, 1) and "with --prefill-chunk" not in out
+
+
+def test_no_prefill_chunk_hint_without_a_context_limit(tmp_path):
+    (tmp_path / "config.json").write_text(config("tiny").replace(hybrid_override_pattern="M-M-").to_json_string())
+    r = check(str(tmp_path / "config.json"), batch=4, context="4k")
+    assert r.max_context is None and r.smaller_chunks == []
+
+
+def test_a_huge_size_has_no_context_limit_and_says_why(capsys, tmp_path):
+    assert check(gpu="100000TiB").max_context is None
+    code, out, _ = main_in_process(capsys, "fit-check", "--gpu", "100000TiB")
+    assert code == 0 and "no limit from memory (2^40 tokens still fit)" in out
+
+
+def test_plot_against_a_memory_size(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    code, out, _ = main_in_process(capsys, "fit-check", "--gpu", "24GB", "--context", "32k", "--plot",
+                                   str(tmp_path / "fit.png"))
+    assert code == 0 and (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"

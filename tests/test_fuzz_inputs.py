@@ -219,6 +219,7 @@ def _yaml_dump(data) -> str:
 
 TINY_PROFILE = yaml.safe_load((TESTS_DIR.parent / "nanocli" / "profiles" / "models" / "tiny.yaml").read_text())
 A10G_PROFILE = yaml.safe_load((TESTS_DIR.parent / "nanocli" / "profiles" / "gpus" / "a10g.yaml").read_text())
+T4_PROFILE = yaml.safe_load((TESTS_DIR.parent / "nanocli" / "profiles" / "gpus" / "t4.yaml").read_text())  # bf16: false
 yaml_scalars = (st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True)
                 | st.text(max_size=10) | st.sampled_from(["1e-5", "1.0e+5", ".inf", "-.nan", "0x10", "~", "yes"]))
 yaml_values = st.recursive(yaml_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c,
@@ -271,15 +272,27 @@ def test_model_profile_yaml_mutations(mutations):
 @given(mutations=st.lists(_profile_mutation(A10G_PROFILE, None), min_size=1, max_size=3))
 @fuzz(100)
 def test_gpu_profile_yaml_mutations(mutations):
+    _check_gpu_mutation(A10G_PROFILE, "a10g", mutations)
+
+
+@given(mutations=st.lists(_profile_mutation(T4_PROFILE, None), min_size=1, max_size=3))
+@fuzz(50)
+def test_gpu_profile_without_bf16_yaml_mutations(mutations):
+    _check_gpu_mutation(T4_PROFILE, "t4", mutations)
+
+
+def _check_gpu_mutation(base: dict, name: str, mutations: list) -> None:
     from nanocli.profiles import GpuProfile, load_gpu_profile
 
     CASES["profiles/gpus YAML: field mutations"] += 1
     with case_dir("gpu-profile") as root:
-        path = root / "a10g.yaml"
-        path.write_text(_yaml_dump(_mutated(A10G_PROFILE, None, mutations)), encoding="utf-8")
+        path = root / f"{name}.yaml"
+        path.write_text(_yaml_dump(_mutated(base, None, mutations)), encoding="utf-8")
         result = check_loader(lambda: load_gpu_profile(path), root, [str(path)])
         if isinstance(result, GpuProfile):
             assert result.budget_gib > 0 and math.isfinite(result.budget_gib)
+            assert result.tensor_tflops > 0 and math.isfinite(result.tensor_tflops)
+            assert result.reserved_gib == 0 or result.reserved_for
 
 
 @given(data=yaml_text, which=st.sampled_from(["model", "gpu", "recipe"]))

@@ -9,6 +9,8 @@ import yaml
 
 from nanocli.profiles import (
     ProfileError,
+    gpu_keys,
+    gpu_profile_for_device,
     list_gpu_profiles,
     list_model_profiles,
     load_gpu_profile,
@@ -128,6 +130,16 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     (load_gpu_profile, {**GPU_YAML, "framework_overhead": 5}, "framework_overhead is a share"),
     (load_gpu_profile, {**GPU_YAML, "reserved_gib": 30}, "leaves -7.20 GiB"),
     (load_gpu_profile, {**GPU_YAML, "memory": 24}, "unknown key"),
+    (load_gpu_profile, {**GPU_YAML, "bf16": "no"}, "'bf16' must be true or false"),
+    (load_gpu_profile, {**GPU_YAML, "bf16": False}, "bf16 is false but bf16_tflops is given"),
+    (load_gpu_profile, {k: v for k, v in GPU_YAML.items() if k != "bf16_tflops"}, "missing field 'bf16_tflops'"),
+    (load_gpu_profile, {**{k: v for k, v in GPU_YAML.items() if k != "bf16_tflops"}, "bf16": False},
+     "missing field 'fp16_tflops'"),
+    (load_gpu_profile, {**GPU_YAML, "vendor_memory_gb": 0}, "vendor_memory_gb must be a finite number > 0"),
+    (load_gpu_profile, {**GPU_YAML, "memory_gib": float("inf")}, "memory_gib must be a finite number > 0"),
+    (load_gpu_profile, {**GPU_YAML, "reserved_gib": 1.5}, "reserved_for is missing"),
+    (load_gpu_profile, {**GPU_YAML, "aliases": "x1"}, "'aliases' must be a list"),
+    (load_gpu_profile, {**GPU_YAML, "aliases": [4090]}, "aliases must be a list of names"),
     (load_gpu_profile, {**GPU_YAML, "name": "y"}, "differs from the file name"),
     (load_model_profile, {k: v for k, v in MODEL_YAML.items() if k != "config"}, "missing field 'config'"),
     (load_model_profile, {**MODEL_YAML, "params": "1M"}, "'params' must be an integer"),
@@ -158,3 +170,67 @@ def test_unknown_name_lists_the_available_ones(tmp_path, monkeypatch):
         load_gpu_profile("a10g")
     with pytest.raises(ProfileError, match="no such profile file"):
         load_model_profile(tmp_path / "missing.yaml")
+
+
+# ---------------------------------------------------------------------------- GPU names, aliases, the rented cards
+RENTED = {"t4", "l4", "a10", "a10g", "rtx-4090", "rtx-3090", "a100-40gb", "a100-80gb", "h100-80gb", "h200", "b200"}
+
+
+def test_the_cards_people_rent_have_profiles_with_vendor_memory():
+    gpus = {g.name: g for g in list_gpu_profiles()}
+    assert RENTED <= set(gpus)
+    for g in gpus.values():  # what CUDA reports as total is within 10% of the marketed GB (GB vs GiB, ECC, ...)
+        assert g.vendor_memory_gb and abs(g.memory_gib * 2**30 / (g.vendor_memory_gb * 1e9) - 1) < 0.1, g.name
+        assert g.tensor_tflops > 0 and g.bandwidth_gbs > 0
+    assert (gpus["rtx-4090"].vendor_memory_gb, gpus["rtx-4090"].bandwidth_gbs, gpus["rtx-4090"].bf16_tflops) == (
+        24, 1008, 165.2)
+    assert (gpus["b200"].vendor_memory_gb, gpus["b200"].memory_gib, gpus["b200"].bf16_tflops) == (180, 179.06, 2250)
+    t4 = gpus["t4"]
+    assert not t4.bf16 and t4.bf16_tflops is None and t4.fp16_tflops == t4.tensor_tflops == 65
+    assert all(g.bf16 for g in gpus.values() if g.name != "t4")
+    assert gpus["a10g"].reserved_gib == 1.3 and gpus["a10g"].reserved_for == "a vision encoder, as in the report"
+    assert gpus["a10g"].memory_gib == 22.06 and gpus["l4"].memory_gib == 22.03  # the files' figures, kept
+
+
+@pytest.mark.parametrize("text,name", [("A10G", "a10g"), ("a10g", "a10g"), ("a10", "a10"), ("H100", "h100-80gb"),
+                                       ("h100-80GB", "h100-80gb"), ("4090", "rtx-4090"), ("rtx4090", "rtx-4090"),
+                                       ("RTX 4090", "rtx-4090"), ("rtx_3090", "rtx-3090"), ("T4", "t4")])
+def test_gpu_names_match_in_any_case_and_by_alias(text, name):
+    assert load_gpu_profile(text).name == name
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a100", "gpu profile 'a100' is ambiguous; did you mean a100-40gb or a100-80gb?"),
+    ("rtx", "gpu profile 'rtx' is ambiguous; did you mean rtx-3090 or rtx-4090?"),
+    ("a10gg", "unknown gpu profile 'a10gg'; did you mean a10g"),
+    ("l40s", "unknown gpu profile 'l40s'; did you mean l4?"),
+    ("quantum", "unknown gpu profile 'quantum'; available: a10, a100-40gb"),
+])
+def test_unknown_gpu_names_say_what_was_meant(text, message):
+    with pytest.raises(ProfileError) as err:
+        load_gpu_profile(text)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert all(name in str(err.value) for name in RENTED)
+
+
+def test_every_name_and_alias_names_one_profile(tmp_path, monkeypatch):
+    keys = gpu_keys(list_gpu_profiles())
+    assert keys["h100"] == "h100-80gb" and keys["4090"] == "rtx-4090" and "a100" not in keys
+    (tmp_path / "gpus").mkdir()
+    _write(tmp_path / "gpus", {**GPU_YAML, "name": "x"}, name="x")
+    _write(tmp_path / "gpus", {**GPU_YAML, "name": "y", "aliases": ["X"]}, name="y")
+    monkeypatch.setenv("NANO_PROFILES_DIR", str(tmp_path))
+    assert load_gpu_profile("x").name == "x"  # the file name is found before any alias is read
+    with pytest.raises(ProfileError, match="'X' also names the GPU profile 'x'"):
+        load_gpu_profile("Y")
+
+
+@pytest.mark.parametrize("device,name", [
+    ("NVIDIA A100-SXM4-80GB", "a100-80gb"), ("NVIDIA A100-PCIE-40GB", "a100-40gb"), ("NVIDIA A10", "a10"),
+    ("NVIDIA A10G", "a10g"), ("NVIDIA GeForce RTX 4090", "rtx-4090"), ("NVIDIA GeForce RTX 3090", "rtx-3090"),
+    ("NVIDIA H100 80GB HBM3", "h100-80gb"), ("NVIDIA L4", "l4"), ("Tesla T4", "t4"), ("NVIDIA B200", "b200"),
+    ("NVIDIA H200", "h200"), ("NVIDIA L40S", None), ("NVIDIA GeForce RTX 4080", None)])
+def test_a_device_name_finds_its_profile_for_mfu(device, name):
+    """MFU's peak rate: A10G is not A10, an A100 is not an A10, an L40S is not an L4, a 4090 is not a 3090."""
+    g = gpu_profile_for_device(device)
+    assert (g and g.name) == name

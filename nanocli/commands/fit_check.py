@@ -23,6 +23,7 @@ from .output import JsonOutput, emit
 if TYPE_CHECKING:
     from ..measure import Measurement
     from ..stages.fit_check import FitCheckResult
+    from ..stages.fit_gpu import GpuLimit
 
 EXAMPLES = ["nano fit-check -m nemotron-nano-9b-v2 --gpu a10g --context 128k",
             "nano fit-check -m nemotron-nano-12b-v2-base --gpu h100-80gb --context 1m --batch 4 --json",
@@ -50,7 +51,9 @@ def fit_check(given: dict, output: dict) -> None:
 
     Adds up the weights (exact from safetensors headers when present), the attention KV cache,
     the Mamba conv and SSM state, and the activation peak of a chunked prefill.
-    Judges them against a GPU profile's budget or the local GPU's free memory (NVML).
+    Judges them against a GPU profile's budget (any case: A10G, h100, 4090), a memory size (24GiB, 24GB)
+    or the local GPU's free memory (NVML, the default). Without --model: the released nemotron-nano-9b-v2,
+    so `nano fit-check --gpu a10g` answers the report's question (128k tokens, bf16, one A10G).
     Shows every term, the verdict, the largest context, batch and prefill chunk that fit,
     and what the same model would need if every Mamba layer were attention.
     Never loads weights or imports torch (except --measure).
@@ -121,9 +124,18 @@ def _fit_rows(r: FitCheckResult) -> list[tuple[str, int, str, str]]:
             ("activations", a.total, "", f"{KIND_LABEL[a.peak_kind]} layer peak, chunk {a.chunk:,} x {b} (below)"),
             ("model total", e.total, "bold", ""),
             ("framework + CUDA", g.framework, "dim", f"{g.framework_share:.0%} of {ui.gib(g.total)}"),]
-    if g.source == "profile":
-        rows.append(("reserved", g.reserved, "dim", "other models on the GPU (profile)"))
+    if g.source == "profile" or g.reserved:
+        rows.append(("reserved", g.reserved, "dim", _reserved_why(g)))
     return rows
+
+
+def _reserved_why(g: GpuLimit) -> str:
+    """What the reservation is for: the profile's reason, or --reserve (naming what it replaced)."""
+    if g.reserve_given:
+        replaced = (f"; replaces the profile's {ui.gib(g.profile_reserved)} for {g.reserved_for}"
+                    if g.profile_reserved else "")
+        return f"--reserve{replaced}"
+    return f"for {g.reserved_for} (profile; --reserve 0 frees it)" if g.reserved else "nothing (profile)"
 
 
 FORMULA_KEY = ("KV = attention layers x 2 (K, V) x kv heads x head_dim x tokens x batch x bytes; "
@@ -164,13 +176,23 @@ def activation_table(r: FitCheckResult) -> Table:
 
 def _gpu_line(r: FitCheckResult) -> str:
     g = r.gpu
+    reserved = f" - {ui.human_bytes(g.reserved)} reserved"
+    if g.reserve_given:
+        reserved += " (--reserve" + (f"; the profile keeps {ui.gib(g.profile_reserved)} for {g.reserved_for})"
+                                     if g.profile_reserved else ")")
+    elif g.reserved:
+        reserved += f" for {g.reserved_for} (--reserve 0 frees it)"
+    budget = f" = [bold]{ui.human_bytes(g.budget)}[/bold] for the model"
     if g.source == "profile":
-        return (f"GPU: profile [bold]{g.name}[/bold]: {ui.human_bytes(g.total)} - {g.framework_share:.0%} framework "
-                f"({ui.human_bytes(g.framework)}) - {ui.human_bytes(g.reserved)} reserved = "
-                f"[bold]{ui.human_bytes(g.budget)}[/bold] for the model")
+        vendor = f" ({g.vendor_memory_gb:g} GB card)" if g.vendor_memory_gb else ""
+        return (f"GPU: profile [bold]{g.name}[/bold]{vendor}: {ui.human_bytes(g.total)} - {g.framework_share:.0%} "
+                f"framework ({ui.human_bytes(g.framework)}){reserved}{budget}")
+    if g.source == "size":
+        return (f"GPU: [bold]{g.name}[/bold] (a memory size, no profile): {ui.human_bytes(g.total)} - "
+                f"{g.framework_share:.0%} framework ({ui.human_bytes(g.framework)}){reserved}{budget}")
     return (f"GPU {g.device_index}: [bold]{g.name}[/bold] (NVML {g.nvml_api}): {ui.human_bytes(g.total)} total, "
             f"{ui.human_bytes(g.available)} free - {g.framework_share:.0%} of total for the framework + CUDA context "
-            f"({ui.human_bytes(g.framework)}) = [bold]{ui.human_bytes(g.budget)}[/bold] for the model")
+            f"({ui.human_bytes(g.framework)}){reserved if g.reserved or g.reserve_given else ''}{budget}")
 
 
 def _solve_lines(r: FitCheckResult) -> list[str]:
@@ -180,9 +202,10 @@ def _solve_lines(r: FitCheckResult) -> list[str]:
         lines.append(f"the weights alone ({ui.gib(e.weights)}) exceed the {ui.gib(r.gpu.budget)} budget: no context "
                      "or batch fits; a smaller dtype, a pruned model or a larger GPU is needed")
     if r.max_context is None:
-        lines.append(f"largest context at batch {b}: no limit from memory (no attention layers)")
-    elif r.max_context:
-        lines.append(f"largest context at batch {b}: [bold]{r.max_context:,}[/bold] tokens")
+        why = "no attention layers" if not c.count("attention") else "2^40 tokens still fit"
+        lines.append(f"largest context at batch {b}: no limit from memory ({why})")
+    elif r.max_context or r.smaller_chunks:
+        lines.append(f"largest context at batch {b}: [bold]{r.max_context:,}[/bold] tokens" + _chunk_hint(r))
     if r.max_batch:
         lines.append(f"largest batch at {e.context:,} tokens: [bold]{r.max_batch:,}[/bold]")
     if r.max_prefill_chunk >= e.context:
@@ -199,6 +222,14 @@ def _solve_lines(r: FitCheckResult) -> list[str]:
                      f"{ui.gib(r.all_attention)} at {e.context:,} tokens; the hybrid saves "
                      f"[bold]{ui.gib(r.all_attention - e.total)}[/bold]{fits_cf}")
     return lines
+
+
+def _chunk_hint(r: FitCheckResult) -> str:
+    """``; with --prefill-chunk 1024: 54,723 tokens, 512: 61,307, ...`` (--batch > 1, where a smaller chunk gains)."""
+    if not r.smaller_chunks:
+        return ""
+    (c, n), rest = r.smaller_chunks[0], r.smaller_chunks[1:]
+    return f"; with --prefill-chunk {c}: [bold]{n:,}[/bold] tokens" + "".join(f", {c}: {n:,}" for c, n in rest)
 
 
 def show_fit_check(r: FitCheckResult, measured: Measurement | None = None, plot_path: str | None = None) -> None:

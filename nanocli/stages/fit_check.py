@@ -3,13 +3,15 @@
 Steps (``run``):
 
 1. resolve the model: a checkpoint directory (``config.json``, plus the safetensors *headers* when
-   present: exact parameter bytes and stored dtypes), a ``config.json`` file, or a model profile;
+   present: exact parameter bytes and stored dtypes), a ``config.json`` file, or a model profile (default: the
+   released ``nemotron-nano-9b-v2``, the report's model);
 2. estimate every term in bytes (``nanocli_model.fit``): weights, KV cache, conv state, SSM state and
    the activation peak of a chunked prefill;
-3. find the limit: a GPU profile (memory, framework share, reserved) or the local GPU through NVML
-   (judged against its *free* memory, minus the same 5% framework share);
-4. the verdict, and the exact inverse solves: largest context, largest batch, largest prefill chunk;
-   plus the all-attention counterfactual (every Mamba layer an attention layer holding KV).
+3. find the limit (``fit_gpu.py``): a GPU profile (memory, framework share, reserved), a memory size, or the
+   local GPU through NVML (judged against its *free* memory, minus the same 5% framework share);
+4. the verdict, and the exact inverse solves: largest context, largest batch, largest prefill chunk (with
+   ``--batch`` > 1, also the largest context at smaller prefill chunks when they fit more); plus the
+   all-attention counterfactual (every Mamba layer an attention layer holding KV).
 
 No torch, no weights: the whole path is file headers and arithmetic.
 """
@@ -26,20 +28,19 @@ from typing import Any, Literal
 
 from nanocli_model import fit
 from nanocli_model.config import ATTENTION, MAMBA, MLP, NanoConfig
-from nanocli_model.errors import CheckpointError, ConfigError, NanoError
+from nanocli_model.errors import CheckpointError, ConfigError
 from nanocli_model.headers import CheckpointTensors, read_checkpoint_tensors
 from nanocli_model.memory import param_count
 
 from .. import nvml, settings
-from ..profiles import GpuProfile, load_gpu_profile, profile_names
 from ..resolve import model_target
 from ..settings import flag
+from .fit_gpu import FitCheckError, GpuLimit, resolve_gpu
 
 GIB = 2**30
+DEFAULT_MODEL = "nemotron-nano-9b-v2"  # the released model the report fits on one A10G at 128k
 DEFAULT_CONTEXT = 131072
-# With --gpu auto there is no profile: keep the same share for the framework + CUDA context as every
-# shipped GPU profile (the report's 5%).
-NVML_FRAMEWORK_OVERHEAD = 0.05
+SMALLEST_HINT_CHUNK = 256  # --batch > 1: the largest context is also solved at halved chunks down to this
 # config.json fields that set the memory; without them NanoConfig would fall back to the 9B's values.
 REQUIRED_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "all": (("vocab_size",), ("hidden_size",)),
@@ -50,21 +51,21 @@ REQUIRED_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 
-class FitCheckError(NanoError):
-    """A fit-check request that cannot be answered as given (bad value, no GPU to ask)."""
-
-
 @dataclass
 class FitCheckOptions(settings.Group):
     """What ``nano fit-check`` is asked."""
 
-    model: str | None = flag(None, aliases=("-m",))
+    model: str = flag(DEFAULT_MODEL, aliases=("-m",))
     """A checkpoint directory (config.json; safetensors headers when present), a config.json, or a model profile
-    name such as nemotron-nano-9b-v2."""
+    name; by default the released nemotron-nano-9b-v2 (the report's model)."""
     gpu: str = "auto"
-    """A GPU profile (a10g, l4, h100-80gb, ...) or 'auto': the local GPU's free memory through NVML."""
+    """A GPU profile (a10g, l4, t4, rtx-4090, h100, ...; any case), a memory size (24GiB, 24GB; G alone is GiB), or
+    'auto': the local GPU's free memory through NVML."""
     device_index: int = 0
     """Which local GPU --gpu auto reads."""
+    reserve: float | None = None
+    """GiB kept for other models on the GPU, replacing the profile's reservation (a10g keeps 1.3 GiB for a vision
+    encoder: --reserve 0 frees it); default: the profile's, 0 for a size or auto."""
     context: int | str = DEFAULT_CONTEXT
     """Tokens per sequence (prompt + output), e.g. 131072 or 128k."""
     batch: int = 1
@@ -80,10 +81,8 @@ class FitCheckOptions(settings.Group):
     """flash: a fused kernel, no score matrix; eager: the (chunk x context) scores are materialised."""
 
     def check(self) -> None:
-        if self.model is None:
-            raise settings.OptionError("--model is required: a checkpoint directory, a config.json or a model "
-                                       "profile name (see `nano profiles`)")
         settings.at_least(self, 1, "batch")
+        settings.finite(self, "reserve", minimum=0)
         settings.at_least(self, 0, "device_index")
         for name in ("context", "prefill_chunk"):
             parse_tokens(getattr(self, name), "--" + name.replace("_", "-"))
@@ -101,26 +100,6 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
-class GpuLimit:
-    """What the estimate is judged against, in bytes."""
-
-    source: str  # "profile" | "nvml"
-    name: str
-    total: int  # the GPU's memory
-    available: int  # profile: total; NVML: free memory now
-    framework: int  # kept for the serving framework + CUDA context
-    reserved: int  # kept for other models on the same GPU (profile)
-    framework_share: float
-    device_index: int | None = None
-    nvml_api: str | None = None
-
-    @property
-    def budget(self) -> int:
-        """Bytes left for the model: available - framework - reserved (A10G profile: 19.66 GiB)."""
-        return self.available - self.framework - self.reserved
-
-
-@dataclass(frozen=True)
 class FitCheckResult:
     model: ModelSource
     estimate: fit.Estimate
@@ -131,10 +110,13 @@ class FitCheckResult:
     max_prefill_chunk: int
     all_attention: int | None  # bytes the all-attention counterfactual needs (None: no attention layers)
     all_attention_max_context: int | None
+    # --batch > 1: (smaller prefill chunk, largest context there) for the halvings that fit more than max_context
+    smaller_chunks: list[tuple[int, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
+        """The model's bytes (weights + caches + activations) within the budget (what the GPU leaves for it)."""
         return self.estimate.total <= self.gpu.budget
 
     @property
@@ -167,15 +149,23 @@ class FitCheckResult:
                       "activations": a.total, "framework_overhead": g.framework, "reserved": g.reserved},
             "activations": {"chunk": a.chunk, "hidden_states": a.hidden, "peak_layer": a.peak_kind,
                             "layers": a.layers},
-            "model_bytes": e.total, "needed_bytes": e.total + g.framework + g.reserved,
-            "budget_bytes": g.budget, "headroom_bytes": self.headroom, "headroom_pct": round(self.headroom_pct, 2),
+            # like for like: fits == needed_bytes <= budget_bytes == needed_on_gpu_bytes <= gpu.available_bytes
+            "model_bytes": e.total, "needed_bytes": e.total, "budget_bytes": g.budget,
+            "needed_on_gpu_bytes": e.total + g.framework + g.reserved,
+            "headroom_bytes": self.headroom, "headroom_pct": round(self.headroom_pct, 2),
             "verdict": self.verdict, "fits": self.fits,
             "max_context": self.max_context, "max_batch": self.max_batch,
             "max_prefill_chunk": self.max_prefill_chunk,
+            "max_context_smaller_prefill_chunk": [{"prefill_chunk": c, "max_context": n}
+                                                  for c, n in self.smaller_chunks],
             "all_attention": {"bytes": self.all_attention, "max_context": self.all_attention_max_context,
                               "saving_bytes": None if self.all_attention is None else self.all_attention - e.total},
             "gpu": {"source": g.source, "name": g.name, "total_bytes": g.total, "available_bytes": g.available,
-                    "framework_share": g.framework_share, "device_index": g.device_index, "nvml_api": g.nvml_api},
+                    "framework_share": g.framework_share, "framework_bytes": g.framework,
+                    "reserved_bytes": g.reserved, "reserved_for": g.reserved_for, "reserve_given": g.reserve_given,
+                    "profile_reserved_bytes": g.profile_reserved, "bf16": g.bf16,
+                    "vendor_memory_gb": g.vendor_memory_gb, "device_index": g.device_index,
+                    "nvml_api": g.nvml_api},
             "checkpoint": None if t is None else {
                 "files": len(t.files), "params": t.params, "stored_bytes": t.stored_bytes, "stored_dtypes": t.dtypes,
                 "mtp_tensors_not_counted": len(t.mtp), "mtp_params_not_counted": sum(x.numel for x in t.mtp)},
@@ -236,32 +226,6 @@ def default_dtype(source: ModelSource) -> str:
         return "bf16"
 
 
-# ---------------------------------------------------------------------------- step 3: the limit
-def profile_limit(profile: GpuProfile) -> GpuLimit:
-    total = round(profile.memory_gib * GIB)
-    return GpuLimit(source="profile", name=profile.name, total=total, available=total,
-                    framework=round(total * profile.framework_overhead), reserved=round(profile.reserved_gib * GIB),
-                    framework_share=profile.framework_overhead)
-
-
-def nvml_limit(device: nvml.DeviceMemory) -> GpuLimit:
-    return GpuLimit(source="nvml", name=device.name, total=device.total, available=device.free,
-                    framework=round(device.total * NVML_FRAMEWORK_OVERHEAD), reserved=0,
-                    framework_share=NVML_FRAMEWORK_OVERHEAD, device_index=device.index, nvml_api=device.api)
-
-
-def resolve_gpu(gpu: str, device_index: int, query: Callable[[int], nvml.DeviceMemory] | None = None) -> GpuLimit:
-    """``auto``: the local GPU through NVML (``query``, replaceable in tests); else a GPU profile."""
-    if gpu != "auto":
-        return profile_limit(load_gpu_profile(gpu))
-    query = query or nvml.query_device
-    try:
-        return nvml_limit(query(device_index))
-    except nvml.NvmlUnavailable as e:
-        known = ", ".join(profile_names("gpus")) or "none"
-        raise FitCheckError(f"--gpu auto found no GPU to read: {e}. Pass --gpu PROFILE, one of: {known}") from None
-
-
 # ---------------------------------------------------------------------------- run
 _TOKENS = re.compile(r"(\d+)([kKmM]?)")
 
@@ -297,7 +261,7 @@ def run(o: FitCheckOptions, nvml_query: Callable[[int], nvml.DeviceMemory] | Non
     dtype, ssm = _dtypes(o)
     context, chunk = parse_tokens(o.context, "--context"), parse_tokens(o.prefill_chunk, "--prefill-chunk")
     source = resolve_model(o.model)
-    gpu = resolve_gpu(o.gpu, o.device_index, nvml_query)
+    gpu = resolve_gpu(o.gpu, o.device_index, nvml_query, reserve_gib=o.reserve)
     c = source.config
     dtype = dtype or default_dtype(source)
     weights = (fit.tensor_weights_bytes(((t.name, t.numel) for t in source.tensors.tensors), dtype)
@@ -305,16 +269,35 @@ def run(o: FitCheckOptions, nvml_query: Callable[[int], nvml.DeviceMemory] | Non
     kw = dict(dtype=dtype, ssm_cache_dtype=ssm, attention=o.attention, weights=weights)
     e = fit.estimate(c, context=context, batch=o.batch, prefill_chunk=chunk, **kw)
     budget = gpu.budget
+    max_context = fit.max_context(c, budget, batch=o.batch, prefill_chunk=chunk, **kw)
     result = FitCheckResult(
-        model=source, estimate=e, gpu=gpu, prefill_chunk=chunk,
-        max_context=fit.max_context(c, budget, batch=o.batch, prefill_chunk=chunk, **kw),
+        model=source, estimate=e, gpu=gpu, prefill_chunk=chunk, max_context=max_context,
         max_batch=fit.max_batch(c, budget, context=context, prefill_chunk=chunk, **kw),
         max_prefill_chunk=fit.max_prefill_chunk(c, budget, context=context, batch=o.batch, **kw),
         all_attention=fit.all_attention_total(c, e),
         all_attention_max_context=fit.max_context_all_attention(c, budget, batch=o.batch, prefill_chunk=chunk, **kw),
+        smaller_chunks=smaller_chunks(c, budget, o.batch, chunk, max_context, kw),
     )
     result.notes.extend(_notes(result))
     return result
+
+
+def smaller_chunks(c: NanoConfig, budget: int, batch: int, chunk: int, max_context: int | None,
+                   kw: dict[str, Any]) -> list[tuple[int, int]]:
+    """With ``batch`` > 1, where the prefill's activations grow with the batch: the largest context at the
+    prefill chunk halved, and halved again down to 256 tokens, for each halving that fits more than
+    ``max_context`` (nothing when memory sets no context limit)."""
+    out: list[tuple[int, int]] = []
+    if batch <= 1 or max_context is None:
+        return out
+    best, smaller = max_context, chunk // 2
+    while smaller >= SMALLEST_HINT_CHUNK:
+        n = fit.max_context(c, budget, batch=batch, prefill_chunk=smaller, **kw)
+        if n is not None and n > best:
+            out.append((smaller, n))
+            best = n
+        smaller //= 2
+    return out
 
 
 def _notes(r: FitCheckResult) -> list[str]:
@@ -329,6 +312,9 @@ def _notes(r: FitCheckResult) -> list[str]:
         n = sum(t.numel for t in r.model.tensors.mtp)
         notes.append(f"{len(r.model.tensors.mtp)} mtp.* tensors ({n:,} parameters) are not counted: "
                      "nano does not load multi-token-prediction heads")
+    if r.gpu.bf16 is False and e.dtype == "bf16":
+        notes.append(f"{r.gpu.name} has no bf16 arithmetic (its profile says bf16: false): serve the model in fp16, "
+                     "--dtype fp16 (the same bytes)")
     if e.dtype == "fp8":
         notes.append("fp8: projection weights 1 byte each, embeddings / lm_head / norms / conv / SSM "
                      "parameters 2 bytes (bf16); activations, KV and conv state bf16; scales not counted")

@@ -235,7 +235,7 @@ def _budget(o: PruneOptions) -> Budget | None:
         return Budget("memory", o.target_memory * GIB, o.context, o.batch, o.dtype, f"--target-memory {o.target_memory} GiB")
     if o.gpu is not None:
         from ..profiles import load_gpu_profile
-        from .fit_check import profile_limit
+        from .fit_gpu import profile_limit
 
         gpu = load_gpu_profile(o.gpu)
         limit = profile_limit(gpu)

@@ -186,18 +186,16 @@ def restore_rng(state: dict, dist) -> None:
 
 
 def peak_flops(peak_tflops: float | None, dist) -> float:
-    """The device's peak FLOP/s for MFU: given, or the bf16 rate of a matching GPU profile; 0 = unknown."""
+    """The device's peak FLOP/s for MFU: given, or the bf16 rate (fp16 on a card without bf16) of the GPU profile
+    matching the device's name (``profiles.gpu_profile_for_device``); 0 = unknown."""
     if peak_tflops:
         return peak_tflops * 1e12
     if dist.device.type != "cuda":
         return 0.0
-    from ..profiles import list_gpu_profiles
+    from ..profiles import gpu_profile_for_device
 
-    name = torch.cuda.get_device_name(dist.device).lower().replace(" ", "")
-    for gpu in list_gpu_profiles():
-        if gpu.name.split("-")[0] in name:
-            return gpu.bf16_tflops * 1e12
-    return 0.0
+    gpu = gpu_profile_for_device(torch.cuda.get_device_name(dist.device))
+    return 0.0 if gpu is None else gpu.tensor_tflops * 1e12
 
 
 def peak_memory(device: torch.device) -> int:
