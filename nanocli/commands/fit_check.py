@@ -25,10 +25,12 @@ if TYPE_CHECKING:
     from ..stages.fit_check import FitCheckResult
     from ..stages.fit_gpu import GpuLimit
 
-EXAMPLES = ["nano fit-check -m nemotron-nano-9b-v2 --gpu a10g --context 128k",
+EXAMPLES = ["nano fit-check --gpu a10g",
+            "nano fit-check -m nemotron-nano-9b-v2 --gpu 24GiB --context 128k --reserve 0",
             "nano fit-check -m nemotron-nano-12b-v2-base --gpu h100-80gb --context 1m --batch 4 --json",
             "nano fit-check -m runs/tiny-base/final --gpu auto --plot fit.png"]
 PANELS = {"model": "Model", "dtype": "Model", "ssm_cache_dtype": "Model", "gpu": "GPU", "device_index": "GPU",
+          "reserve": "GPU",
           "context": "Workload", "batch": "Workload", "prefill_chunk": "Workload", "attention": "Workload"}
 
 
