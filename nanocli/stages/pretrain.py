@@ -194,6 +194,8 @@ def _tokenizer(p: PretrainPlan, out: Path, dist, reporter: Reporter):
 
 
 def _train_tokenizer(p: PretrainPlan, tok_dir: Path, reporter: Reporter) -> None:
+    from nanocli_model.checkpoint import match_umask
+
     from ..data import sample_texts_for_tokenizer, train_bpe_tokenizer
 
     vocab = p.options.tokenizer_vocab or p.config.vocab_size
@@ -210,6 +212,7 @@ def _train_tokenizer(p: PretrainPlan, tok_dir: Path, reporter: Reporter) -> None
     tmp = Path(tempfile.mkdtemp(prefix=f".{tok_dir.name}.tmp-", dir=tok_dir.parent))
     try:
         train_bpe_tokenizer(texts, tmp, vocab)
+        match_umask(tmp)  # mkdtemp made it 0700
         if tok_dir.exists():
             shutil.rmtree(tok_dir)
         os.rename(tmp, tok_dir)
