@@ -26,6 +26,7 @@ from nanocli_model.errors import NanoError
 from .. import settings
 from ..reasoning_accuracy import Accuracy
 from ..report import SILENT, Reporter
+from ..resolve import run_checkpoint
 from ..settings import flag
 from .generate import Checkpoint
 
@@ -186,7 +187,7 @@ def run(o: EvalOptions, reporter: Reporter | None = None, loaded=None) -> EvalRe
     reporter = reporter or SILENT
     settings.validate(o, EvalError)
     path = Path(o.model)
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and run_checkpoint(path) is None:  # a run directory: its final/
         raise EvalError(f"{path}: not a model directory (no config.json); pass a NemotronH checkpoint")
     t0 = time.perf_counter()
     if loaded is None:
