@@ -14,9 +14,9 @@ from .summary import KINDS, ModelSummary
 GIB = 2**30
 
 
-def console() -> Console:
-    """The stdout console (a fresh one, so tests and redirected output see the current streams)."""
-    return Console(highlight=False)
+def console(stderr: bool = False) -> Console:
+    """The stdout (or stderr) console (a fresh one, so tests and redirected output see the current streams)."""
+    return Console(highlight=False, stderr=stderr)
 
 
 def human_count(n: int) -> str:

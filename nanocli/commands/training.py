@@ -35,14 +35,24 @@ def run(stage: ModuleType, options_cls: type, recipe: dict, given: dict, show_pl
     """A training command: the options (defaults < ``--recipe`` < the flags given), the stage's plan (every
     check before any work, before the progress bar starts), then ``--dry-run``'s plan or the run under the
     progress widget and its summary (only rank 0 of a torchrun reports)."""
-    from ..train.recipe import make_options
+    from ..train import resume
+    from ..train.recipe import given_settings
 
-    options = make_options(options_cls, stage.STAGE, Recipe(**recipe).recipe, given)
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    settings = given_settings(options_cls, stage.STAGE, Recipe(**recipe).recipe, given)
+    saved = resume.saved_run(settings.get("out"), settings.get("resume"))
+    if saved is not None:  # --resume: the run's saved settings under what is given again
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        options = options_cls(**resume.layer(options_cls, saved, settings, world))
+    else:
+        options = options_cls(**settings)
     plan = stage.plan(options)
+    note = resume.check_given(plan, saved, set(settings)) if saved is not None else None
+    if note and not quiet:
+        ui.console(stderr=True).print(note, markup=False, soft_wrap=True)
     if options.dry_run:
         show_plan(plan)
         return
-    quiet = int(os.environ.get("RANK", "0")) != 0
     with ui.Progress(quiet=quiet) as progress:
         result = stage.run(options, progress, plan)
     if not quiet:
@@ -90,7 +100,9 @@ def result_table(command: str, r: TrainResult, tokens: bool = True) -> Table | N
     """The title, the steps and (``tokens``) the tokens of a finished or interrupted run; None (and a line
     saying so) when the run had nothing left to do."""
     if r.already_done:
-        ui.console().print(f"nothing to do: {r.final} already holds step {r.steps_done} of {r.plan.steps}")
+        ui.console().print(f"nothing to do: {r.final} already holds step {r.steps_done} of {r.plan.steps} (a longer "
+                           "--steps / --tokens / --epochs with --resume auto extends the run)", markup=False,
+                           soft_wrap=True)
         return None
     t = table(f"{command}: " + ("interrupted, checkpoint written" if r.interrupted else "done"))
     t.add_row("steps", f"{r.start_step} -> {r.steps_done} of {r.plan.steps}")
