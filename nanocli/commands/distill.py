@@ -24,7 +24,8 @@ def distill(given: dict, recipe: dict) -> None:
     """Distill a frozen teacher into a student: forward KL over the full vocabulary at T=1 (the report's).
 
     Output as `nano pretrain`: OUT/checkpoint-N, OUT/final (HF NemotronH + tokenizer), metrics.jsonl (loss,
-    kd, ce per step), loss.png; held-out CE and KL to the teacher before and after. Ctrl-C writes a checkpoint.
+    kd, ce per step), loss.png; held-out CE and KL to the teacher before and after. Ctrl-C / SIGTERM writes a
+    checkpoint (exit 130 / 143); `--out OUT --resume auto` alone continues with the saved settings.
     """
     from ..stages import distill as stage
 

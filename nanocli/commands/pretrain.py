@@ -24,7 +24,9 @@ def pretrain(given: dict, recipe: dict) -> None:
     """Pretrain a NemotronH model: WSD schedule, bf16 or FP8, exact resume, torchrun data parallel.
 
     Checkpoints (HF NemotronH format + training state) go to OUT/checkpoint-N and OUT/final; metrics to
-    OUT/metrics.jsonl and the loss curve to OUT/loss.png. Ctrl-C or SIGTERM writes a checkpoint and exits 0.
+    OUT/metrics.jsonl and the loss curve to OUT/loss.png. Ctrl-C or SIGTERM writes a checkpoint and exits
+    130 / 143. `--out OUT --resume auto` alone continues a run with its saved settings; a larger --steps or
+    --tokens extends it (the LR schedule re-derived over the new total).
     """
     from ..stages import pretrain as stage
 

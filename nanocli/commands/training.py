@@ -7,6 +7,8 @@ Not a command itself (no ``register``); ``commands/pretrain.py``, ``distill.py``
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -34,7 +36,11 @@ def run(stage: ModuleType, options_cls: type, recipe: dict, given: dict, show_pl
         show_result: Callable[[Any], None]) -> None:
     """A training command: the options (defaults < ``--recipe`` < the flags given), the stage's plan (every
     check before any work, before the progress bar starts), then ``--dry-run``'s plan or the run under the
-    progress widget and its summary (only rank 0 of a torchrun reports)."""
+    progress widget and its summary (only rank 0 of a torchrun reports).
+
+    A run stopped by SIGINT / SIGTERM has written its checkpoint; its summary ends with the command that
+    resumes it, and the command exits 128 + the signal's number (130 / 143), as a shell reports a process the
+    signal ended."""
     from ..train import resume
     from ..train.recipe import given_settings
 
@@ -57,6 +63,23 @@ def run(stage: ModuleType, options_cls: type, recipe: dict, given: dict, show_pl
         result = stage.run(options, progress, plan)
     if not quiet:
         show_result(result)
+    if result.interrupted:
+        if not quiet:
+            ui.console().print(f"resume with: {resume_command(stage.STAGE, options.out)}", markup=False,
+                               soft_wrap=True)
+        raise SystemExit(128 + (result.signal or signal.SIGINT))
+
+
+def resume_command(stage: str, out: str) -> str:
+    """The command line that resumes the run in ``out``: ``--resume auto`` reads its settings from its newest
+    checkpoint. Under torchrun, the same number of processes per node."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    launcher = "nano"
+    if world > 1:
+        nodes = f"--nnodes {world // local} " if local != world else ""
+        launcher = f"torchrun {nodes}--nproc-per-node {local} -m nanocli"
+    return f"{launcher} {stage} --out {shlex.quote(str(out))} --resume auto"
 
 
 # ------------------------------------------------------------------------------------------ rendering

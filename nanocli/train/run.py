@@ -93,6 +93,7 @@ class TrainResult:
     last_loss: float = float("nan")
     eval: dict = field(default_factory=dict)  # held-out metrics at the end
     interrupted: bool = False
+    signal: int | None = None  # interrupted: the stop signal's number (SIGINT 2, SIGTERM 15)
     already_done: bool = False
     peak_memory_bytes: int = 0
     mfu: float | None = None
@@ -202,7 +203,7 @@ def _train(stage: Stage, result: TrainResult, dist, reporter: Reporter) -> Train
     loop = _loop(plan, job, wrapped, optimizer, optim, peak, dist, reporter, record, save, start)
     result.steps_done, result.tokens, result.seconds = loop.step, loop.tokens, loop.seconds
     result.first_loss, result.last_loss, result.eval = record.first_loss, loop.last_loss, loop.eval
-    result.interrupted, result.final = loop.interrupted, loop.checkpoint
+    result.interrupted, result.signal, result.final = loop.interrupted, loop.signal, loop.checkpoint
     result.peak_memory_bytes = session.peak_memory(dist.device)
     if peak and plan.flops_per_token and loop.seconds:
         result.mfu = loop.tokens * plan.flops_per_token / loop.seconds / (peak * dist.world)
