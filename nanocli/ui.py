@@ -139,7 +139,7 @@ class Progress:
         self.bars.console.rule(title)
 
     def status(self, message: str) -> None:
-        self.bars.console.print(message, style="dim", markup=False)
+        self.bars.console.print(message, style="dim", markup=False, soft_wrap=True)  # one line, however long
 
     def progress(self, task: str, done: int, total: int) -> None:
         if task not in self.tasks:

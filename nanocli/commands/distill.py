@@ -52,6 +52,7 @@ def show_result(r: DistillResult) -> None:
     t = training.result_table("nano distill", r)
     if t is None:
         return
+    training.data_rows(t, r)
     t.add_row("loss", f"{r.first_loss:.4f} -> {r.last_loss:.4f} (last step: KD {r.last_kd:.4f}, CE {r.last_ce:.4f})")
     for key, label in (("eval_kl", "held-out KL to teacher"), ("eval_loss", "held-out CE")):
         if key in r.eval:

@@ -46,6 +46,7 @@ def show_result(r: PretrainResult) -> None:
     t = training.result_table("nano pretrain", r)
     if t is None:
         return
+    training.data_rows(t, r)
     t.add_row("loss", f"{r.first_loss:.4f} -> {r.last_loss:.4f}")
     if r.eval:
         t.add_row("held-out", f"loss {r.eval['eval_loss']:.4f}, perplexity {r.eval['eval_ppl']:.2f}")

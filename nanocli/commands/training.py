@@ -106,6 +106,7 @@ def token_plan_rows(t: Table, p: TokenPlan) -> None:
             blend = ", ".join(f"{k} {100 * v:.0f}%" for k, v in phase.weights.items())
             t.add_row(f"phase {i + 1}", f"steps {a}..{b}: {blend}")
     t.add_row("steps", f"{p.steps:,} x {p.tokens_per_step:,} tokens = {ui.human_count(p.tokens)} tokens")
+    t.add_row("epochs", "each source's tokens and epochs are counted once it is tokenized (the run's first lines)")
     o = p.options
     t.add_row("batch", f"{o.global_batch} sequences x {o.seq_len} tokens; micro-batch {p.micro_batch} x "
               f"{p.accumulation} accumulation x {p.world} processes")
@@ -132,6 +133,15 @@ def result_table(command: str, r: TrainResult, tokens: bool = True) -> Table | N
     if tokens:
         t.add_row("tokens", f"{ui.human_count(r.tokens)} in {r.seconds:,.1f} s = {r.tokens_per_s:,.0f} tokens/s")
     return t
+
+
+def data_rows(t: Table, r: TrainResult) -> None:
+    """Each token source's size and the epochs the run reads of it (its whole length, not this invocation)."""
+    from ..train.tokens import MANY_EPOCHS
+
+    for name, s in r.data.items():
+        t.add_row(f"data: {name}", f"{ui.human_count(s['tokens'])} tokens, {s['epochs']:.2f} epochs over the run"
+                  + (f" (more than {MANY_EPOCHS}: repeated)" if s["epochs"] > MANY_EPOCHS else ""))
 
 
 def print_result(t: Table, r: TrainResult, resources: bool = True) -> None:

@@ -121,12 +121,13 @@ class _Pretrain:
     name, error = STAGE, PretrainError
 
     def __init__(self, plan: PretrainPlan, result: PretrainResult):
-        self.plan = plan
+        self.plan, self.result = plan, result
         self.batches = self.tok_dir = None
 
     def data(self, dist, reporter: Reporter) -> None:
         tokenizer, self.tok_dir = _tokenizer(self.plan, Path(self.plan.options.out), dist, reporter)
         self.batches = tokens.prepare(self.plan, tokenizer, dist, reporter)
+        self.result.data = tokens.report_data(self.batches, reporter)
 
     def job(self, dist, reporter: Reporter, resume_from: Path | None, fresh: bool) -> Job:
         from ..train import checkpoints as ckpt

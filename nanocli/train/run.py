@@ -92,6 +92,7 @@ class TrainResult:
     first_loss: float = float("nan")
     last_loss: float = float("nan")
     eval: dict = field(default_factory=dict)  # held-out metrics at the end
+    data: dict = field(default_factory=dict)  # token streams: per source, its tokens and the epochs the run reads
     interrupted: bool = False
     signal: int | None = None  # interrupted: the stop signal's number (SIGINT 2, SIGTERM 15)
     already_done: bool = False
