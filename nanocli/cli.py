@@ -9,11 +9,19 @@ Errors: a ``NanoError`` from a command, and a bad flag or value on the command l
 and no traceback; a command-line mistake ends with where to look (``see `nano pretrain --help```) and, for an
 unknown option or command close to a real one, ``did you mean ...?``. ``nano FILE`` with an existing FILE is
 the text editor's command line: ``editor.py`` hands it over.
+
+Exit codes: 0 done; 1 a failed check (``nano fit-check``: does not fit); 2 bad input; 130 / 143 a training
+run stopped by SIGINT / SIGTERM after writing its checkpoint (128 + the signal, as a shell reports it; a second
+signal stops at once, with the same code). A closed stdout (``nano profiles | head -1``: the reader stopped)
+ends the command quietly: no traceback, nothing more written, and exit 0, or the code the command had already
+decided (``fit-check``'s verdict): a reader that has what it wanted is no failure, so ``set -o pipefail``
+scripts keep working (git and ls die of SIGPIPE instead, which such a script sees as 141).
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import shlex
 import sys
 from collections.abc import Iterable, Sequence
@@ -50,10 +58,44 @@ def package_version() -> str:
         return __version__
 
 
+class ReaderGone(Exception):
+    """stdout was closed by its reader (EPIPE): not an ``OSError``, so that click does not turn it into exit 1."""
+
+
+class StoppedAtOnce(Exception):
+    """A second stop signal during a training run (``train.loop.Stopped``; typer would make any
+    KeyboardInterrupt a silent exit 130): ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+class _Group(flags.Group):
+    """nano's command group: a write to a closed stdout (``--help`` included) leaves as :class:`ReaderGone`, a
+    second stop signal as :class:`StoppedAtOnce`."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:
+            raise ReaderGone from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise ReaderGone from None
+        except KeyboardInterrupt as e:
+            if not hasattr(e, "signum"):  # a plain Ctrl-C (outside a training loop): typer's exit 130
+                raise
+            raise StoppedAtOnce(e.exit_code) from None
+
+
 def build_app(only: str | None = None) -> typer.Typer:
     """The typer app with every command, or with ``only`` that one (what ``main`` runs)."""
     app = typer.Typer(name="nano", help=HELP, epilog=flags.epilog(EXAMPLES), no_args_is_help=True,
-                      add_completion=False, pretty_exceptions_show_locals=False, cls=flags.Group)
+                      add_completion=False, pretty_exceptions_show_locals=False, cls=_Group)
 
     @app.callback()
     def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
@@ -136,12 +178,53 @@ def usage_message(e: typer.TyperException, args: Sequence[str]) -> str:
     return f"{text.rstrip('.')}; see `{path} --help`"
 
 
+def _on_broken_pipe(console) -> None:
+    """rich's ``Console.on_broken_pipe`` for every console of the process (nano's and typer's ``--help``; rich's
+    own exits 1): a closed stdout raises ``BrokenPipeError`` as a plain write would; a closed stderr is no
+    reason to stop (a training run goes on to its checkpoint): that console just stops writing."""
+    console.quiet = True
+    if not console.stderr:
+        raise BrokenPipeError
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered, and the flush at exit, then cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (a test's captured stdout)
+        pass
+
+
 def main(args: list[str] | None = None) -> None:
-    """Console-script entry point: runs the command; errors become one ``error:`` line and an exit code."""
+    """Console-script entry point: runs the command; errors become one ``error:`` line and an exit code.
+
+    A closed stdout (``ReaderGone``, or a failing flush) is the reader's choice, not an error: stdout is
+    silenced and the exit code is the one the command had decided (0 unless it had already failed, e.g.
+    ``fit-check``'s verdict or a stopped training run's 130 / 143)."""
+    from rich.console import Console
+
     args = sys.argv[1:] if args is None else args
     path = editor.edited_path(args, commands.NAMES)
     if path is not None:  # `EDITOR=nano git commit` with nano's environment active
         editor.hand_over(args, path)
+    Console.on_broken_pipe = _on_broken_pipe  # rich documents overriding it; here for typer's consoles too
+    try:
+        code = _main(args)
+    except (ReaderGone, BrokenPipeError):  # BrokenPipeError: `nano | head -1` (the help, written outside click)
+        code = 0
+        _silence_stdout()
+    except SystemExit as e:
+        code = e.code
+    try:
+        sys.stdout.flush()  # here, not at exit: a closed stdout is then ours to answer
+    except BrokenPipeError:
+        _silence_stdout()
+    raise SystemExit(code)
+
+
+def _main(args: list[str]) -> int:
     app = build_app(_command_in(args))
     try:
         code = app(args=args, prog_name="nano", standalone_mode=False)
@@ -152,13 +235,16 @@ def main(args: list[str] | None = None) -> None:
             typer.echo(e.ctx.get_help())
             raise SystemExit(0) from None
         _fail(usage_message(e, args) if _is(e, "UsageError") else e.format_message(), getattr(e, "exit_code", 2))
+    except StoppedAtOnce as e:
+        _fail("stopped at once by a second signal; the checkpoints written before are intact (--resume auto "
+              "continues from the newest)", e.exit_code)
     except typer.Abort:
         _fail("aborted", 130)
     except Exception as e:
         if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError that no stage translated
             raise
         _fail(OUT_OF_MEMORY)
-    raise SystemExit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 A *model target* is what ``--model`` (``--teacher``, ``--student``, ``nano info TARGET``) may name: a model
 profile (``tiny``, ``nemotron-nano-9b-v2`` or a ``.yaml`` file), a model directory (``config.json`` with or
 without weights), a ``config.json`` file, or a run directory of ``nano pretrain`` / ``align`` / ``distill``
-(its ``final/`` checkpoint, else its newest ``checkpoint-N/``). Commands say which kinds they accept; one that
-accepts directories only (checkpoint, run) loads their weights, so a directory without safetensors weights is
+(its ``final/`` checkpoint, else its newest ``checkpoint-N/``, with a note on stderr saying which). Every
+command that reads a model resolves it here; commands say which kinds they accept. One that accepts
+directories only (checkpoint, run) loads their weights, so a directory without safetensors weights is
 refused here, naming it (and, in a run, the checkpoints that have weights). A weights file or another file of a
 model directory given as the model is refused with its directory to pass instead.
 Everything here is cheap: no torch at import (``torch_dtype`` and ``device`` import it when called).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,6 +32,7 @@ DEVICES = ("auto", "cpu", "cuda")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # nano's names -> torch's
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+_NOTED: set[tuple[str, str, str]] = set()  # (flag, target, checkpoint) already noted on stderr
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ def model_target(target: str, flag: str = "--model", kinds: tuple[Kind, ...] = (
             found = ModelTarget(str(path), "checkpoint", read_config(path / "config.json"), path)
         elif (model := run_checkpoint(path)) is not None:
             found = ModelTarget(str(path), "run", read_config(model / "config.json"), model)
+            _note_run(flag, target, model)
         else:
             raise CheckpointError(f"{flag} {target}: no config.json in this directory (nor a final/ or "
                                   "checkpoint-N/ of a run); give a NemotronH model directory")
@@ -132,6 +136,16 @@ def _require_weights(found: ModelTarget, flag: str, target: str) -> None:
             "tokenizer.json)")
     raise CheckpointError(f"{flag} {target}: no safetensors weights in {directory} ({SINGLE_NAME} or "
                           f"{INDEX_NAME}){hint}")
+
+
+def _note_run(flag: str, target: str, model: Path) -> None:
+    """One line on stderr (once per process) saying which checkpoint of a run directory is read."""
+    key = (flag, target, str(model))
+    if key in _NOTED:
+        return
+    _NOTED.add(key)
+    which = "its final checkpoint" if model.name == "final" else "its newest checkpoint (no final/ yet)"
+    print(f"note: {flag} {target} is a run directory; reading {which}, {model}", file=sys.stderr)
 
 
 def _article(kind: Kind) -> str:

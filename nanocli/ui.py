@@ -14,9 +14,9 @@ from .summary import KINDS, ModelSummary
 GIB = 2**30
 
 
-def console() -> Console:
-    """The stdout console (a fresh one, so tests and redirected output see the current streams)."""
-    return Console(highlight=False)
+def console(stderr: bool = False) -> Console:
+    """The stdout (or stderr) console (a fresh one, so tests and redirected output see the current streams)."""
+    return Console(highlight=False, stderr=stderr)
 
 
 def human_count(n: int) -> str:
@@ -143,7 +143,7 @@ class Progress:
         self.bars.console.rule(title)
 
     def status(self, message: str) -> None:
-        self.bars.console.print(message, style="dim", markup=False)
+        self.bars.console.print(message, style="dim", markup=False, soft_wrap=True)  # one line, however long
 
     def progress(self, task: str, done: int, total: int) -> None:
         if task not in self.tasks:

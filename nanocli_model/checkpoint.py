@@ -219,12 +219,31 @@ def save_pretrained(model: NanoForCausalLM, path: str | Path, max_shard_size: in
                         or not old.is_file()):
                     continue
                 shutil.copy2(old, tmp / old.name)
+        match_umask(tmp)
         _fsync_dir(tmp)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def match_umask(directory: Path) -> None:
+    """Give ``directory`` and the files directly in it the modes a plain ``mkdir`` and ``open`` would have under
+    the user's umask (0777 / 0666 less the umask): ``mkdtemp`` makes 0700 and safetensors writes 0600, and a
+    directory renamed into place keeps them."""
+    mask = current_umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for f in directory.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~mask)
 
 
 def _fsync_dir(directory: Path) -> None:

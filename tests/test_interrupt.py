@@ -3,7 +3,7 @@ at random moments, many of them inside a checkpoint write, and nothing may be lo
 
 One trial per stage is a chain on one output directory:
 
-1. (training stages) a graceful stop: SIGINT or SIGTERM once training runs -> exit 0 and a checkpoint;
+1. (training stages) a graceful stop: SIGINT or SIGTERM once training runs -> exit 130 / 143 and a checkpoint;
 2. ``KILLS`` SIGKILLs, each at a seeded random moment of one of two kinds: ``write`` (wait for the j-th next
    temporary checkpoint directory to appear, j random, then up to 0.1 s more: the kill lands inside that
    write) or ``any`` (a uniform time over the run, start-up included). After each kill: every directory
@@ -56,7 +56,7 @@ TOTALS: dict[str, dict] = {}
 @dataclass
 class Stage:
     name: str
-    graceful: bool  # a training loop: SIGINT / SIGTERM save and exit 0
+    graceful: bool  # a training loop: SIGINT / SIGTERM save and exit 128 + the signal
     args: list = field(default_factory=list)  # without --out / --resume / --keep-last
     keep_last: bool = False  # takes --keep-last (the reference keeps every checkpoint to compare against)
 
@@ -191,12 +191,12 @@ def wait_for(cond, proc: subprocess.Popen, limit: float = 120.0) -> bool:
 
 
 def graceful_stop(stage: Stage, out: Path, sig: int, log: Path) -> int:
-    """SIGINT/SIGTERM once training runs: exit 0 with a checkpoint at the step reached."""
+    """SIGINT/SIGTERM once training runs: exit 128 + the signal (130 / 143) with a checkpoint at the step reached."""
     proc = start(stage.command(out, True), log)
     began = wait_for(lambda: steps_done(out) >= 1, proc)
     proc.send_signal(sig)
     rc = proc.wait(timeout=120)
-    assert began and rc == 0, log.read_text()[-2000:]
+    assert began and rc == 128 + sig, log.read_text()[-2000:]
     (step, path), *_ = reversed(ckpt.list_checkpoints(out))
     assert 1 <= step < STEPS and path.name == ckpt.checkpoint_name(step), "the stop did not write a checkpoint"
     assert steps_done(out) == step, "the checkpoint is not of the last step the run finished"

@@ -30,7 +30,8 @@ def distill(given: dict, recipe: dict) -> None:
     """Distill a frozen teacher into a student: forward KL over the full vocabulary at T=1 (the report's).
 
     Output as `nano pretrain`: OUT/checkpoint-N, OUT/final (HF NemotronH + tokenizer), metrics.jsonl (loss,
-    kd, ce per step), loss.png; held-out CE and KL to the teacher before and after. Ctrl-C writes a checkpoint.
+    kd, ce per step), loss.png; held-out CE and KL to the teacher before and after. Ctrl-C / SIGTERM writes a
+    checkpoint (exit 130 / 143); `--out OUT --resume auto` alone continues with the saved settings.
     """
     from ..stages import distill as stage
 
@@ -57,6 +58,7 @@ def show_result(r: DistillResult) -> None:
     t = training.result_table("nano distill", r)
     if t is None:
         return
+    training.data_rows(t, r)
     t.add_row("loss", f"{r.first_loss:.4f} -> {r.last_loss:.4f} (last step: KD {r.last_kd:.4f}, CE {r.last_ce:.4f})")
     for key, label in (("eval_kl", "held-out KL to teacher"), ("eval_loss", "held-out CE")):
         if key in r.eval:

@@ -81,9 +81,12 @@ def fit_check(given: dict, output: dict) -> None:
 
     from ..plot import plot_fit
 
-    emit(result, json_out=out.wants_json, indent=out.json_indent, plot=out.plot, draw=plot_fit,
-         show=lambda r, plot_path: show_fit_check(r, measured, plot_path),
-         extra={"measured": None if measured is None else asdict(measured)})
+    try:
+        emit(result, json_out=out.wants_json, indent=out.json_indent, plot=out.plot, draw=plot_fit,
+             show=lambda r, plot_path: show_fit_check(r, measured, plot_path),
+             extra={"measured": None if measured is None else asdict(measured)})
+    except BrokenPipeError:  # the reader stopped (`| head -c 10`): the exit code still gives the verdict
+        pass
     raise typer.Exit(result.exit_code)
 
 

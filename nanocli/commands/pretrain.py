@@ -30,7 +30,9 @@ def pretrain(given: dict, recipe: dict) -> None:
     """Pretrain a NemotronH model: WSD schedule, bf16 or FP8, exact resume, torchrun data parallel.
 
     Checkpoints (HF NemotronH format + training state) go to OUT/checkpoint-N and OUT/final; metrics to
-    OUT/metrics.jsonl and the loss curve to OUT/loss.png. Ctrl-C or SIGTERM writes a checkpoint and exits 0.
+    OUT/metrics.jsonl and the loss curve to OUT/loss.png. Ctrl-C or SIGTERM writes a checkpoint and exits
+    130 / 143. `--out OUT --resume auto` alone continues a run with its saved settings; a larger --steps or
+    --tokens extends it (the LR schedule re-derived over the new total).
     """
     from ..stages import pretrain as stage
 
@@ -50,6 +52,7 @@ def show_result(r: PretrainResult) -> None:
     t = training.result_table("nano pretrain", r)
     if t is None:
         return
+    training.data_rows(t, r)
     t.add_row("loss", f"{r.first_loss:.4f} -> {r.last_loss:.4f}")
     if r.eval:
         t.add_row("held-out", f"loss {r.eval['eval_loss']:.4f}, perplexity {r.eval['eval_ppl']:.2f}")

@@ -7,6 +7,8 @@ Not a command itself (no ``register``); ``commands/pretrain.py``, ``distill.py``
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -34,19 +36,50 @@ def run(stage: ModuleType, options_cls: type, recipe: dict, given: dict, show_pl
         show_result: Callable[[Any], None]) -> None:
     """A training command: the options (defaults < ``--recipe`` < the flags given), the stage's plan (every
     check before any work, before the progress bar starts), then ``--dry-run``'s plan or the run under the
-    progress widget and its summary (only rank 0 of a torchrun reports)."""
-    from ..train.recipe import make_options
+    progress widget and its summary (only rank 0 of a torchrun reports).
 
-    options = make_options(options_cls, stage.STAGE, Recipe(**recipe).recipe, given)
+    A run stopped by SIGINT / SIGTERM has written its checkpoint; its summary ends with the command that
+    resumes it, and the command exits 128 + the signal's number (130 / 143), as a shell reports a process the
+    signal ended."""
+    from ..train import resume
+    from ..train.recipe import given_settings
+
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    settings = given_settings(options_cls, stage.STAGE, Recipe(**recipe).recipe, given)
+    saved = resume.saved_run(settings.get("out"), settings.get("resume"))
+    if saved is not None:  # --resume: the run's saved settings under what is given again
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        options = options_cls(**resume.layer(options_cls, saved, settings, world))
+    else:
+        options = options_cls(**settings)
     plan = stage.plan(options)
+    note = resume.check_given(plan, saved, set(settings)) if saved is not None else None
+    if note and not quiet:
+        ui.console(stderr=True).print(note, markup=False, soft_wrap=True)
     if options.dry_run:
         show_plan(plan)
         return
-    quiet = int(os.environ.get("RANK", "0")) != 0
     with ui.Progress(quiet=quiet) as progress:
         result = stage.run(options, progress, plan)
     if not quiet:
         show_result(result)
+    if result.interrupted:
+        if not quiet:
+            ui.console().print(f"resume with: {resume_command(stage.STAGE, options.out)}", markup=False,
+                               soft_wrap=True)
+        raise SystemExit(128 + (result.signal or signal.SIGINT))
+
+
+def resume_command(stage: str, out: str) -> str:
+    """The command line that resumes the run in ``out``: ``--resume auto`` reads its settings from its newest
+    checkpoint. Under torchrun, the same number of processes per node."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    launcher = "nano"
+    if world > 1:
+        nodes = f"--nnodes {world // local} " if local != world else ""
+        launcher = f"torchrun {nodes}--nproc-per-node {local} -m nanocli"
+    return f"{launcher} {stage} --out {shlex.quote(str(out))} --resume auto"
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -73,6 +106,7 @@ def token_plan_rows(t: Table, p: TokenPlan) -> None:
             blend = ", ".join(f"{k} {100 * v:.0f}%" for k, v in phase.weights.items())
             t.add_row(f"phase {i + 1}", f"steps {a}..{b}: {blend}")
     t.add_row("steps", f"{p.steps:,} x {p.tokens_per_step:,} tokens = {ui.human_count(p.tokens)} tokens")
+    t.add_row("epochs", "each source's tokens and epochs are counted once it is tokenized (the run's first lines)")
     o = p.options
     t.add_row("batch", f"{o.global_batch} sequences x {o.seq_len} tokens; micro-batch {p.micro_batch} x "
               f"{p.accumulation} accumulation x {p.world} processes")
@@ -90,13 +124,24 @@ def result_table(command: str, r: TrainResult, tokens: bool = True) -> Table | N
     """The title, the steps and (``tokens``) the tokens of a finished or interrupted run; None (and a line
     saying so) when the run had nothing left to do."""
     if r.already_done:
-        ui.console().print(f"nothing to do: {r.final} already holds step {r.steps_done} of {r.plan.steps}")
+        ui.console().print(f"nothing to do: {r.final} already holds step {r.steps_done} of {r.plan.steps} (a longer "
+                           "--steps / --tokens / --epochs with --resume auto extends the run)", markup=False,
+                           soft_wrap=True)
         return None
     t = table(f"{command}: " + ("interrupted, checkpoint written" if r.interrupted else "done"))
     t.add_row("steps", f"{r.start_step} -> {r.steps_done} of {r.plan.steps}")
     if tokens:
         t.add_row("tokens", f"{ui.human_count(r.tokens)} in {r.seconds:,.1f} s = {r.tokens_per_s:,.0f} tokens/s")
     return t
+
+
+def data_rows(t: Table, r: TrainResult) -> None:
+    """Each token source's size and the epochs the run reads of it (its whole length, not this invocation)."""
+    from ..train.tokens import MANY_EPOCHS
+
+    for name, s in r.data.items():
+        t.add_row(f"data: {name}", f"{ui.human_count(s['tokens'])} tokens, {s['epochs']:.2f} epochs over the run"
+                  + (f" (more than {MANY_EPOCHS}: repeated)" if s["epochs"] > MANY_EPOCHS else ""))
 
 
 def print_result(t: Table, r: TrainResult, resources: bool = True) -> None:

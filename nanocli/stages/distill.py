@@ -209,6 +209,7 @@ class _Distill:
             raise DistillError(f"{p.student_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the models' "
                                f"vocab_size is {p.config.vocab_size}")
         self.batches = tokens.prepare(p, tokenizer, dist, reporter)
+        self.result.data = tokens.report_data(self.batches, reporter)
 
     def job(self, dist, reporter: Reporter, resume_from: Path | None, fresh: bool) -> Job:
         import torch

@@ -121,12 +121,13 @@ class _Pretrain:
     name, error = STAGE, PretrainError
 
     def __init__(self, plan: PretrainPlan, result: PretrainResult):
-        self.plan = plan
+        self.plan, self.result = plan, result
         self.batches = self.tok_dir = None
 
     def data(self, dist, reporter: Reporter) -> None:
         tokenizer, self.tok_dir = _tokenizer(self.plan, Path(self.plan.options.out), dist, reporter)
         self.batches = tokens.prepare(self.plan, tokenizer, dist, reporter)
+        self.result.data = tokens.report_data(self.batches, reporter)
 
     def job(self, dist, reporter: Reporter, resume_from: Path | None, fresh: bool) -> Job:
         from ..train import checkpoints as ckpt
@@ -194,6 +195,8 @@ def _tokenizer(p: PretrainPlan, out: Path, dist, reporter: Reporter):
 
 
 def _train_tokenizer(p: PretrainPlan, tok_dir: Path, reporter: Reporter) -> None:
+    from nanocli_model.checkpoint import match_umask
+
     from ..data import sample_texts_for_tokenizer, train_bpe_tokenizer
 
     vocab = p.options.tokenizer_vocab or p.config.vocab_size
@@ -210,6 +213,7 @@ def _train_tokenizer(p: PretrainPlan, tok_dir: Path, reporter: Reporter) -> None
     tmp = Path(tempfile.mkdtemp(prefix=f".{tok_dir.name}.tmp-", dir=tok_dir.parent))
     try:
         train_bpe_tokenizer(texts, tmp, vocab)
+        match_umask(tmp)  # mkdtemp made it 0700
         if tok_dir.exists():
             shutil.rmtree(tok_dir)
         os.rename(tmp, tok_dir)

@@ -7,7 +7,8 @@ micro-batches -> clip -> NaN/Inf guard -> AdamW -> metrics -> maybe evaluate / c
 
 The stage gives the loop functions (``batch_fn``, ``loss_fn``, ``eval_fn``, ``save_fn``) and hooks;
 the loop knows nothing of data formats or of the terminal. A stop request (SIGINT / SIGTERM, see
-``StopFlag``) is agreed on by all ranks, ends the step in progress, writes a checkpoint and returns.
+``StopFlag``) is agreed on by all ranks, ends the step in progress, writes a checkpoint and returns with
+the signal's number (the command then exits 128 + it: 130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -57,26 +58,37 @@ class LoopResult:
     seconds: float
     last_loss: float
     interrupted: bool = False
+    signal: int | None = None  # the stop signal's number (SIGINT 2, SIGTERM 15) when interrupted
     skipped_steps: list[int] = field(default_factory=list)
     eval: dict = field(default_factory=dict)
     checkpoint: Path | None = None
 
 
+class Stopped(KeyboardInterrupt):
+    """A second stop signal: the run stops at once (``signum``: the signal, for the exit code 128 + it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 class StopFlag:
     """Set by SIGINT / SIGTERM; the loop finishes the current step, saves and returns.
 
-    A second signal while the first is being honoured stops at once (KeyboardInterrupt): the last
-    complete checkpoint is intact, as after any kill."""
+    ``signum`` is the (first) signal's number. A second signal while the first is being honoured stops at
+    once (:class:`Stopped`, a KeyboardInterrupt): the last complete checkpoint is intact, as after any kill."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
         self._old: dict = {}
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
         if self.requested:
             self.__exit__()
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Stopped(signum)
+        self.requested, self.signum = True, signum
 
     def __enter__(self) -> StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -153,13 +165,13 @@ def run_loop(wrapped: nn.Module, optimizer: torch.optim.Optimizer, config: LoopC
             metrics["skipped"] = True
             if where_fn is not None:
                 metrics["data"] = where_fn(step - 1)
-        stopping = _agree(dist, stop is not None and stop.requested)
+        stopping = _agree_signal(dist, stop.signum if stop is not None and stop.requested else 0)
         if eval_fn is not None and step < total and config.eval_every and step % config.eval_every == 0:
             metrics.update(_evaluate(wrapped, eval_fn, config, dist))
         if on_step is not None:
             on_step(metrics)
         if stopping:
-            result.interrupted = True
+            result.interrupted, result.signal = True, stopping
             result.checkpoint = save_fn(step, False)
             break
         if step < total and config.save_every and step % config.save_every == 0:
@@ -216,6 +228,15 @@ def _agree(dist: Dist, flag: bool) -> bool:
     if not dist.initialized:
         return flag
     return dist.all_reduce_sum(torch.tensor(float(flag))).item() > 0
+
+
+def _agree_signal(dist: Dist, signum: int) -> int:
+    """The stop signal (SIGINT / SIGTERM, 0: none) every rank agrees on: SIGTERM if any rank got it, else
+    SIGINT if any did, so all ranks stop after the same step and exit with the same code."""
+    if not dist.initialized:
+        return signum
+    got = dist.all_reduce_sum(torch.tensor([float(signum == signal.SIGINT), float(signum == signal.SIGTERM)]))
+    return int(signal.SIGTERM) if got[1] > 0 else int(signal.SIGINT) if got[0] > 0 else 0
 
 
 @torch.no_grad()

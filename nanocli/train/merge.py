@@ -99,11 +99,15 @@ def check_tensors(paths: Sequence[Path]) -> list[dict[str, tuple[str, Path, tupl
 
 def merge_checkpoints(paths: Sequence[str | Path], weights: Sequence[float] | None, out: str | Path) -> Path:
     """Write ``sum_i weights[i] * checkpoint_i`` to ``out`` (module docstring); returns ``out``."""
-    paths, out = [Path(p) for p in paths], Path(out)
+    from ..resolve import model_target
+
+    out = Path(out)
     weights = check_weights(len(paths), weights)
     for p in paths:
-        if not (p / "config.json").is_file():
+        if not Path(p).is_dir():
             raise CheckpointError(f"{p}: no config.json; pass model directories")
+    # a model directory, or a run directory: its final (or newest) checkpoint
+    paths = [model_target(str(p), "checkpoint", kinds=("checkpoint", "run")).directory for p in paths]
     if out.exists():
         raise ConfigError(f"{out}: already exists; choose a new output directory (merging never overwrites)")
     check_configs(paths)

@@ -74,12 +74,18 @@ def apply_recipe(options_cls: type, raw: dict[str, Any], path: Path, stage: str)
 
 def make_options(options_cls: type, stage: str, recipe: str | None, flags: dict[str, Any]):
     """Defaults < recipe < flags (``flags`` holds only what was given on the command line: None = not given)."""
+    return options_cls(**given_settings(options_cls, stage, recipe, flags))
+
+
+def given_settings(options_cls: type, stage: str, recipe: str | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """What the recipe and the flags say, the flags winning (the layer over the defaults, or over a resumed
+    run's saved settings)."""
     settings: dict[str, Any] = {}
     if recipe is not None:
         path, raw = read_recipe(recipe)
         settings.update(apply_recipe(options_cls, raw, path, stage))
     settings.update({k: v for k, v in flags.items() if v is not None})
-    return options_cls(**settings)
+    return settings
 
 
 def check_type(value: Any, hint: Any, where: str) -> Any:

@@ -4,7 +4,8 @@
 
     lock      OUT/.nano.lock: one run at a time writes into OUT
     resume    the resume point (fresh, ``--resume auto``, a checkpoint) held to the architecture and the
-              settings that fix the trajectory (``Plan.TRAJECTORY``); a run already at its last step returns
+              settings that fix the trajectory (``Plan.TRAJECTORY``; the length may grow: ``resume.py``); a run
+              already at its last step returns
     data      ``Stage.data``: what the batches read (tokenizer, token shards, batch plan)
     model     seeded, then ``Stage.job``: the model (fp32 master weights, train mode; the stage measures the
               input model and copies references here) and how to train it (a :class:`Job`); FP8 modules,
@@ -42,10 +43,11 @@ if TYPE_CHECKING:
 class Plan:
     """The resolved run, before any work: what ``--dry-run`` prints and the skeleton reads."""
 
-    # the settings a resume must share with the checkpoint's run (a stage's plan adds its own)
+    # the settings a resume must share with the checkpoint's run (a stage's plan adds its own); the run's length
+    # is not one of them: a resume may extend the run (train/resume.py: the schedule is re-derived)
     TRAJECTORY: ClassVar[tuple[str, ...]] = (
         "data", "seq_len", "global_batch", "seed", "precision", "fp8_scaling", "fp8_keep", "schedule", "lr",
-        "min_lr", "warmup", "decay", "decay_shape", "weight_decay", "betas", "eps", "grad_clip", "steps")
+        "min_lr", "warmup", "decay", "decay_shape", "weight_decay", "betas", "eps", "grad_clip")
 
     options: Training
     config: NanoConfig  # the trained model's architecture (a resume must have the same)
@@ -90,7 +92,9 @@ class TrainResult:
     first_loss: float = float("nan")
     last_loss: float = float("nan")
     eval: dict = field(default_factory=dict)  # held-out metrics at the end
+    data: dict = field(default_factory=dict)  # token streams: per source, its tokens and the epochs the run reads
     interrupted: bool = False
+    signal: int | None = None  # interrupted: the stop signal's number (SIGINT 2, SIGTERM 15)
     already_done: bool = False
     peak_memory_bytes: int = 0
     mfu: float | None = None
@@ -182,7 +186,10 @@ def _train(stage: Stage, result: TrainResult, dist, reporter: Reporter) -> Train
     if state is not None:
         session.check_resumable(resume_from, plan.config, plan.hparams(), plan.TRAJECTORY, stage.error)
     start = result.start_step = int(state["step"]) if state is not None else 0
-    if start >= plan.steps:
+    if start > plan.steps:
+        raise stage.error(f"{resume_from} is at step {start}, beyond this run's {plan.steps} steps: a run can be "
+                          f"extended, not cut back; give more than {start} steps")
+    if start == plan.steps:
         result.already_done, result.final, result.steps_done = True, resume_from, start
         return result
     stage.data(dist, reporter)
@@ -197,7 +204,7 @@ def _train(stage: Stage, result: TrainResult, dist, reporter: Reporter) -> Train
     loop = _loop(plan, job, wrapped, optimizer, optim, peak, dist, reporter, record, save, start)
     result.steps_done, result.tokens, result.seconds = loop.step, loop.tokens, loop.seconds
     result.first_loss, result.last_loss, result.eval = record.first_loss, loop.last_loss, loop.eval
-    result.interrupted, result.final = loop.interrupted, loop.checkpoint
+    result.interrupted, result.signal, result.final = loop.interrupted, loop.signal, loop.checkpoint
     result.peak_memory_bytes = session.peak_memory(dist.device)
     if peak and plan.flops_per_token and loop.seconds:
         result.mfu = loop.tokens * plan.flops_per_token / loop.seconds / (peak * dist.world)

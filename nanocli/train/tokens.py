@@ -158,6 +158,25 @@ def prepare(plan: TokenPlan, tokenizer, dist, reporter: Reporter):
                      seed=o.seed, heldout_fraction=o.heldout_fraction)
 
 
+MANY_EPOCHS = 10  # a source this run reads more often than this many times gets a warning
+
+
+def report_data(batches, reporter: Reporter) -> dict[str, dict]:
+    """Each source's size and how often this run reads it, as status lines, with a one-line warning for a source
+    read more than ``MANY_EPOCHS`` times; returns the figures per source (``BatchPlan.describe``'s: tokens,
+    train_windows, sequences, epochs...) for the run's summary."""
+    d = batches.describe()
+    for name, s in d["sources"].items():
+        reporter.status(f"data: {name}: {s['tokens']:,} tokens in {s['train_windows']:,} training windows of "
+                        f"{d['seq_len']}; the run's {d['total_steps']:,} steps read {s['sequences']:,} windows = "
+                        f"{s['epochs']:.2f} epochs")
+        if s["epochs"] > MANY_EPOCHS:
+            reporter.status(f"warning: {name} repeats {s['epochs']:.1f} times in this run ({s['tokens']:,} tokens "
+                            f"for {s['sequences'] * d['seq_len']:,} read): a model learns such a small source by "
+                            "heart; add data or lower --steps / --tokens")
+    return d["sources"]
+
+
 def data_position(batches, step: int) -> str:
     """Where in the batch plan step ``step`` (0-based) reads: phase, global rows, first (source, window)s."""
     ids = batches.global_batch_ids(step)
