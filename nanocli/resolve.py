@@ -85,7 +85,6 @@ def model_target(target: str, flag: str = "--model", kinds: tuple[Kind, ...] = (
             found = ModelTarget(str(path), "checkpoint", read_config(path / "config.json"), path)
         elif (model := run_checkpoint(path)) is not None:
             found = ModelTarget(str(path), "run", read_config(model / "config.json"), model)
-            _note_run(flag, target, model)
         else:
             raise CheckpointError(f"{flag} {target}: no config.json in this directory (nor a final/ or "
                                   "checkpoint-N/ of a run); give a NemotronH model directory")
@@ -113,6 +112,8 @@ def model_target(target: str, flag: str = "--model", kinds: tuple[Kind, ...] = (
         raise NanoError(f"{flag} {target}: this is {_article(found.kind)}; give {wanted}")
     if not set(kinds) - {"checkpoint", "run"}:  # a command that loads the weights
         _require_weights(found, flag, target)
+    if found.kind == "run":  # after the checks: a refused target gets its error alone
+        _note_run(flag, target, found.directory)
     return found
 
 
