@@ -158,3 +158,6 @@ def test_unknown_name_lists_the_available_ones(tmp_path, monkeypatch):
         load_gpu_profile("a10g")
     with pytest.raises(ProfileError, match="no such profile file"):
         load_model_profile(tmp_path / "missing.yaml")
+    assert [m.name for m in list_model_profiles()] == ["x"]
+    with pytest.raises(ProfileError, match=r"no gpu profiles: .*gpus is missing; \$NANO_PROFILES_DIR points there"):
+        list_gpu_profiles()  # a listing is never silently empty

@@ -182,11 +182,24 @@ def load_gpu_profile(name_or_path: str | Path) -> GpuProfile:
     return gpu
 
 
+def shipped_names(kind: str) -> list[str]:
+    """``profile_names(kind)``, but a missing or empty folder is a ``ProfileError``: a listing of the shipped
+    profiles is never empty (an install without its package data once printed empty tables with exit 0)."""
+    names = profile_names(kind)
+    if not names:
+        folder = profiles_dir() / kind
+        why = "holds no .yaml files" if folder.is_dir() else "is missing"
+        where = ("$NANO_PROFILES_DIR points there: unset it or give a folder with models/, gpus/ and recipes/"
+                 if os.environ.get("NANO_PROFILES_DIR") else "this install of nano is incomplete: reinstall it")
+        raise ProfileError(f"no {kind[:-1]} profiles: {folder} {why}; {where}")
+    return names
+
+
 def list_model_profiles() -> list[ModelProfile]:
-    """Every model profile under ``profiles/models/``, sorted by name (a broken one raises)."""
-    return [load_model_profile(n) for n in profile_names("models")]
+    """Every model profile under ``profiles/models/``, sorted by name (a broken one, or none, raises)."""
+    return [load_model_profile(n) for n in shipped_names("models")]
 
 
 def list_gpu_profiles() -> list[GpuProfile]:
-    """Every GPU profile under ``profiles/gpus/``, sorted by name (a broken one raises)."""
-    return [load_gpu_profile(n) for n in profile_names("gpus")]
+    """Every GPU profile under ``profiles/gpus/``, sorted by name (a broken one, or none, raises)."""
+    return [load_gpu_profile(n) for n in shipped_names("gpus")]

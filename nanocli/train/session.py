@@ -191,10 +191,14 @@ def peak_flops(peak_tflops: float | None, dist) -> float:
         return peak_tflops * 1e12
     if dist.device.type != "cuda":
         return 0.0
-    from ..profiles import list_gpu_profiles
+    from ..profiles import ProfileError, list_gpu_profiles
 
     name = torch.cuda.get_device_name(dist.device).lower().replace(" ", "")
-    for gpu in list_gpu_profiles():
+    try:
+        gpus = list_gpu_profiles()
+    except ProfileError:  # no GPU profiles: MFU unknown, training goes on
+        return 0.0
+    for gpu in gpus:
         if gpu.name.split("-")[0] in name:
             return gpu.bf16_tflops * 1e12
     return 0.0
