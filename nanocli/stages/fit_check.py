@@ -31,7 +31,7 @@ from nanocli_model.headers import CheckpointTensors, read_checkpoint_tensors
 from nanocli_model.memory import param_count
 
 from .. import nvml, settings
-from ..profiles import GpuProfile, load_gpu_profile, profile_names
+from ..profiles import GpuProfile, known_names, load_gpu_profile
 from ..resolve import model_target
 from ..settings import flag
 
@@ -258,8 +258,8 @@ def resolve_gpu(gpu: str, device_index: int, query: Callable[[int], nvml.DeviceM
     try:
         return nvml_limit(query(device_index))
     except nvml.NvmlUnavailable as e:
-        known = ", ".join(profile_names("gpus")) or "none"
-        raise FitCheckError(f"--gpu auto found no GPU to read: {e}. Pass --gpu PROFILE, one of: {known}") from None
+        raise FitCheckError(f"--gpu auto found no GPU to read: {e}. Pass --gpu PROFILE, one of: "
+                            f"{known_names('gpus')}") from None
 
 
 # ---------------------------------------------------------------------------- run
