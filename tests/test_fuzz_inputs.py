@@ -217,8 +217,8 @@ def _yaml_dump(data) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-TINY_PROFILE = yaml.safe_load((TESTS_DIR.parent / "profiles" / "models" / "tiny.yaml").read_text())
-A10G_PROFILE = yaml.safe_load((TESTS_DIR.parent / "profiles" / "gpus" / "a10g.yaml").read_text())
+TINY_PROFILE = yaml.safe_load((TESTS_DIR.parent / "nanocli" / "profiles" / "models" / "tiny.yaml").read_text())
+A10G_PROFILE = yaml.safe_load((TESTS_DIR.parent / "nanocli" / "profiles" / "gpus" / "a10g.yaml").read_text())
 yaml_scalars = (st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True)
                 | st.text(max_size=10) | st.sampled_from(["1e-5", "1.0e+5", ".inf", "-.nan", "0x10", "~", "yes"]))
 yaml_values = st.recursive(yaml_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c,

@@ -17,7 +17,7 @@ from nanocli_model import NanoConfig
 from nanocli_model.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "profiles" / "recipes" / "demo-smoke.yaml"
+SMOKE = ROOT / "nanocli" / "profiles" / "recipes" / "demo-smoke.yaml"
 TINY = yaml.safe_load(SMOKE.read_text())  # the shipped smoke recipe: every stage at toy size
 
 
