@@ -131,6 +131,8 @@ def show_generation_stats(result: GenerateResult) -> None:
         err.print(f"note: {result.kernels_detail}", markup=False, highlight=False)
     if result.decode.startswith("eager ("):  # --compile asked for, and it fell back
         err.print(f"note: --compile: decode ran {result.decode}", markup=False)
+    for note in result.notes:  # e.g. --dtype auto chose bf16 to fit this machine's memory
+        err.print(f"note: {note}", markup=False, highlight=False)
 
 
 def chat(session: ChatSession) -> None:
@@ -140,6 +142,8 @@ def chat(session: ChatSession) -> None:
     out, loaded = ui.console(), session.loaded
     out.print(f"[bold]nano chat[/] ({escape(str(session.options.model))}, {loaded.device} {loaded.dtype}) - "
               f"{CHAT_HELP}")
+    for note in loaded.notes:
+        out.print(f"[dim]note: {escape(note)}[/]")
     while True:
         try:
             line = out.input("[bold green]you>[/] ")

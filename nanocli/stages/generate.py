@@ -171,6 +171,7 @@ class GenerateResult:
     decode: str = "eager"  # eager | compiled | eager (compile failed: why)
     kernels: str = "reference"  # kernels.KernelStatus.label: mamba-ssm+causal-conv1d | mamba-ssm | reference
     kernels_detail: str = ""  # kernels.KernelStatus.describe(): which runs, and why the others do not
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. why --dtype auto chose bf16 on this CPU
 
     def to_json(self) -> dict[str, Any]:
         s = self.stats
@@ -182,6 +183,7 @@ class GenerateResult:
             "peak_memory_bytes": s.peak_memory_bytes, "peak_memory_source": s.peak_memory_source,
             "seed": s.seed, "device": self.device, "dtype": self.dtype, "decode": self.decode,
             "compile_seconds": s.compile_seconds, "kernels": self.kernels, "kernels_detail": self.kernels_detail,
+            "notes": self.notes,
         }
 
 
@@ -194,6 +196,7 @@ class Loaded:
     dtype: str
     decode_step: Any = None  # a nanocli_model.decode.CompiledDecode with --compile, else None (the model)
     kernels: KernelStatus | None = None  # on the model's device
+    notes: list[str] = dataclasses.field(default_factory=list)  # the host-memory check's choice of dtype
 
     @property
     def decode(self) -> str:
@@ -209,15 +212,18 @@ def load(checkpoint: Checkpoint, compile: bool = False) -> Loaded:
     import torch
 
     from nanocli_model import load_pretrained
+    from nanocli_model.headers import read_checkpoint_tensors
     from nanocli_model.tokenizer import Tokenizer
 
-    from .. import resolve
+    from .. import host_memory, resolve
 
     target = resolve.model_target(checkpoint.model, kinds=("checkpoint", "run"))  # a directory with weights
     path, device = target.directory, resolve.visible_device(checkpoint.device)
-    dtype = checkpoint.dtype
-    if dtype == "auto":  # bf16 matmuls are slow on most CPUs; the stored dtype on GPUs
-        dtype = None if device == "cuda" else "fp32"
+    dtype, notes = (None if checkpoint.dtype == "auto" else checkpoint.dtype), []  # auto on a GPU: as stored
+    if device == "cpu":  # before any weight is read: do they fit this machine's memory, and in which dtype?
+        # (auto: fp32, as bf16 matmuls are slow on most CPUs, unless only bf16 fits: host_memory.py)
+        plan = host_memory.plan_cpu_load(checkpoint.model, read_checkpoint_tensors(path), checkpoint.dtype)
+        dtype, notes = plan.dtype, [plan.note] if plan.note else []
     tokenizer = Tokenizer.from_dir(path)
     try:
         model = load_pretrained(path, dtype=dtype, device=device)
@@ -233,7 +239,7 @@ def load(checkpoint: Checkpoint, compile: bool = False) -> Loaded:
     from nanocli_model import kernels
 
     return Loaded(model, tokenizer, device, str(model.dtype).replace("torch.", ""), step,
-                  kernels.status(model.device))
+                  kernels.status(model.device), notes)
 
 
 # ---------------------------------------------------------------------------------------- prompts
@@ -355,7 +361,7 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
                               reason, completion.thinking_tokens, completion.budget_forced))
     ran = loaded.kernels
     return GenerateResult(outputs, stats, loaded.device, loaded.dtype, loaded.decode,
-                          ran.label if ran else "reference", ran.describe() if ran else "")
+                          ran.label if ran else "reference", ran.describe() if ran else "", list(loaded.notes))
 
 
 def out_of_memory(options: GenerateOptions, batch: int, context: int) -> GenerateError:
