@@ -28,12 +28,14 @@ weight is read. Where the memory cannot be read (not Linux), nothing is checked 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from nanocli_model import fit
+from nanocli_model.config import NanoConfig
 from nanocli_model.errors import NanoError
 from nanocli_model.headers import CheckpointTensors
 
@@ -68,6 +70,11 @@ class LoadNeed:
     @property
     def total(self) -> int:
         return self.weights + self.transient + self.runtime
+
+    def __add__(self, other: LoadNeed) -> LoadNeed:
+        """Two models in one process (``nano bench``'s hybrid and its twin): both weights, one margin."""
+        return LoadNeed(self.dtype, self.weights + other.weights, max(self.transient, other.transient),
+                        max(self.runtime, other.runtime))
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,16 @@ def load_need(tensors: CheckpointTensors, dtype: str) -> LoadNeed:
     return LoadNeed(target, weights, transient)
 
 
+def built_need(config: NanoConfig, dtype: str) -> LoadNeed:
+    """Bytes to build ``config`` with random weights straight in ``dtype`` (no load, so no transient)."""
+    return LoadNeed(fit.weight_dtype(dtype), fit.weights_bytes(config, dtype), 0)
+
+
+def checkpoint_need(tensors: CheckpointTensors | None) -> Callable[[str], LoadNeed] | None:
+    """``load_need`` for these headers, as ``plan_cpu_load`` takes it; None without headers."""
+    return None if tensors is None else functools.partial(load_need, tensors)
+
+
 def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
@@ -154,17 +171,17 @@ def _explain(need: LoadNeed) -> str:
             f"{_gib(need.transient + need.runtime)} to load and run them)")
 
 
-def plan_cpu_load(name: str, tensors: CheckpointTensors | None, dtype: str,
+def plan_cpu_load(name: str, need: Callable[[str], LoadNeed] | None, dtype: str,
                   read: Callable[[], HostMemory | None] | None = None) -> HostPlan:
-    """The dtype to load ``name`` in on the CPU (``dtype``: auto, fp32, bf16 or fp16), checked against the host's
-    available memory; a one-line ``HostMemoryError`` when it does not fit. ``read``: the memory reader (default
-    ``read_host_memory``, looked up when called, so a test can replace it)."""
+    """The dtype to load ``name`` in on the CPU (``dtype``: auto, fp32, bf16 or fp16), ``need(dtype)`` checked
+    against the host's available memory; a one-line ``HostMemoryError`` when it does not fit. ``read``: the
+    memory reader (default ``read_host_memory``, looked up when called, so a test can replace it)."""
     wanted = "fp32" if dtype == "auto" else dtype
-    memory = (read or read_host_memory)() if tensors is not None else None
+    memory = (read or read_host_memory)() if need is not None else None
     if memory is None:  # no headers (load_pretrained will say why) or no meminfo: nothing to check against
         return HostPlan(wanted)
     have = f"this machine has {_gib(memory.available)} available ({memory.source})"
-    needs = {d: load_need(tensors, d) for d in (AUTO_ORDER if dtype == "auto" else (dtype, "bf16"))}
+    needs = {d: need(d) for d in (AUTO_ORDER if dtype == "auto" else (dtype, "bf16"))}
     fits = [d for d in needs if needs[d].total <= memory.available]
     if dtype == "auto":
         if not fits:

@@ -11,7 +11,15 @@ from test_generate_cli import run
 
 from model_utils import tiny_config, write_header_only_checkpoint
 from nanocli import cli, host_memory
-from nanocli.host_memory import GIB, HostMemory, HostMemoryError, load_need, plan_cpu_load, read_host_memory
+from nanocli.host_memory import (
+    GIB,
+    HostMemory,
+    HostMemoryError,
+    checkpoint_need,
+    load_need,
+    plan_cpu_load,
+    read_host_memory,
+)
 from nanocli.profiles import load_model_profile
 from nanocli_model.headers import read_checkpoint_tensors
 from nanocli_model.tokenizer import build_test_tokenizer
@@ -97,8 +105,8 @@ def test_the_need_is_fit_checks_weights_plus_the_load_transient_plus_the_margin(
 
 
 def test_unreadable_memory_checks_nothing_and_auto_stays_fp32(nine_b):
-    tensors = read_checkpoint_tensors(nine_b)
-    assert plan_cpu_load("m", tensors, "auto", read=lambda: None).dtype == "fp32"
+    need = checkpoint_need(read_checkpoint_tensors(nine_b))
+    assert plan_cpu_load("m", need, "auto", read=lambda: None).dtype == "fp32"
     assert plan_cpu_load("m", None, "bf16", read=lambda: GB24).dtype == "bf16"  # no headers: the loader says why
 
 
@@ -178,3 +186,25 @@ def test_the_error_is_a_nano_error():  # so every command ends it as one error: 
     from nanocli_model.errors import NanoError
 
     assert issubclass(HostMemoryError, NanoError)
+
+
+# ------------------------------------------------------------------------------------------ nano bench
+def test_bench_counts_the_model_and_its_twin(capsys, monkeypatch, machine):
+    from nanocli.bench import BenchOptions, resolve
+
+    # a 9B profile is built with random weights: in fp32 it would not fit, in bf16 it does (without the twin)
+    plan = resolve(BenchOptions(model="nemotron-nano-9b-v2", compare_transformer=False, device="cpu"))
+    assert plan.dtype == "bf16" and plan.note.startswith("--dtype auto: bf16, since fp32 needs 34.11 GiB")
+    monkeypatch.setattr("sys.argv", ["nano", "bench", "--model", "nemotron-nano-9b-v2", "--quick"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert "error: nemotron-nano-9b-v2 with its pure-attention twin needs" in err and "even in bf16" in err
+
+
+def test_bench_with_room_keeps_fp32(machine):
+    from nanocli.bench import BenchOptions, resolve
+
+    plan = resolve(BenchOptions(model="small", device="cpu"))
+    assert plan.dtype == "fp32" and plan.note is None

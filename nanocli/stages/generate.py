@@ -48,7 +48,8 @@ class Checkpoint(settings.Group):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs (auto: CUDA when a GPU is visible, else the CPU)."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto (stored dtype on CUDA, fp32 on CPU), bf16, fp16 or fp32."""
+    """auto (stored dtype on CUDA; on CPU fp32, or bf16 if only bf16 fits the available memory), bf16, fp16 or
+    fp32. On CPU the weights are checked against the host's available memory before loading."""
 
     def check(self) -> None:
         if self.model is None:
@@ -222,7 +223,8 @@ def load(checkpoint: Checkpoint, compile: bool = False) -> Loaded:
     dtype, notes = (None if checkpoint.dtype == "auto" else checkpoint.dtype), []  # auto on a GPU: as stored
     if device == "cpu":  # before any weight is read: do they fit this machine's memory, and in which dtype?
         # (auto: fp32, as bf16 matmuls are slow on most CPUs, unless only bf16 fits: host_memory.py)
-        plan = host_memory.plan_cpu_load(checkpoint.model, read_checkpoint_tensors(path), checkpoint.dtype)
+        need = host_memory.checkpoint_need(read_checkpoint_tensors(path))
+        plan = host_memory.plan_cpu_load(checkpoint.model, need, checkpoint.dtype)
         dtype, notes = plan.dtype, [plan.note] if plan.note else []
     tokenizer = Tokenizer.from_dir(path)
     try:
