@@ -48,8 +48,7 @@ class Checkpoint(settings.Group):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs (auto: CUDA when a GPU is visible, else the CPU)."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto (stored dtype on CUDA; on CPU fp32, or bf16 if only bf16 fits the available memory), bf16, fp16 or
-    fp32. On CPU the weights are checked against the host's available memory before loading."""
+    """auto (CUDA: as stored; CPU: fp32, or bf16 if only bf16 fits the host's memory), bf16, fp16 or fp32."""
 
     def check(self) -> None:
         if self.model is None:
