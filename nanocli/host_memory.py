@@ -8,18 +8,20 @@ against the memory this process can have (``read_host_memory``):
     need = weights in the load dtype + load transient + RUNTIME_MARGIN
 
 * **weights**: every tensor's parameters x the dtype's bytes (exact);
-* **load transient**: ``checkpoint.load_pretrained`` reads and casts one tensor at a time and checks each
-  for NaN/Inf, so beyond the weights it holds, at most, one tensor as stored (when it is cast to another
-  dtype) plus one byte per element for the finite check: the largest such tensor counts (the 9B's embedding:
-  1.17 GB stored bf16 + 0.59 GB);
+* **transient**: beyond the weights, one tensor at a time, the larger of two moments. ``checkpoint.load_pretrained``
+  reads and casts one tensor at a time and checks each for NaN/Inf: one tensor as stored (when it is cast to
+  another dtype) plus one byte per element for the finite check (the 9B's embedding in fp32: 1.17 GB stored
+  bf16 + 0.59 GB). The first cached decode step copies each Linear weight into its decode layout
+  (``decode.relayout_linear_weights``), freeing the old copy after: one tensor in the load dtype (the 9B's
+  lm_head: 2.35 GB in fp32). The largest tensor sets both;
 * **RUNTIME_MARGIN** (1 GiB): the process itself (Python, torch's libraries and allocator, the tokenizer: a
   2-token generation with the tiny profile peaks at 0.40 GiB RSS here) and the cache and activations of a
   short prompt. A long prompt's prefill needs more (``nano fit-check`` gives the activation and cache terms).
 
 Measured on this 2-core, 24 GB machine (a 9B-v2-shaped checkpoint whose data is a sparse file of zeros,
-``nano generate --dtype bf16 --max-new-tokens 2``): need 18.10 GiB; peak anonymous memory 15.85 GiB. The
-process's RSS peaked at 22.34 GiB because it also counts the memory-mapped checkpoint pages, which are page
-cache the kernel can drop (MemAvailable counts them as available too).
+``nano generate --dtype bf16 --max-new-tokens 2``): need 18.65 GiB; peak anonymous memory 15.85 GiB. The
+process's RSS peaked at 22.34 GiB because it also counts the memory-mapped checkpoint pages (a bf16 load of
+bf16 weights keeps them mapped until the decode layout copies them), page cache the kernel can drop.
 
 ``--dtype auto`` on CPU takes the widest dtype that fits: fp32 (fastest on most CPUs), else bf16, and says
 why; an explicit dtype that does not fit, or nothing fitting, is one ``HostMemoryError`` line, before any
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanocli_model import fit
-from nanocli_model.config import NanoConfig
+from nanocli_model.config import MAMBA, MLP, NanoConfig
 from nanocli_model.errors import NanoError
 from nanocli_model.headers import CheckpointTensors
 
@@ -147,14 +149,21 @@ def load_need(tensors: CheckpointTensors, dtype: str) -> LoadNeed:
     """Bytes to load ``tensors`` (a checkpoint's headers) in ``dtype`` and run the model on the CPU."""
     weights = fit.tensor_weights_bytes(((t.name, t.numel) for t in tensors.tensors), dtype)
     target = fit.weight_dtype(dtype)
-    transient = max((t.numel + (t.nbytes if fit.stored_dtype_name(t.dtype) != target else 0)
+    size = _BYTES[target]
+    transient = max((max(t.numel + (t.nbytes if fit.stored_dtype_name(t.dtype) != target else 0),  # load + check
+                         t.numel * size)  # the decode-layout copy
                      for t in tensors.tensors), default=0)
     return LoadNeed(target, weights, transient)
 
 
 def built_need(config: NanoConfig, dtype: str) -> LoadNeed:
-    """Bytes to build ``config`` with random weights straight in ``dtype`` (no load, so no transient)."""
-    return LoadNeed(fit.weight_dtype(dtype), fit.weights_bytes(config, dtype), 0)
+    """Bytes to build ``config`` with random weights straight in ``dtype``: no load; the decode-layout copy of
+    the largest Linear weight (the lm_head, or the largest projection) is the transient."""
+    d = fit.weight_dtype(dtype)
+    c = config
+    largest = max(c.vocab_size * c.hidden_size, c.hidden_size * c.mamba_in_proj_dim if c.count(MAMBA) else 0,
+                  c.hidden_size * c.intermediate_size if c.count(MLP) else 0)
+    return LoadNeed(d, fit.weights_bytes(config, dtype), largest * _BYTES[d])
 
 
 def checkpoint_need(tensors: CheckpointTensors | None) -> Callable[[str], LoadNeed] | None:

@@ -98,10 +98,19 @@ def test_the_need_is_fit_checks_weights_plus_the_load_transient_plus_the_margin(
     tensors = read_checkpoint_tensors(nine_b)
     fp32, bf16 = load_need(tensors, "fp32"), load_need(tensors, "bf16")
     assert fp32.weights == 4 * PARAMS_9B and bf16.weights == 2 * PARAMS_9B  # exact, from the headers
-    assert fp32.transient == EMBEDDING_9B * (2 + 1)  # the stored bf16 embedding while cast + its finite check
-    assert bf16.transient == EMBEDDING_9B  # no cast: the finite check's mask only
+    # the largest tensor (embedding, lm_head) once more in the load dtype: the decode-layout copy, which is more
+    # than the load's (stored bf16 while cast + the finite check's mask: 3 bytes per element, fp32; 1, bf16)
+    assert fp32.transient == EMBEDDING_9B * 4 and bf16.transient == EMBEDDING_9B * 2
     assert fp32.runtime == bf16.runtime == host_memory.RUNTIME_MARGIN == GIB
-    assert f"{fp32.total / GIB:.2f} {bf16.total / GIB:.2f}" == "35.75 18.10"
+    assert f"{fp32.total / GIB:.2f} {bf16.total / GIB:.2f}" == "36.30 18.65"
+
+
+def test_a_cast_to_a_narrower_dtype_holds_the_stored_tensor_while_it_casts(tmp_path):
+    write_header_only_checkpoint(tmp_path, tiny_config(), shards=1, st_dtype="F32")
+    tensors = read_checkpoint_tensors(tmp_path)
+    largest = max(t.numel for t in tensors.tensors)
+    assert load_need(tensors, "bf16").transient == largest * (4 + 1)  # stored fp32 + the check > a bf16 copy (2)
+    assert load_need(tensors, "fp32").transient == largest * 4  # no cast: the decode-layout copy > the check (1)
 
 
 def test_unreadable_memory_checks_nothing_and_auto_stays_fp32(nine_b):
@@ -115,8 +124,8 @@ def test_fp32_that_does_not_fit_is_one_line_naming_the_need_and_bf16(capsys, mon
     code, out, err = run(capsys, monkeypatch, "-m", nine_b, "hi", "--dtype", "fp32")
     assert code == 2 and out == "" and "Traceback" not in err
     assert err.splitlines() == [
-        f"error: {nine_b} in fp32 needs 35.75 GiB of host memory (33.11 GiB of weights + 2.64 GiB to load and run "
-        "them); this machine has 22.35 GiB available (MemAvailable): use --dtype bf16 (18.10 GiB)"]
+        f"error: {nine_b} in fp32 needs 36.30 GiB of host memory (33.11 GiB of weights + 3.19 GiB to load and run "
+        "them); this machine has 22.35 GiB available (MemAvailable): use --dtype bf16 (18.65 GiB)"]
 
 
 def test_auto_picks_bf16_when_only_bf16_fits_and_says_why(capsys, monkeypatch, nine_b, machine):
@@ -136,9 +145,9 @@ def test_auto_picks_bf16_when_only_bf16_fits_and_says_why(capsys, monkeypatch, n
     assert asked == {"path": nine_b, "dtype": "bf16", "device": "cpu"}
     result = json.loads(out)
     assert result["dtype"] == "bfloat16" and result["notes"] == [
-        "--dtype auto: bf16, since fp32 needs 35.75 GiB of host memory and this machine has 22.35 GiB available "
+        "--dtype auto: bf16, since fp32 needs 36.30 GiB of host memory and this machine has 22.35 GiB available "
         "(MemAvailable)"]
-    assert "note: --dtype auto: bf16, since fp32 needs 35.75 GiB" in " ".join(err.split())  # the stats lines
+    assert "note: --dtype auto: bf16, since fp32 needs 36.30 GiB" in " ".join(err.split())  # the stats lines
 
 
 def test_auto_with_room_for_fp32_keeps_fp32(capsys, monkeypatch, nine_b, machine):
@@ -149,12 +158,12 @@ def test_auto_with_room_for_fp32_keeps_fp32(capsys, monkeypatch, nine_b, machine
 
 
 @pytest.mark.parametrize("dtype,memory,message", [
-    ("auto", 10 * GIB, "needs 18.10 GiB of host memory (16.56 GiB of weights + 1.55 GiB to load and run them) even "
-                       "in bf16 (fp32: 35.75 GiB); this machine has 10.00 GiB available (MemAvailable): free some "
+    ("auto", 10 * GIB, "needs 18.65 GiB of host memory (16.56 GiB of weights + 2.09 GiB to load and run them) even "
+                       "in bf16 (fp32: 36.30 GiB); this machine has 10.00 GiB available (MemAvailable): free some "
                        "memory, or run it on a GPU"),
-    ("fp32", 10 * GIB, "in fp32 needs 35.75 GiB of host memory (33.11 GiB of weights + 2.64 GiB to load and run "
-                       "them); this machine has 10.00 GiB available (MemAvailable): even --dtype bf16 needs 18.10 GiB"),
-    ("bf16", 10 * GIB, "in bf16 needs 18.10 GiB of host memory (16.56 GiB of weights + 1.55 GiB to load and run "
+    ("fp32", 10 * GIB, "in fp32 needs 36.30 GiB of host memory (33.11 GiB of weights + 3.19 GiB to load and run "
+                       "them); this machine has 10.00 GiB available (MemAvailable): even --dtype bf16 needs 18.65 GiB"),
+    ("bf16", 10 * GIB, "in bf16 needs 18.65 GiB of host memory (16.56 GiB of weights + 2.09 GiB to load and run "
                        "them); this machine has 10.00 GiB available (MemAvailable): no smaller dtype loads on the CPU"),
 ])
 def test_nothing_that_fits_is_one_line(capsys, monkeypatch, nine_b, machine, dtype, memory, message):
@@ -179,7 +188,7 @@ def test_eval_checks_the_same_way(capsys, monkeypatch, nine_b, machine):
         cli.main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.splitlines()) == 1
-    assert "in fp32 needs 35.75 GiB of host memory" in err and "use --dtype bf16 (18.10 GiB)" in err
+    assert "in fp32 needs 36.30 GiB of host memory" in err and "use --dtype bf16 (18.65 GiB)" in err
 
 
 def test_the_error_is_a_nano_error():  # so every command ends it as one error: line, exit 2
@@ -194,7 +203,7 @@ def test_bench_counts_the_model_and_its_twin(capsys, monkeypatch, machine):
 
     # a 9B profile is built with random weights: in fp32 it would not fit, in bf16 it does (without the twin)
     plan = resolve(BenchOptions(model="nemotron-nano-9b-v2", compare_transformer=False, device="cpu"))
-    assert plan.dtype == "bf16" and plan.note.startswith("--dtype auto: bf16, since fp32 needs 34.11 GiB")
+    assert plan.dtype == "bf16" and plan.note.startswith("--dtype auto: bf16, since fp32 needs 36.30 GiB")
     monkeypatch.setattr("sys.argv", ["nano", "bench", "--model", "nemotron-nano-9b-v2", "--quick"])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
