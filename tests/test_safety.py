@@ -129,7 +129,7 @@ def test_the_scan_sees_the_safe_uses_it_must_allow():
     """The places that read untrusted bytes are there and use the safe spelling (so the scan looked)."""
     text = {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8") for p in _sources()}
     assert "weights_only=True" in text["nanocli/train/checkpoints.py"]
-    assert "yaml.safe_load" in text["nanocli/profiles.py"] and "yaml.safe_load" in text["nanocli/train/recipe.py"]
+    assert "yaml.safe_load" in text["nanocli/profiles/__init__.py"] and "yaml.safe_load" in text["nanocli/train/recipe.py"]
     assert "ImmutableSandboxedEnvironment" in text["nanocli_model/tokenizer.py"]
 
 
