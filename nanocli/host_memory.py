@@ -19,8 +19,8 @@ against the memory this process can have (``read_host_memory``):
   short prompt. A long prompt's prefill needs more (``nano fit-check`` gives the activation and cache terms).
 
 Measured on this 2-core, 24 GB machine (a 9B-v2-shaped checkpoint whose data is a sparse file of zeros,
-``nano generate --dtype bf16 --max-new-tokens 2``): need 18.65 GiB; peak anonymous memory 15.85 GiB. The
-process's RSS peaked at 22.34 GiB because it also counts the memory-mapped checkpoint pages (a bf16 load of
+``nano generate --max-new-tokens 2``, auto: bf16): need 18.65 GiB; peak anonymous memory 15.91 GiB. The
+process's RSS peaked at 22.17 GiB because it also counts the memory-mapped checkpoint pages (a bf16 load of
 bf16 weights keeps them mapped until the decode layout copies them), page cache the kernel can drop.
 
 ``--dtype auto`` on CPU takes the widest dtype that fits: fp32 (fastest on most CPUs), else bf16, and says
