@@ -22,11 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nanocli.profiles import load_model_profile  # noqa: E402
 from nanocli_model import NanoConfig  # noqa: E402
 
 SHARDS = 4
@@ -61,8 +60,7 @@ def write_sparse_shard(path: Path, shapes: dict[str, list[int]]) -> int:
 
 
 def build_checkpoint(out: Path) -> int:
-    raw = yaml.safe_load((ROOT / "profiles" / "models" / "nemotron-nano-9b-v2.yaml").read_text())
-    config = NanoConfig.from_dict(raw["config"], source="nemotron-nano-9b-v2")
+    config = load_model_profile("nemotron-nano-9b-v2").config  # nanocli/profiles/models/
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.to_json_string())
     shapes = tensor_shapes(config)

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,8 +40,9 @@ def matmul_peak_gflops(threads: int, n: int = 2048, reps: int = 7, dtype: torch.
 
 
 def load_profile(name: str) -> NanoConfig:
-    raw = yaml.safe_load((ROOT / "profiles" / "models" / f"{name}.yaml").read_text())
-    return NanoConfig.from_dict(raw["config"], source=name)
+    from nanocli.profiles import load_model_profile  # the shipped profiles (nanocli/profiles/models/)
+
+    return load_model_profile(name).config
 
 
 def build_pair(config: NanoConfig):

@@ -71,7 +71,7 @@ class BenchModel(settings.Group):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the models run (auto: CUDA when a GPU is visible, else the CPU)."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."""
+    """auto (bf16 on CUDA; on CPU fp32, or bf16 if only bf16 fits the available memory), fp32, bf16 or fp16."""
     threads: int | None = None
     """torch threads (the house figures use 1; default: torch's)."""
     compile: bool = False
@@ -215,6 +215,7 @@ class _Plan:
     device: str
     dtype: str  # fp32 | bf16 | fp16
     repeats: int
+    note: str | None = None  # why --dtype auto chose bf16 on this CPU (host_memory.plan_cpu_load)
 
 
 def resolve(o: BenchOptions) -> _Plan:
@@ -229,11 +230,32 @@ def resolve(o: BenchOptions) -> _Plan:
     if batch == "max" and device != "cuda":
         raise BenchError("--max-batch sizes the batch from free GPU memory and needs CUDA; on CPU give "
                          "--batch N (default 1)")
-    dtype = o.dtype if o.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+    dtype, note = o.dtype if o.dtype != "auto" else ("bf16" if device == "cuda" else "fp32"), None
+    if device == "cpu":  # before a weight is read or built: do both models fit this machine's memory?
+        dtype, note = _cpu_dtype(o, config, name, path)
     if lengths is None:
         lengths = parse_lengths(QUICK_LENGTHS if o.quick else GPU_LENGTHS if device == "cuda" else CPU_LENGTHS)
     repeats = o.repeats if o.repeats is not None else (1 if o.quick else 3)
-    return _Plan(config, name, source, path, lengths, batch, device, dtype, repeats)
+    return _Plan(config, name, source, path, lengths, batch, device, dtype, repeats, note)
+
+
+def _cpu_dtype(o: BenchOptions, config: NanoConfig, name: str, path: Path | None) -> tuple[str, str | None]:
+    """The dtype both models run in on the CPU (auto: fp32, else bf16), checked against the host's memory
+    (``host_memory.plan_cpu_load``): the checkpoint as loaded (or the profile as built) plus the twin."""
+    from nanocli_model.headers import read_checkpoint_tensors
+
+    from . import host_memory
+
+    tensors = read_checkpoint_tensors(path) if path is not None else None
+    twin = transformer_twin(config) if o.compare_transformer else None
+
+    def need(dtype: str) -> host_memory.LoadNeed:
+        own = host_memory.load_need(tensors, dtype) if tensors else host_memory.built_need(config, dtype)
+        return own if twin is None else own + host_memory.built_need(twin, dtype)
+
+    what = name if twin is None else f"{name} with its pure-attention twin"
+    plan = host_memory.plan_cpu_load(what, need, o.dtype)
+    return plan.dtype, plan.note
 
 
 # ------------------------------------------------------------------------------------- measuring
@@ -380,7 +402,7 @@ def run(o: BenchOptions, reporter: Reporter | None = None) -> BenchResult:
         configs["transformer"] = transformer_twin(plan.config)
         infos.append(model_info("transformer", "pure-attention twin", "built by nano (random weights)",
                                 configs["transformer"], plan.dtype))
-    notes = []
+    notes = [plan.note] if plan.note else []
     longest = max(p + n for p, n in plan.lengths)
     if longest > plan.config.max_position_embeddings:
         notes.append(f"{longest:,} tokens exceed the model's max_position_embeddings "

@@ -25,7 +25,7 @@ from nanocli_model.config import NanoConfig
 from nanocli_model.errors import CheckpointError, ConfigError, NanoError
 from nanocli_model.headers import INDEX_NAME, SINGLE_NAME
 
-from .profiles import ProfileError, load_model_profile, profile_names
+from .profiles import ProfileError, known_names, load_model_profile, profile_names
 
 Kind = Literal["profile", "checkpoint", "config", "run"]
 DEVICES = ("auto", "cpu", "cuda")
@@ -101,7 +101,7 @@ def model_target(target: str, flag: str = "--model", kinds: tuple[Kind, ...] = (
         profile = load_model_profile(target)
         found = ModelTarget(profile.name, "profile", profile.config, profile.path, profile.description)
     if found is None:
-        known = ", ".join(profile_names("models")) or "none"
+        known = known_names("models")
         if os.sep in target or target.startswith("."):
             raise CheckpointError(f"{flag} {target}: no such model directory or config.json")
         raise ProfileError(f"{flag} {target}: unknown model profile, and no such model directory or config.json; "

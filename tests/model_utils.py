@@ -69,3 +69,43 @@ def ssd_inputs(b, T, H, P, G, N, seed=0, dtype=torch.float64):
     D = torch.randn(H, generator=g, dtype=dtype)
     h0 = torch.randn(b, H, P, N, generator=g, dtype=dtype)
     return x, dt, A, B, C, D, h0
+
+
+def write_header_only_checkpoint(out, config: NanoConfig, shards: int = 4, st_dtype: str = "BF16") -> int:
+    """A model directory of ``config`` whose safetensors shards carry the real headers (every tensor name, dtype,
+    full shape and offset, with an index) but sparse data: each file is extended with ``truncate`` to its full
+    size and costs no disk. Header readers (fit-check, the host-memory check) see a full-size checkpoint; reading
+    a tensor gives zeros. Returns the tensor bytes the headers describe."""
+    import json
+    import struct
+    from pathlib import Path
+
+    from nanocli_model.model import NanoForCausalLM
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.to_json_string(), encoding="utf-8")
+    with torch.device("meta"):
+        shapes = {k: list(v.shape) for k, v in NanoForCausalLM(config).state_dict().items()}
+    size = {"BF16": 2, "F16": 2, "F32": 4}[st_dtype]
+    names, per = list(shapes), -(-len(shapes) // shards)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in names[i * per:(i + 1) * per]:
+            n = size
+            for d in shapes[name]:
+                n *= d
+            header[name] = {"dtype": st_dtype, "shape": shapes[name], "data_offsets": [offset, offset + n]}
+            weight_map[name] = fname
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+        with open(out / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + offset)
+        total += offset
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return total

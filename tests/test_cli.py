@@ -12,10 +12,10 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "NANO_PROFILES_DIR"}, "COL
 STAGE_COMMANDS = ["pretrain", "align", "prune", "distill", "fit-check", "generate"]  # the pipeline's stages
 
 
-def nano(*args: str) -> subprocess.CompletedProcess:
+def nano(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m nanocli.cli ARGS`` (the same ``main()`` as the ``nano`` console script)."""
     return subprocess.run([sys.executable, "-m", "nanocli.cli", *args], capture_output=True, text=True,
-                          timeout=60, env=ENV)
+                          timeout=60, env={**ENV, **(env or {})})
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -51,6 +51,17 @@ def test_profiles_table():
     for text in ["nemotron-nano-9b-v2", "nemotron-nano-12b-v2-base", "tiny", "27/25/4", "8.89B", "16.56 GiB",
                  "a10g", "19.66", "rtx-4090", "24 GB", "65 fp16"]:
         assert text in result.stdout
+
+
+def test_profiles_without_the_profiles_folder_is_an_error_not_empty_tables(tmp_path):
+    """An install without its package data once listed nothing, with exit 0: now one error line."""
+    missing = assert_one_line_error(nano("profiles", env={"NANO_PROFILES_DIR": str(tmp_path / "nowhere")}))
+    assert f"no model profiles: {tmp_path / 'nowhere' / 'models'} is missing" in missing
+    assert "NANO_PROFILES_DIR" in missing
+    (tmp_path / "models").mkdir()
+    (tmp_path / "gpus").mkdir()
+    empty = assert_one_line_error(nano("profiles", env={"NANO_PROFILES_DIR": str(tmp_path)}))
+    assert "holds no .yaml files" in empty
 
 
 def test_info_profile_shows_exact_params():

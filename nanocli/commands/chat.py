@@ -32,6 +32,8 @@ def chat(session: ChatSession, hide_thinking: bool = False) -> None:
     prompt, more = _prompt("you>", color, history is not None), _prompt("...", color, history is not None)
     out.print(f"[bold]nano chat[/] ({escape(str(session.options.model))}, {loaded.device} {loaded.dtype}) - "
               "/help lists the commands, Ctrl-D leaves")
+    for note in loaded.notes:  # e.g. --dtype auto chose bf16 to fit this machine's memory
+        out.print(f"[dim]note: {escape(note)}[/]")
     try:
         while True:
             try:

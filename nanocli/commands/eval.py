@@ -111,5 +111,7 @@ def show_eval_result(r: EvalResult, plot_path: str | None = None) -> None:
         how = "greedy" if o.samples == 1 else f"{o.samples} samples each at temperature {o.temperature}"
         out.print(f"problems: {o.problems} held-out (tasks {o.tasks or 'all'}, difficulty {o.difficulty}, seed "
                   f"{o.seed}), {how}; {ui.human_count(r.params)} parameters, {r.device} {r.dtype}, {r.seconds:.1f} s")
+    for note in r.notes:
+        out.print(f"note: {note}", markup=False, highlight=False)
     if plot_path:
         out.print(f"plot: {plot_path}")

@@ -187,3 +187,6 @@ def show_generation_stats(result: GenerateResult) -> None:
         err.print(f"note: {result.kernels_detail}", markup=False, highlight=False)
     if result.decode.startswith("eager ("):  # --compile asked for, and it fell back
         err.print(f"note: --compile: decode ran {result.decode}", markup=False)
+    for note in result.notes:  # e.g. --dtype auto chose bf16 to fit this machine's memory
+        err.print(f"note: {note}", markup=False, highlight=False)
+

@@ -117,8 +117,7 @@ def _resolve(name_or_path: str | Path, kind: str) -> Path:
         return as_path
     path = profiles_dir() / kind / f"{text}.yaml"
     if not path.is_file():
-        known = ", ".join(profile_names(kind)) or "none"
-        raise ProfileError(f"unknown {kind[:-1]} profile {text!r}; available: {known} "
+        raise ProfileError(f"unknown {kind[:-1]} profile {text!r}; available: {known_names(kind)} "
                            f"(or give a path to a .yaml file; looked in {path.parent})")
     return path
 
@@ -297,11 +296,35 @@ def _load_gpu(path: Path) -> GpuProfile:
     return gpu
 
 
+def no_profiles(kind: str) -> str:
+    """Why ``profiles/<kind>/`` lists nothing, and what to do about it."""
+    folder = profiles_dir() / kind
+    why = "holds no .yaml files" if folder.is_dir() else "is missing"
+    what = ("$NANO_PROFILES_DIR points there: unset it or give a folder with models/, gpus/ and recipes/"
+            if os.environ.get("NANO_PROFILES_DIR") else "this install of nano is incomplete: reinstall it")
+    return f"{folder} {why}; {what}"
+
+
+def known_names(kind: str) -> str:
+    """The profile names of one kind for an error message: ``a, b, c``, or ``none (why)``."""
+    names = profile_names(kind)
+    return ", ".join(names) if names else f"none ({no_profiles(kind)})"
+
+
+def shipped_names(kind: str) -> list[str]:
+    """``profile_names(kind)``, but a missing or empty folder is a ``ProfileError``: a listing of the shipped
+    profiles is never empty (an install without its package data once printed empty tables with exit 0)."""
+    names = profile_names(kind)
+    if not names:
+        raise ProfileError(f"no {kind[:-1]} profiles: {no_profiles(kind)}")
+    return names
+
+
 def list_model_profiles() -> list[ModelProfile]:
-    """Every model profile under ``profiles/models/``, sorted by name (a broken one raises)."""
-    return [load_model_profile(n) for n in profile_names("models")]
+    """Every model profile under ``profiles/models/``, sorted by name (a broken one, or none, raises)."""
+    return [load_model_profile(n) for n in shipped_names("models")]
 
 
 def list_gpu_profiles() -> list[GpuProfile]:
-    """Every GPU profile under ``profiles/gpus/``, sorted by name (a broken one raises)."""
-    return [_load_gpu(profiles_dir() / "gpus" / f"{n}.yaml") for n in profile_names("gpus")]
+    """Every GPU profile under ``profiles/gpus/``, sorted by name (a broken one, or none, raises)."""
+    return [_load_gpu(profiles_dir() / "gpus" / f"{n}.yaml") for n in shipped_names("gpus")]

@@ -169,6 +169,7 @@ class EvalResult:
     seconds: float = 0.0
     device: str = "cpu"
     dtype: str = "float32"
+    notes: list[str] = field(default_factory=list)  # e.g. why --dtype auto chose bf16 on this CPU
 
     def to_json(self) -> dict[str, Any]:
         o = self.options
@@ -178,7 +179,7 @@ class EvalResult:
                 "accuracy": {mode: a.to_json() for mode, a in self.accuracy.items()},
                 "budget_sweep": [a.to_json() for a in self.sweep],
                 "perplexity": {} if self.perplexity is None else self.perplexity.to_json(),
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), "notes": self.notes}
 
 
 # ------------------------------------------------------------------------------------------ 2-5. run
@@ -213,7 +214,7 @@ def run(o: EvalOptions, reporter: Reporter | None = None, loaded=None) -> EvalRe
 def _evaluate(o: EvalOptions, loaded, reporter: Reporter, t0: float) -> EvalResult:
     model, tokenizer = loaded.model, loaded.tokenizer
     result = EvalResult(options=o, params=sum(p.numel() for p in model.parameters()), device=loaded.device,
-                        dtype=loaded.dtype)
+                        dtype=loaded.dtype, notes=list(loaded.notes))
     if o.problems:
         if tokenizer.chat_template is None and o.prompt_format == "chat":
             raise EvalError(f"{o.model}: the tokenizer has no chat template; accuracy asks through it "

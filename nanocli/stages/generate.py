@@ -48,7 +48,7 @@ class Checkpoint(settings.Group):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs (auto: CUDA when a GPU is visible, else the CPU)."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto (stored dtype on CUDA, fp32 on CPU), bf16, fp16 or fp32."""
+    """auto (CUDA: as stored; CPU: fp32, or bf16 if only bf16 fits the host's memory), bf16, fp16 or fp32."""
 
     def check(self) -> None:
         if self.model is None:
@@ -172,6 +172,7 @@ class GenerateResult:
     kernels: str = "reference"  # kernels.KernelStatus.label: mamba-ssm+causal-conv1d | mamba-ssm | reference
     kernels_detail: str = ""  # kernels.KernelStatus.describe(): which runs, and why the others do not
     batches: int = 1  # generate calls (a batch file runs one per distinct per-line settings)
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. why --dtype auto chose bf16 on this CPU
 
     def to_json(self) -> dict[str, Any]:
         s = self.stats
@@ -184,6 +185,7 @@ class GenerateResult:
             "seed": s.seed, "device": self.device, "dtype": self.dtype, "decode": self.decode,
             "compile_seconds": s.compile_seconds, "kernels": self.kernels, "kernels_detail": self.kernels_detail,
             "batches": self.batches,
+            "notes": self.notes,
         }
 
 
@@ -196,6 +198,7 @@ class Loaded:
     dtype: str
     decode_step: Any = None  # a nanocli_model.decode.CompiledDecode with --compile, else None (the model)
     kernels: KernelStatus | None = None  # on the model's device
+    notes: list[str] = dataclasses.field(default_factory=list)  # the host-memory check's choice of dtype
 
     @property
     def decode(self) -> str:
@@ -211,15 +214,19 @@ def load(checkpoint: Checkpoint, compile: bool = False) -> Loaded:
     import torch
 
     from nanocli_model import load_pretrained
+    from nanocli_model.headers import read_checkpoint_tensors
     from nanocli_model.tokenizer import Tokenizer
 
-    from .. import resolve
+    from .. import host_memory, resolve
 
     target = resolve.model_target(checkpoint.model, kinds=("checkpoint", "run"))  # a directory with weights
     path, device = target.directory, resolve.visible_device(checkpoint.device)
-    dtype = checkpoint.dtype
-    if dtype == "auto":  # bf16 matmuls are slow on most CPUs; the stored dtype on GPUs
-        dtype = None if device == "cuda" else "fp32"
+    dtype, notes = (None if checkpoint.dtype == "auto" else checkpoint.dtype), []  # auto on a GPU: as stored
+    if device == "cpu":  # before any weight is read: do they fit this machine's memory, and in which dtype?
+        # (auto: fp32, as bf16 matmuls are slow on most CPUs, unless only bf16 fits: host_memory.py)
+        need = host_memory.checkpoint_need(read_checkpoint_tensors(path))
+        plan = host_memory.plan_cpu_load(checkpoint.model, need, checkpoint.dtype)
+        dtype, notes = plan.dtype, [plan.note] if plan.note else []
     tokenizer = Tokenizer.from_dir(path)
     try:
         model = load_pretrained(path, dtype=dtype, device=device)
@@ -235,7 +242,7 @@ def load(checkpoint: Checkpoint, compile: bool = False) -> Loaded:
     from nanocli_model import kernels
 
     return Loaded(model, tokenizer, device, str(model.dtype).replace("torch.", ""), step,
-                  kernels.status(model.device))
+                  kernels.status(model.device), notes)
 
 
 # ---------------------------------------------------------------------------------------- prompts
@@ -373,7 +380,7 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
                               reason, completion.thinking_tokens, completion.budget_forced))
     ran = loaded.kernels
     return GenerateResult(outputs, stats, loaded.device, loaded.dtype, loaded.decode,
-                          ran.label if ran else "reference", ran.describe() if ran else "")
+                          ran.label if ran else "reference", ran.describe() if ran else "", notes=list(loaded.notes))
 
 
 def out_of_memory(options: GenerateOptions, batch: int, context: int) -> GenerateError:

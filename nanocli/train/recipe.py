@@ -19,7 +19,7 @@ import yaml
 
 from nanocli_model.errors import ConfigError
 
-from ..profiles import profiles_dir
+from ..profiles import known_names, profiles_dir
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -31,8 +31,7 @@ def recipe_path(name_or_path: str) -> Path:
         return p
     found = profiles_dir() / "recipes" / f"{name_or_path}.yaml"
     if not found.is_file():
-        names = sorted(f.stem for f in (profiles_dir() / "recipes").glob("*.yaml"))
-        raise ConfigError(f"unknown recipe {name_or_path!r}; available: {', '.join(names) or 'none'} "
+        raise ConfigError(f"unknown recipe {name_or_path!r}; available: {known_names('recipes')} "
                           "(or give a path to a .yaml file)")
     return found
 

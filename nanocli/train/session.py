@@ -192,9 +192,12 @@ def peak_flops(peak_tflops: float | None, dist) -> float:
         return peak_tflops * 1e12
     if dist.device.type != "cuda":
         return 0.0
-    from ..profiles import gpu_profile_for_device
+    from ..profiles import ProfileError, gpu_profile_for_device
 
-    gpu = gpu_profile_for_device(torch.cuda.get_device_name(dist.device))
+    try:
+        gpu = gpu_profile_for_device(torch.cuda.get_device_name(dist.device))
+    except ProfileError:  # no GPU profiles: MFU unknown, training goes on
+        return 0.0
     return 0.0 if gpu is None else gpu.tensor_tflops * 1e12
 
 

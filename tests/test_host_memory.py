@@ -1,0 +1,219 @@
+"""The host-memory check before a model loads on the CPU (``nanocli/host_memory.py``): the reader, the arithmetic,
+and ``nano generate`` / ``nano eval`` on a full-size Nemotron-Nano-9B-v2 directory whose safetensors data is a
+hole (real headers, sparse files: no disk, and nothing to load). The machine's memory is a fake in-process reader."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_generate_cli import run
+
+from model_utils import tiny_config, write_header_only_checkpoint
+from nanocli import cli, host_memory
+from nanocli.host_memory import (
+    GIB,
+    HostMemory,
+    HostMemoryError,
+    checkpoint_need,
+    load_need,
+    plan_cpu_load,
+    read_host_memory,
+)
+from nanocli.profiles import load_model_profile
+from nanocli_model.headers import read_checkpoint_tensors
+from nanocli_model.tokenizer import build_test_tokenizer
+
+PARAMS_9B = 8_888_227_328
+EMBEDDING_9B = 131072 * 4480  # the largest tensor (embeddings; lm_head is the same size)
+GB24 = HostMemory(24 * 10**9, "MemAvailable")  # a 24 GB machine: 22.35 GiB
+
+
+class NotLoaded(Exception):
+    """Raised by the patched loader: the check let the load start (the message: its dtype and device)."""
+
+
+def refuse(path, dtype=None, device="cpu"):
+    raise NotLoaded(f"{dtype} {device}")
+
+
+@pytest.fixture(scope="module")
+def nine_b(tmp_path_factory):
+    """A 9B-v2 directory: config.json, four sparse BF16 shards + index (17.8 GB of headers, ~100 KB of disk),
+    nano's test tokenizer."""
+    out = tmp_path_factory.mktemp("host") / "NVIDIA-Nemotron-Nano-9B-v2"
+    assert write_header_only_checkpoint(out, load_model_profile("nemotron-nano-9b-v2").config) == 2 * PARAMS_9B
+    build_test_tokenizer(out, ["The answer is 42.\nHello world!\n"] * 20, vocab_size=300)
+    return out
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Set the memory the check sees; the real loader fails the test if the check lets it run."""
+    def set_memory(memory: HostMemory | None):
+        monkeypatch.setattr(host_memory, "read_host_memory", lambda: memory)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("load_pretrained was called: the check should have stopped before any weight")
+
+    monkeypatch.setattr("nanocli_model.load_pretrained", no_load)
+    set_memory(GB24)
+    return set_memory
+
+
+# ------------------------------------------------------------------------------------------ the reader
+def test_reader_takes_mem_available(tmp_path):
+    (tmp_path / "meminfo").write_text("MemTotal:       24683784 kB\nMemFree:  1000 kB\n"
+                                      "MemAvailable:   20971520 kB\n")
+    assert read_host_memory(tmp_path / "meminfo", tmp_path / "no-cgroup") == HostMemory(20 * GIB, "MemAvailable")
+    assert read_host_memory(tmp_path / "missing", tmp_path / "no-cgroup") is None  # not Linux: nothing to check
+
+
+@pytest.mark.parametrize("layout", ["v2", "v1"])
+def test_reader_respects_a_tighter_cgroup_limit(tmp_path, layout):
+    (tmp_path / "meminfo").write_text("MemAvailable:   20971520 kB\n")
+    cg = tmp_path / "cgroup"
+    if layout == "v2":
+        files = {"memory.max": 8 * GIB, "memory.current": 3 * GIB, "memory.stat": f"anon 1\ninactive_file {GIB}\n"}
+    else:
+        files = {"memory/memory.limit_in_bytes": 8 * GIB, "memory/memory.usage_in_bytes": 3 * GIB,
+                 "memory/memory.stat": f"inactive_file 0\ntotal_inactive_file {GIB}\n"}
+    for name, value in files.items():
+        (cg / name).parent.mkdir(parents=True, exist_ok=True)
+        (cg / name).write_text(f"{value}\n")
+    # 8 GiB limit, 3 GiB charged of which 1 GiB is reclaimable page cache: 6 GiB of room, below MemAvailable
+    assert read_host_memory(tmp_path / "meminfo", cg) == HostMemory(6 * GIB, "cgroup limit 8.00 GiB")
+
+
+@pytest.mark.parametrize("limit", ["max", str(9223372036854771712)])
+def test_reader_ignores_an_unlimited_cgroup(tmp_path, limit):
+    (tmp_path / "meminfo").write_text("MemAvailable:   20971520 kB\n")
+    (tmp_path / "memory.max").write_text(limit + "\n")
+    (tmp_path / "memory.current").write_text("123\n")
+    assert read_host_memory(tmp_path / "meminfo", tmp_path).source == "MemAvailable"
+
+
+# ------------------------------------------------------------------------------------------ the arithmetic
+def test_the_need_is_fit_checks_weights_plus_the_load_transient_plus_the_margin(nine_b):
+    tensors = read_checkpoint_tensors(nine_b)
+    fp32, bf16 = load_need(tensors, "fp32"), load_need(tensors, "bf16")
+    assert fp32.weights == 4 * PARAMS_9B and bf16.weights == 2 * PARAMS_9B  # exact, from the headers
+    # the largest tensor (embedding, lm_head) once more in the load dtype: the decode-layout copy, which is more
+    # than the load's (stored bf16 while cast + the finite check's mask: 3 bytes per element, fp32; 1, bf16)
+    assert fp32.transient == EMBEDDING_9B * 4 and bf16.transient == EMBEDDING_9B * 2
+    assert fp32.runtime == bf16.runtime == host_memory.RUNTIME_MARGIN == GIB
+    assert f"{fp32.total / GIB:.2f} {bf16.total / GIB:.2f}" == "36.30 18.65"
+
+
+def test_a_cast_to_a_narrower_dtype_holds_the_stored_tensor_while_it_casts(tmp_path):
+    write_header_only_checkpoint(tmp_path, tiny_config(), shards=1, st_dtype="F32")
+    tensors = read_checkpoint_tensors(tmp_path)
+    largest = max(t.numel for t in tensors.tensors)
+    assert load_need(tensors, "bf16").transient == largest * (4 + 1)  # stored fp32 + the check > a bf16 copy (2)
+    assert load_need(tensors, "fp32").transient == largest * 4  # no cast: the decode-layout copy > the check (1)
+
+
+def test_unreadable_memory_checks_nothing_and_auto_stays_fp32(nine_b):
+    need = checkpoint_need(read_checkpoint_tensors(nine_b))
+    assert plan_cpu_load("m", need, "auto", read=lambda: None).dtype == "fp32"
+    assert plan_cpu_load("m", None, "bf16", read=lambda: GB24).dtype == "bf16"  # no headers: the loader says why
+
+
+# ------------------------------------------------------------------------------------------ nano generate
+def test_fp32_that_does_not_fit_is_one_line_naming_the_need_and_bf16(capsys, monkeypatch, nine_b, machine):
+    code, out, err = run(capsys, monkeypatch, "-m", nine_b, "hi", "--dtype", "fp32")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.splitlines() == [
+        f"error: {nine_b} in fp32 needs 36.30 GiB of host memory (33.11 GiB of weights + 3.19 GiB to load and run "
+        "them); this machine has 22.35 GiB available (MemAvailable): use --dtype bf16 (18.65 GiB)"]
+
+
+def test_auto_picks_bf16_when_only_bf16_fits_and_says_why(capsys, monkeypatch, nine_b, machine):
+    import torch
+
+    from nanocli_model import NanoForCausalLM
+
+    asked = {}
+
+    def tiny_in_bf16(path, dtype=None, device="cpu"):  # stands in for the 9B once the check has chosen
+        asked.update(path=path, dtype=dtype, device=device)
+        return NanoForCausalLM(tiny_config(vocab_size=300)).to(torch.bfloat16).eval()
+
+    monkeypatch.setattr("nanocli_model.load_pretrained", tiny_in_bf16)
+    code, out, err = run(capsys, monkeypatch, "-m", nine_b, "hi", "--greedy", "--max-new-tokens", "2", "--json")
+    assert code == 0, err
+    assert asked == {"path": nine_b, "dtype": "bf16", "device": "cpu"}
+    result = json.loads(out)
+    assert result["dtype"] == "bfloat16" and result["notes"] == [
+        "--dtype auto: bf16, since fp32 needs 36.30 GiB of host memory and this machine has 22.35 GiB available "
+        "(MemAvailable)"]
+    assert "note: --dtype auto: bf16, since fp32 needs 36.30 GiB" in " ".join(err.split())  # the stats lines
+
+
+def test_auto_with_room_for_fp32_keeps_fp32(capsys, monkeypatch, nine_b, machine):
+    machine(HostMemory(40 * GIB, "MemAvailable"))
+    monkeypatch.setattr("nanocli_model.load_pretrained", refuse)
+    with pytest.raises(NotLoaded, match="fp32 cpu"):
+        run(capsys, monkeypatch, "-m", nine_b, "hi")
+
+
+@pytest.mark.parametrize("dtype,memory,message", [
+    ("auto", 10 * GIB, "needs 18.65 GiB of host memory (16.56 GiB of weights + 2.09 GiB to load and run them) even "
+                       "in bf16 (fp32: 36.30 GiB); this machine has 10.00 GiB available (MemAvailable): free some "
+                       "memory, or run it on a GPU"),
+    ("fp32", 10 * GIB, "in fp32 needs 36.30 GiB of host memory (33.11 GiB of weights + 3.19 GiB to load and run "
+                       "them); this machine has 10.00 GiB available (MemAvailable): even --dtype bf16 needs 18.65 GiB"),
+    ("bf16", 10 * GIB, "in bf16 needs 18.65 GiB of host memory (16.56 GiB of weights + 2.09 GiB to load and run "
+                       "them); this machine has 10.00 GiB available (MemAvailable): no smaller dtype loads on the CPU"),
+])
+def test_nothing_that_fits_is_one_line(capsys, monkeypatch, nine_b, machine, dtype, memory, message):
+    machine(HostMemory(memory, "MemAvailable"))
+    code, _, err = run(capsys, monkeypatch, "-m", nine_b, "hi", "--dtype", dtype)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert message in err
+
+
+def test_a_gpu_load_is_not_checked_against_host_memory(capsys, monkeypatch, nine_b, machine):
+    monkeypatch.setattr("nanocli.resolve.visible_device", lambda name, flag="--device": "cuda")
+    machine(HostMemory(GIB, "MemAvailable"))  # far too little for the CPU: not consulted for a GPU
+    monkeypatch.setattr("nanocli_model.load_pretrained", refuse)
+    with pytest.raises(NotLoaded, match="None cuda"):  # auto on a GPU: the stored dtype, as before
+        run(capsys, monkeypatch, "-m", nine_b, "hi")
+
+
+# ------------------------------------------------------------------------------------------ nano eval
+def test_eval_checks_the_same_way(capsys, monkeypatch, nine_b, machine):
+    monkeypatch.setattr("sys.argv", ["nano", "eval", "--model", str(nine_b), "--dtype", "fp32", "-n", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert "in fp32 needs 36.30 GiB of host memory" in err and "use --dtype bf16 (18.65 GiB)" in err
+
+
+def test_the_error_is_a_nano_error():  # so every command ends it as one error: line, exit 2
+    from nanocli_model.errors import NanoError
+
+    assert issubclass(HostMemoryError, NanoError)
+
+
+# ------------------------------------------------------------------------------------------ nano bench
+def test_bench_counts_the_model_and_its_twin(capsys, monkeypatch, machine):
+    from nanocli.bench import BenchOptions, resolve
+
+    # a 9B profile is built with random weights: in fp32 it would not fit, in bf16 it does (without the twin)
+    plan = resolve(BenchOptions(model="nemotron-nano-9b-v2", compare_transformer=False, device="cpu"))
+    assert plan.dtype == "bf16" and plan.note.startswith("--dtype auto: bf16, since fp32 needs 36.30 GiB")
+    monkeypatch.setattr("sys.argv", ["nano", "bench", "--model", "nemotron-nano-9b-v2", "--quick"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert "error: nemotron-nano-9b-v2 with its pure-attention twin needs" in err and "even in bf16" in err
+
+
+def test_bench_with_room_keeps_fp32(machine):
+    from nanocli.bench import BenchOptions, resolve
+
+    plan = resolve(BenchOptions(model="small", device="cpu"))
+    assert plan.dtype == "fp32" and plan.note is None
