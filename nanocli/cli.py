@@ -209,6 +209,10 @@ def main(args: list[str] | None = None) -> None:
     path = editor.edited_path(args, commands.NAMES)
     if path is not None:  # `EDITOR=nano git commit` with nano's environment active
         editor.hand_over(args, path)
+    if _command_in(args) == "generate" and {"-i", "--interactive"} & set(args):
+        from .commands.chat import start_worker_threads_without_ctrl_c
+
+        start_worker_threads_without_ctrl_c()  # first, before anything imports torch and starts its threads
     Console.on_broken_pipe = _on_broken_pipe  # rich documents overriding it; here for typer's consoles too
     try:
         code = _main(args)

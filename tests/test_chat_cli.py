@@ -254,7 +254,9 @@ def test_chat_in_a_terminal(model_dir, tmp_path):
 
         term.line('"""')
         term.expect("... ")
-        os.write(term.fd, b"half a block\x03")  # Ctrl-C drops the line (here a block), not the chat
+        os.write(term.fd, b"half a block")
+        term.expect("half a block")  # echoed: readline holds the line before the Ctrl-C arrives
+        os.write(term.fd, b"\x03")  # Ctrl-C drops the line (here a block), not the chat
         assert "(Ctrl-D or /exit leaves)" in term.expect("you> ")
         term.line(f"/save {conv}")
         assert "(saved 6 messages" in term.expect("you> ")  # the dropped block never became a turn

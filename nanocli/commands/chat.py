@@ -9,6 +9,7 @@ with ``/``. Every other line goes to the ``stages/chat.py`` session, which answe
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,24 @@ from .generate import TextStream, show_generation_stats
 BLOCK = '"""'
 HISTORY_FILE = "chat_history"
 HISTORY_LENGTH = 1000
+
+
+def start_worker_threads_without_ctrl_c() -> None:
+    """Start torch's worker threads (intra-op OpenMP pool, inter-op pool) with SIGINT blocked, so they keep it
+    blocked for good. A Ctrl-C typed at the prompt is sent to the whole process, and the kernel may hand it to
+    any thread that does not block it: taken by a worker, it never interrupts the main thread's ``input()``,
+    and the chat would sit waiting for the next key (the pty test caught this after the first answer). ``cli.main``
+    calls it for ``nano generate -i`` before anything else imports torch (its import starts a thread too)."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        return
+    import torch
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        torch.ones(1 << 22).sum()  # a parallel region: the OpenMP threads start now, inheriting the mask
+        torch.jit.wait(torch.jit.fork(torch.ones(1).sum))  # the inter-op pool too
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def chat(session: ChatSession, hide_thinking: bool = False) -> None:
