@@ -13,6 +13,14 @@ import torch
 # GPU the only Triton code the suite runs is test_kernels_triton.py's, interpreted: set it for the session.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # transformers' NemotronH (the parity oracle) binds its Mamba-2 kernels when its module is first imported:
+    # mamba_ssm if that imports, else its PyTorch path. nano's kernels.py puts a bare mamba_ssm package (its
+    # Triton ops, without the CUDA __init__) in sys.modules; imported after that, the oracle would call Triton
+    # on CPU tensors and fail. Bind it now, while `import mamba_ssm` still fails here as it does for users.
+    try:
+        import transformers.models.nemotron_h.modeling_nemotron_h  # noqa: F401
+    except ImportError:
+        pass
 
 
 @pytest.fixture(scope="session")

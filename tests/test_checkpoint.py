@@ -135,7 +135,7 @@ def test_missing_pieces(tmp_path, model):
     empty = tmp_path / "e"
     empty.mkdir()
     (empty / "config.json").write_text(tiny_config().to_json_string())
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="no safetensors weights in"):
         load_pretrained(empty)
     (empty / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="never unpickles"):
