@@ -146,7 +146,14 @@ def read_host_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path(
 
 # ---------------------------------------------------------------------------- the check
 def load_need(tensors: CheckpointTensors, dtype: str) -> LoadNeed:
-    """Bytes to load ``tensors`` (a checkpoint's headers) in ``dtype`` and run the model on the CPU."""
+    """Bytes to load ``tensors`` (a checkpoint's headers) in ``dtype`` and run the model on the CPU. ``int8``
+    (``--dtype int8``) builds the model in fp32 and then quantizes it, so it needs what fp32 needs to load; a
+    directory saved quantized (int8 tensors in its headers) loads as stored."""
+    if dtype == "int8":
+        if not any(t.dtype == "I8" for t in tensors.tensors):
+            return load_need(tensors, "fp32")
+        stored = sum(t.nbytes for t in tensors.tensors)
+        return LoadNeed("int8", stored, max((t.nbytes for t in tensors.tensors), default=0))
     weights = fit.tensor_weights_bytes(((t.name, t.numel) for t in tensors.tensors), dtype)
     target = fit.weight_dtype(dtype)
     size = _BYTES[target]
@@ -205,9 +212,9 @@ def plan_cpu_load(name: str, need: Callable[[str], LoadNeed] | None, dtype: str,
     if need.total <= memory.available:
         return HostPlan(dtype, need, memory)
     smaller = needs["bf16"]
-    if _BYTES[dtype] > 2 and smaller.total <= memory.available:
+    if _BYTES.get(dtype, 4) > 2 and smaller.total <= memory.available:
         hint = f"use --dtype bf16 ({_gib(smaller.total)})"
-    elif _BYTES[dtype] > 2:
+    elif _BYTES.get(dtype, 4) > 2:
         hint = (f"even --dtype bf16 needs {_gib(smaller.total)}: free some memory, or run it on a GPU "
                 "(--device cuda)")
     else:

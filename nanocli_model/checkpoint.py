@@ -25,11 +25,13 @@ from .errors import CheckpointError
 from .headers import INDEX_NAME, SINGLE_NAME, read_safetensors_header, weight_file_list
 from .memory import canonical_dtype
 from .model import NanoForCausalLM
+from .quant import int8_skeleton, is_int8, quantize_int8, stored_int8
 
 log = logging.getLogger("nanocli_model")
 
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+INT8 = "int8"  # load_pretrained's dtype for weight-only int8 (quant.py): float32 compute, int8 projections
 TRAINER_STATE = "trainer_state.pt"  # a training checkpoint's optimizer state beside the weights, never weights
 
 
@@ -74,8 +76,13 @@ def _more(names: list[str]) -> str:
 
 
 def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> NanoForCausalLM:
+                    device: str | torch.device = "cpu", int8_lm_head: bool = True) -> NanoForCausalLM:
     """Load a NemotronH directory. ``dtype=None`` keeps the stored dtype of the weights.
+
+    ``dtype="int8"``: weight-only int8 (``quant.quantize_int8``, CPU only): float32 everywhere, then the
+    projections (and lm_head, with ``int8_lm_head``) quantized per output channel. A directory saved that way
+    (``quantization_config.quant_method == "nano-int8"``) loads back as saved, without re-quantizing: int8
+    weights and float32 scales as stored, the other tensors in ``dtype``.
 
     The model is built on the meta device and the memory-mapped tensors are assigned into it, so a
     checkpoint needs about one copy of its weights in memory. Strict: any missing, unexpected or
@@ -85,9 +92,19 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; pass a model directory (config.json + safetensors)")
     config = NanoConfig.from_json_file(path / "config.json")
+    stored_q = stored_int8(config)
+    quantize = dtype == INT8
+    if quantize or stored_q is not None:
+        if torch.device(device).type != "cpu":
+            raise CheckpointError(f"{path}: int8 weights run on the CPU only (torch._weight_int8pack_mm); use "
+                                  "--device cpu, or load a float checkpoint with --dtype bf16")
+        dtype = "fp32" if quantize else dtype
     files = weight_files(path)
     with torch.device("meta"):
         model = NanoForCausalLM(config)
+        if stored_q is not None:
+            int8_skeleton(model, stored_q)
+    int8_names = {k for k, v in model.state_dict().items() if v.dtype == torch.int8}
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -118,7 +135,14 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
         shape, st_dtype = list(headers[file][name].shape), headers[file][name].dtype
         if shape != expected[canon]:
             raise CheckpointError(f"{file}: tensor {name} has shape {shape}, config.json implies {expected[canon]}")
-        if st_dtype not in _SAFETENSORS_DTYPES:
+        if canon in int8_names:
+            if st_dtype != "I8":
+                raise CheckpointError(f"{file}: tensor {name} has dtype {st_dtype}; config.json's "
+                                      "quantization_config says int8 (I8)")
+        elif canon.endswith(".weight_scale"):
+            if st_dtype != "F32":
+                raise CheckpointError(f"{file}: tensor {name} has dtype {st_dtype}; an int8 scale is F32")
+        elif st_dtype not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{file}: tensor {name} has dtype {st_dtype}; expected a float type (F32/BF16/F16)")
 
     emb_name, emb_file = stored["backbone.embeddings.weight"]
@@ -132,12 +156,16 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
         try:
             with safe_open(str(file), framework="pt", device=str(device) if device.type != "cpu" else "cpu") as f:
                 for canon, name in names:
-                    state[canon] = _finite(f.get_tensor(name), name, file, target)
+                    keep = canon in int8_names or canon.endswith(".weight_scale")  # stored as they compute
+                    t = f.get_tensor(name)
+                    state[canon] = _finite(t, name, file, t.dtype if keep else target)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{file}: cannot read tensor data ({e}); the file is truncated or corrupt") from None
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
+    if quantize and stored_q is None:
+        quantize_int8(model, lm_head=int8_lm_head)
     return model.eval()
 
 
@@ -201,6 +229,8 @@ def save_pretrained(model: NanoForCausalLM, path: str | Path, max_shard_size: in
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         config = model.config.replace(torch_dtype=str(model.dtype).replace("torch.", ""))
+        if not is_int8(model) and "quantization_config" in config.extra:  # a float model keeps no int8 label
+            config = config.replace(extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
         (tmp / "config.json").write_text(config.to_json_string(), encoding="utf-8")
         shards = _shards(state, max_bytes)
         names = ([SINGLE_NAME] if len(shards) == 1 else

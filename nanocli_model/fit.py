@@ -49,7 +49,7 @@ from .memory import (
 
 GIB = 2**30
 DEFAULT_PREFILL_CHUNK = 2048
-WEIGHT_DTYPES = ("bf16", "fp16", "fp8", "fp32")
+WEIGHT_DTYPES = ("bf16", "fp16", "fp8", "fp32", "int8")
 SSM_DTYPES = ("fp32", "bf16", "fp16")
 ATTENTION_KERNELS = ("flash", "eager")
 # Projection weights: stored in 1 byte under fp8; embeddings, lm_head, norms, conv1d, A_log/D/dt_bias stay bf16.
@@ -59,7 +59,7 @@ _ST_TO_NAME = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "float64", "
 
 
 def weight_dtype(name: str) -> str:
-    """``bf16`` / ``fp16`` / ``fp8`` / ``fp32`` from any spelling; ConfigError otherwise."""
+    """``bf16`` / ``fp16`` / ``fp8`` / ``fp32`` / ``int8`` from any spelling; ConfigError otherwise."""
     return canonical_dtype(name, WEIGHT_DTYPES)
 
 
@@ -73,9 +73,10 @@ def stored_dtype_name(st_dtype: str) -> str | None:
 
 
 def compute_dtype(dtype: str) -> str:
-    """The dtype of activations, KV and conv state: the weight dtype, except bf16 for fp8 weights."""
+    """The dtype of activations, KV and conv state: the weight dtype, except bf16 for fp8 weights and fp32 for
+    int8 (weight-only, ``nanocli_model.quant``: fp32 activations and float tensors)."""
     d = weight_dtype(dtype)
-    return "bf16" if d == "fp8" else d
+    return {"fp8": "bf16", "int8": "fp32"}.get(d, d)
 
 
 # ---------------------------------------------------------------------------- weights
@@ -91,10 +92,24 @@ def matmul_params(c: NanoConfig) -> int:
     return sum(per_kind[k] for k in c.layer_types)
 
 
+def int8_rows(c: NanoConfig) -> int:
+    """Output channels of the matrices ``--dtype int8`` quantizes (one float32 scale each): the projections and
+    lm_head (unless tied to the embeddings, which stay float)."""
+    h = c.hidden_size
+    per_kind = {MAMBA: c.mamba_in_proj_dim + h, ATTENTION: (c.num_attention_heads + 2 * c.num_key_value_heads)
+                * c.head_dim + h, MLP: c.intermediate_size + h}
+    return sum(per_kind[k] for k in c.layer_types) + (0 if c.tie_word_embeddings else c.vocab_size)
+
+
 def weights_bytes(c: NanoConfig, dtype: str = "bf16") -> int:
-    """Weight bytes in ``dtype``; fp8: projection weights 1 byte, every other tensor 2 (bf16)."""
+    """Weight bytes in ``dtype``; fp8: projection weights 1 byte, every other tensor 2 (bf16); int8: projection
+    and (untied) lm_head weights 1 byte plus a 4-byte scale per output channel, every other tensor 4 (fp32)."""
     d = weight_dtype(dtype)
-    total = param_count(c).total
+    counts = param_count(c)
+    total = counts.total
+    if d == "int8":
+        q = matmul_params(c) + counts.lm_head
+        return q + 4 * int8_rows(c) + 4 * (total - q)
     if d == "fp8":
         mm = matmul_params(c)
         return mm + 2 * (total - mm)

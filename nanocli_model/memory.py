@@ -19,8 +19,9 @@ DTYPE_ALIASES = {
     "bfloat16": "bf16", "bf16": "bf16",
     "float16": "fp16", "fp16": "fp16",
     "float8_e4m3fn": "fp8", "fp8": "fp8", "float8_e5m2": "fp8",
+    "int8": "int8",
 }
-SHORT_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+SHORT_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 DTYPE_BYTES = {name: SHORT_BYTES[short] for name, short in DTYPE_ALIASES.items()}
 
 

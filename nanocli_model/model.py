@@ -124,17 +124,18 @@ class NanoForCausalLM(nn.Module):
 
     def allocate_cache(self, batch: int, max_len: int, ssm_dtype: torch.dtype | None = None) -> HybridCache:
         """A cache on this model's device, in its dtype (SSM state in ``mamba_ssm_cache_dtype``)."""
-        p = self.lm_head.weight
+        p = self.backbone.embeddings.weight  # (lm_head may be int8: quant.Int8Linear)
         return HybridCache.allocate(self.config, batch, max_len, dtype=p.dtype, device=p.device,
                                     ssm_dtype=ssm_dtype)
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.backbone.embeddings.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The float dtype of the weights and activations (int8 projections compute in it too)."""
+        return self.backbone.embeddings.weight.dtype
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once

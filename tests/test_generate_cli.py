@@ -205,7 +205,7 @@ def test_interactive_chat(capsys, monkeypatch, model_dir):
     (("-m", "{model}", "--max-new-tokens", "5000", "hi"), "context limit"),
     (("-m", "{model}", "--max-new-tokens", "0", "hi"), "--max-new-tokens"),
     (("-m", "{model}", "--truncate", "right", "hi"), "--truncate"),
-    (("-m", "{model}", "--dtype", "int8", "hi"), "--dtype"),
+    (("-m", "{model}", "--dtype", "int4", "hi"), "--dtype"),
     (("-m", "{model}", "--thinking-budget", "-1", "hi"), "--thinking-budget"),
     (("-m", "{model}", "--min-p", "1", "hi"), "--min-p"),
 ])

@@ -217,3 +217,25 @@ def test_bench_with_room_keeps_fp32(machine):
 
     plan = resolve(BenchOptions(model="small", device="cpu"))
     assert plan.dtype == "fp32" and plan.note is None
+
+
+def test_int8_needs_the_fp32_load_unless_the_directory_is_saved_quantized(nine_b, tmp_path):
+    """--dtype int8 builds the model in fp32 and quantizes it: the fp32 figure; a saved int8 directory loads as
+    stored (its headers' bytes)."""
+    from model_utils import randomize
+    from nanocli_model import NanoForCausalLM, load_pretrained, save_pretrained
+
+    tensors = read_checkpoint_tensors(nine_b)
+    assert load_need(tensors, "int8") == load_need(tensors, "fp32")
+    src = save_pretrained(randomize_model(NanoForCausalLM, randomize), tmp_path / "fp32")
+    saved = save_pretrained(load_pretrained(src, dtype="int8"), tmp_path / "int8")
+    stored = read_checkpoint_tensors(saved)
+    need = load_need(stored, "int8")
+    assert need.weights == sum(t.nbytes for t in stored.tensors) < load_need(read_checkpoint_tensors(src), "fp32").weights
+    assert any(t.dtype == "I8" for t in stored.tensors)
+
+
+def randomize_model(cls, randomize):
+    m = cls(tiny_config())
+    randomize(m, 0)
+    return m

@@ -51,6 +51,9 @@ class GenerateInput(settings.Group):
     output_file: str | None = flag(None, name="output")
     """Write the results here, one JSON object a line: id, prompt or messages, text, thinking, answer,
     finish_reason, token counts."""
+    save_quantized: str | None = None
+    """With --dtype int8: save the int8 model (safetensors, int8 weights + scales, tokenizer) to this directory,
+    which loads as int8 without quantizing again; a prompt is then optional."""
 
 
 @dataclass
@@ -96,10 +99,19 @@ def generate(given: dict, inputs: dict, output: dict) -> None:
             raise gen.GenerateError("--input reads the prompts from its file: drop the prompt argument / --file")
         run_file(options, Path(source.input_file), output_path, out.wants_json, out.json_indent)
         return
+    loaded = None
+    if source.save_quantized is not None:
+        if options.dtype != "int8":
+            raise gen.GenerateError("--save-quantized writes an int8 model: add --dtype int8")
+        loaded = gen.load(options, options.compile)
+        saved = gen.save_quantized(loaded, options.model, Path(source.save_quantized))
+        ui.console(stderr=True).print(f"saved the int8 model to {saved}", markup=False, highlight=False)
+        if source.prompt is None and source.file is None:
+            return
     text = gen.read_prompt(source.prompt, None if source.file is None else Path(source.file))
     if text is None or not text.strip():
         raise gen.GenerateError("the prompt is empty: pass it as an argument, with --file, on stdin or --input")
-    loaded = gen.load(options, options.compile)
+    loaded = loaded or gen.load(options, options.compile)
     stream = None if out.wants_json else TextStream(out.hide_thinking)
     result = gen.run(options, [text], loaded, on_text=None if stream is None else stream.write)
     if stream is not None:

@@ -71,7 +71,7 @@ class FitCheckOptions(settings.Group):
     batch: int = 1
     """Sequences served at once."""
     dtype: str | None = None
-    """Weights: bf16, fp16, fp8 or fp32 (default: the checkpoint's stored dtype, else the config's torch_dtype,
+    """Weights: bf16, fp16, fp8, fp32 or int8 (default: the checkpoint's stored dtype, else the config's torch_dtype,
     else bf16)."""
     ssm_cache_dtype: str | None = None
     """Mamba SSM state: fp32 or bf16 (default: the config's mamba_ssm_cache_dtype, fp32 for the released models)."""
@@ -204,6 +204,9 @@ def _check_tensors(tensors: CheckpointTensors, config: NanoConfig, path: Path) -
     """The headers must hold the config's parameters, as ``load_pretrained`` will insist."""
     if config.tie_word_embeddings:  # one copy in memory; a stored lm_head is the same tensor
         tensors = dataclasses.replace(tensors, tensors=[t for t in tensors.tensors if t.name != "lm_head.weight"])
+    if any(t.name.endswith(".weight_scale") for t in tensors.tensors):  # a saved int8 model: scales are no params
+        tensors = dataclasses.replace(tensors, tensors=[t for t in tensors.tensors
+                                                        if not t.name.endswith(".weight_scale")])
     expected = param_count(config).total
     if tensors.params != expected:
         raise CheckpointError(f"{path}: the safetensors headers hold {tensors.params:,} parameters but "
@@ -212,7 +215,10 @@ def _check_tensors(tensors: CheckpointTensors, config: NanoConfig, path: Path) -
 
 
 def default_dtype(source: ModelSource) -> str:
-    """The checkpoint's stored dtype (of the embeddings, as load_pretrained keeps it), else torch_dtype, else bf16."""
+    """The checkpoint's stored dtype (of the embeddings, as load_pretrained keeps it), else torch_dtype, else bf16;
+    int8 for a directory saved by ``nano generate --dtype int8 --save-quantized``."""
+    if isinstance(source.config.extra.get("quantization_config"), dict):
+        return "int8"
     if source.tensors:
         for t in source.tensors.tensors:
             if t.name.endswith("embeddings.weight"):
@@ -265,7 +271,7 @@ def run(o: FitCheckOptions, nvml_query: Callable[[int], nvml.DeviceMemory] | Non
     c = source.config
     dtype = dtype or default_dtype(source)
     weights = (fit.tensor_weights_bytes(((t.name, t.numel) for t in source.tensors.tensors), dtype)
-               if source.tensors else fit.weights_bytes(c, dtype))
+               if source.tensors and dtype != "int8" else fit.weights_bytes(c, dtype))  # int8: scales per row
     kw = dict(dtype=dtype, ssm_cache_dtype=ssm, attention=o.attention, weights=weights)
     e = fit.estimate(c, context=context, batch=o.batch, prefill_chunk=chunk, **kw)
     budget = gpu.budget
@@ -318,4 +324,8 @@ def _notes(r: FitCheckResult) -> list[str]:
     if e.dtype == "fp8":
         notes.append("fp8: projection weights 1 byte each, embeddings / lm_head / norms / conv / SSM "
                      "parameters 2 bytes (bf16); activations, KV and conv state bf16; scales not counted")
+    if e.dtype == "int8":
+        notes.append("int8 (weight-only, CPU): projection and lm_head weights 1 byte each plus a 4-byte scale per "
+                     "output channel; embeddings / norms / conv / SSM parameters, activations, KV and conv state "
+                     "fp32")
     return notes

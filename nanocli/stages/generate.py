@@ -47,8 +47,9 @@ class Checkpoint(settings.Group):
     """A NemotronH directory: config.json, safetensors, tokenizer.json, tokenizer_config.json."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs (auto: CUDA when a GPU is visible, else the CPU)."""
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto (CUDA: as stored; CPU: fp32, or bf16 if only bf16 fits the host's memory), bf16, fp16 or fp32."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32", "int8"] = "auto"
+    """auto (CUDA: as stored; CPU: fp32, or bf16 if only bf16 fits the host's memory), bf16, fp16, fp32 or int8
+    (CPU: int8 weights, fp32 math)."""
 
     def check(self) -> None:
         if self.model is None:
@@ -240,9 +241,28 @@ def load(checkpoint: Checkpoint, compile: bool = False) -> Loaded:
 
         step = CompiledDecode(model)
     from nanocli_model import kernels
+    from nanocli_model.quant import is_int8
 
-    return Loaded(model, tokenizer, device, str(model.dtype).replace("torch.", ""), step,
-                  kernels.status(model.device), notes)
+    name = "int8" if is_int8(model) else str(model.dtype).replace("torch.", "")
+    return Loaded(model, tokenizer, device, name, step, kernels.status(model.device), notes)
+
+
+def save_quantized(loaded: Loaded, source: str, out: Path) -> Path:
+    """Write the loaded int8 model (int8 weights + float32 scales, ``quantization_config`` in config.json) with
+    the tokenizer files of ``source`` to ``out``, atomically; ``load_pretrained`` reads it back as it is."""
+    from nanocli_model.checkpoint import save_pretrained
+    from nanocli_model.quant import is_int8
+
+    from .. import resolve
+
+    if not is_int8(loaded.model):
+        raise GenerateError("--save-quantized writes an int8 model: add --dtype int8")
+    src = resolve.model_target(source, kinds=("checkpoint", "run")).directory
+    if out.resolve() == Path(src).resolve():
+        raise GenerateError(f"--save-quantized {out}: that is the model being read; choose another directory")
+    extras = [p for p in Path(src).iterdir() if p.is_file() and p.name.startswith(("tokenizer", "special_tokens",
+                                                                                  "chat_template", "generation"))]
+    return save_pretrained(loaded.model, out, extra_files=extras)
 
 
 # ---------------------------------------------------------------------------------------- prompts

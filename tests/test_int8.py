@@ -1,0 +1,177 @@
+"""Weight-only int8 (``nanocli_model.quant``, ``--dtype int8``): held to the fp32 model, not to itself."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from model_utils import needs_cxx, randomize, tiny_config
+from nanocli_model import NanoForCausalLM, fit, load_pretrained, save_pretrained
+from nanocli_model.errors import CheckpointError, ConfigError
+from nanocli_model.quant import GEMV_ROWS, QUANT_METHOD, Int8Linear, quantize_int8
+
+# Per-channel symmetric int8 rounds each weight by at most scale/2 = max|row|/254; for Gaussian rows and
+# inputs the output's relative (Frobenius) error measures ~0.5-0.8% (decode rows add the bf16 rounding of the
+# input, ~0.3%). The bound leaves room for that, not for a wrong scale or layout (those are 10-100%).
+LAYER_BOUND = 2e-2
+LOGITS_BOUND = 5e-2  # whole-model logits, relative Frobenius error vs fp32 (measured ~1-3% on TINY models)
+
+
+def frob(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("rows", [1, GEMV_ROWS, 3 * GEMV_ROWS])  # int8 kernel (decode) and dequantize + GEMM
+@pytest.mark.parametrize("shape,bias", [((64, 256), False), ((384, 96), True)])
+def test_each_quantized_linear_is_within_its_bound_of_fp32(rows, shape, bias):
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f = shape
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=g) / in_f**0.5)
+        if bias:
+            lin.bias.copy_(torch.randn(out_f, generator=g))
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(2, rows, in_f, generator=g)
+    ref = torch.nn.functional.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+    with torch.no_grad():
+        err = frob(q(x), ref)
+    assert err < LAYER_BOUND, err
+    assert q.weight.dtype == torch.int8 and q.weight_scale.dtype == torch.float32
+    assert (q.weight.abs() <= 127).all() and (q.weight.abs().amax(1) == 127).all()  # symmetric, full range
+
+
+def _saved(tmp_path, seed=0, **overrides):
+    m = NanoForCausalLM(tiny_config(**overrides))
+    randomize(m, seed)
+    return save_pretrained(m, tmp_path / "fp32")
+
+
+def test_whole_model_logits_close_to_fp32_prefill_and_decode(tmp_path):
+    path = _saved(tmp_path)
+    ref, q = load_pretrained(path, dtype="fp32"), load_pretrained(path, dtype="int8")
+    assert q.dtype == torch.float32 and isinstance(q.lm_head, Int8Linear)
+    assert q.backbone.embeddings.weight.dtype == torch.float32 and q.backbone.layers[0].mixer.A_log.dtype == torch.float32
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert frob(q(ids), ref(ids)) < LOGITS_BOUND
+        cq, cr = q.allocate_cache(2, 40), ref.allocate_cache(2, 40)
+        q(ids, cq), ref(ids, cr)
+        for t in range(5):  # decode steps: the int8 kernel path
+            tok = ids[:, t:t + 1]
+            assert frob(q(tok, cq), ref(tok, cr)) < LOGITS_BOUND
+
+
+def test_greedy_agreement_with_fp32_on_a_random_model(tmp_path):
+    """No trained model can be made quickly here: a random (``randomize``d) TINY model, so a looser check than
+    the >= 95% of free-running greedy tokens the issue asks of a trained model (BENCHMARKS.md says what was
+    measured). A random model's greedy run is chaotic (one near-tie flips every later input), so this checks
+    each decode step's argmax with the inputs forced to fp32's greedy tokens."""
+    path = _saved(tmp_path, seed=3)
+    ref, q = load_pretrained(path, dtype="fp32"), load_pretrained(path, dtype="int8")
+    prompt = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(2))
+    cr, cq, agree, n = ref.allocate_cache(1, 80), q.allocate_cache(1, 80), 0, 64
+    with torch.no_grad():
+        tok, tq = ref(prompt, cr)[:, -1].argmax(-1), q(prompt, cq)[:, -1].argmax(-1)
+        for _ in range(n):
+            agree += int(tok) == int(tq)
+            tq = q(tok[:, None], cq)[:, -1].argmax(-1)  # fed fp32's token
+            tok = ref(tok[:, None], cr)[:, -1].argmax(-1)
+    assert agree / n >= 0.9, agree
+
+
+def test_save_and_reload_is_bit_identical_without_requantizing(tmp_path):
+    path = _saved(tmp_path)
+    q = load_pretrained(path, dtype="int8")
+    out = save_pretrained(q, tmp_path / "int8")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == QUANT_METHOD and "lm_head" in qc["modules"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_slice("lm_head.weight").get_dtype() == "I8"
+        assert f.get_slice("lm_head.weight_scale").get_dtype() == "F32"
+        assert f.get_slice("backbone.embeddings.weight").get_dtype() == "F32"
+    back = load_pretrained(out)  # no dtype: as saved
+    for k, v in q.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(ids), q(ids))
+        c1, c2 = back.allocate_cache(1, 20), q.allocate_cache(1, 20)
+        back(ids, c1), q(ids, c2)
+        assert torch.equal(back(ids[:, :1], c1), q(ids[:, :1], c2))
+
+
+def test_fit_weights_term_is_exact_in_bytes(tmp_path):
+    for tied in (False, True):
+        c = tiny_config(tie_word_embeddings=tied, attention_bias=True, mlp_bias=True)
+        m = quantize_int8(NanoForCausalLM(c))
+        seen, stored = set(), 0
+        for t in [*m.parameters(), *m.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                stored += t.numel() * t.element_size()
+        assert fit.weights_bytes(c, "int8") == stored
+        assert fit.compute_dtype("int8") == "fp32"
+
+
+def test_int8_off_the_cpu_and_foreign_quantization_are_one_line_errors(tmp_path):
+    path = _saved(tmp_path)
+    with pytest.raises(CheckpointError, match="CPU only") as e:
+        load_pretrained(path, dtype="int8", device="cuda")
+    assert "\n" not in str(e.value)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="gptq"):
+        load_pretrained(path)
+
+
+@needs_cxx
+def test_compiled_decode_runs_the_int8_model(tmp_path):
+    from nanocli_model.decode import CompiledDecode
+
+    path = _saved(tmp_path)
+    q = load_pretrained(path, dtype="int8")
+    eager = load_pretrained(path, dtype="int8")
+    step = CompiledDecode(q)
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        c1, c2 = q.allocate_cache(1, 20), eager.allocate_cache(1, 20)
+        q(ids, c1), eager(ids, c2)
+        for t in range(3):
+            tok = ids[:, t:t + 1]
+            got, want = step(tok, c1), eager(tok, c2)
+            assert step.fallback_reason is None
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_saves_the_int8_model_and_loads_it_as_int8(capsys, monkeypatch, tmp_path):
+    import sys
+
+    from test_generate_cli import build_model
+
+    from nanocli import cli
+
+    src = build_model(tmp_path)
+
+    def nano(*args):
+        monkeypatch.setattr(sys, "argv", ["nano", "generate", *map(str, args)])
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        return code, capsys.readouterr()
+
+    code, out = nano("-m", src, "--save-quantized", tmp_path / "q")  # no --dtype int8
+    assert code == 2 and out.err.startswith("error:") and out.err.count("\n") == 1 and "--dtype int8" in out.err
+    code, out = nano("-m", src, "--dtype", "int8", "--save-quantized", tmp_path / "q")
+    assert code == 0, out.err
+    assert (tmp_path / "q" / "tokenizer.json").exists()
+    code, out = nano("-m", tmp_path / "q", "--json", "--greedy", "--max-new-tokens", "4", "hi")
+    assert code == 0, out.err
+    assert json.loads(out.out)["dtype"] == "int8"
