@@ -282,12 +282,11 @@ def test_gpu_recipes_validate(tmp_path, recipe):
         (tmp_path / "data" / d).mkdir(parents=True)
         (tmp_path / "data" / d / "part-0.parquet").write_bytes(b"")
     extra = ["--model", str(tmp_path / "m")] if "long" in recipe else []
-    if extra:
+    if extra:  # the base to continue: a 12B directory whose weights are sparse (headers only; never read here)
+        from model_utils import write_header_only_checkpoint
         from nanocli.profiles import load_model_profile
 
-        (tmp_path / "m").mkdir()
-        config = load_model_profile("nemotron-nano-12b-v2-base").config
-        (tmp_path / "m" / "config.json").write_text(config.to_json_string())
+        write_header_only_checkpoint(tmp_path / "m", load_model_profile("nemotron-nano-12b-v2-base").config)
     r = subprocess.run([sys.executable, "-m", "nanocli", "pretrain", "--recipe", recipe, "--out", "runs/x",
                         "--dry-run", *extra], capture_output=True, text=True, cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
