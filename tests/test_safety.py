@@ -130,7 +130,7 @@ def test_the_scan_sees_the_safe_uses_it_must_allow():
     text = {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8") for p in _sources()}
     assert "weights_only=True" in text["nanocli/train/checkpoints.py"]
     assert "yaml.safe_load" in text["nanocli/profiles/__init__.py"] and "yaml.safe_load" in text["nanocli/train/recipe.py"]
-    assert "ImmutableSandboxedEnvironment" in text["nanocli_model/tokenizer.py"]
+    assert "ImmutableSandboxedEnvironment" in text["nanocli_model/chat_template.py"]
 
 
 @pytest.mark.parametrize("snippet, what", [
