@@ -1,4 +1,4 @@
-"""Decode tokens/s of weight-only int8 (``--dtype int8``) against fp32, same weights, same threads.
+"""Decode tokens/s of int8 (``--dtype int8``) against fp32, same weights, same threads.
 
     PYTHONPATH=. .venv/bin/python benchmarks/int8_decode.py --profile medium --threads 1
     PYTHONPATH=. .venv/bin/python benchmarks/int8_decode.py --model runs/demo/grpo/final --tokens 128
@@ -37,14 +37,15 @@ def load_profile(name: str) -> NanoConfig:
 
 
 @torch.no_grad()
-def decode(model, prompt: torch.Tensor, tokens: int) -> tuple[float, list[int]]:
-    """(decode tokens/s, greedy token ids) after a prefill of ``prompt`` (1, T)."""
+def decode(model, prompt: torch.Tensor, tokens: int, step=None) -> tuple[float, list[int]]:
+    """(decode tokens/s, greedy token ids) after a prefill of ``prompt`` (1, T); ``step``: a CompiledDecode."""
+    step = step or model
     cache = model.allocate_cache(1, prompt.shape[1] + tokens + 1)
     tok = model(prompt, cache)[:, -1].argmax(-1)
     out = [int(tok)]
     t = time.perf_counter()
     for _ in range(tokens - 1):
-        tok = model(tok[:, None], cache)[:, -1].argmax(-1)
+        tok = step(tok[:, None], cache)[:, -1].argmax(-1)
         out.append(int(tok))
     return (tokens - 1) / (time.perf_counter() - t), out
 
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (random ids, seed 0)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="decode every variant through CompiledDecode (nano "
+                    "generate --compile); the compile is done in the warm-up, timed apart")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print("uptime before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
@@ -80,16 +83,24 @@ def main() -> None:
         errs = {k: ((m(prompt).double() - ref).norm() / ref.norm()).item() for k, m in variants.items()}
     speeds: dict[str, list[float]] = {k: [] for k in variants}
     ids: dict[str, list[int]] = {}
-    for model in variants.values():  # warm-up: the decode layout, first-touch of the weights
-        decode(model, prompt, 4)
+    steps = {k: None for k in variants}
+    if args.compile:
+        from nanocli_model.decode import CompiledDecode
+
+        steps = {k: CompiledDecode(m) for k, m in variants.items()}
+    for name, model in variants.items():  # warm-up: the decode layout, first-touch of the weights, the compile
+        decode(model, prompt, 4, steps[name])
+        if steps[name] is not None:
+            print(f"  {name}: compiled in {steps[name].compile_seconds:.1f} s"
+                  + (f" (fell back to eager: {steps[name].fallback_reason})" if steps[name].fallback_reason else ""))
     for _ in range(args.reps):
         for name, model in variants.items():
-            tps, ids[name] = decode(model, prompt, args.tokens)
+            tps, ids[name] = decode(model, prompt, args.tokens, steps[name])
             speeds[name].append(tps)
     print("uptime after: ", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     source = args.model or f"profile {args.profile} (random weights, seed 0)"
     print(f"{source}, {args.threads} thread(s), prompt {args.prompt}, {args.tokens} tokens, {args.reps} reps "
-          "interleaved")
+          f"interleaved, {'compiled' if args.compile else 'eager'} decode")
     base = statistics.median(speeds["fp32"])
     for name, runs in speeds.items():
         med = statistics.median(runs)

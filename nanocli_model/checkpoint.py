@@ -96,7 +96,7 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
     quantize = dtype == INT8
     if quantize or stored_q is not None:
         if torch.device(device).type != "cpu":
-            raise CheckpointError(f"{path}: int8 weights run on the CPU only (torch._weight_int8pack_mm); use "
+            raise CheckpointError(f"{path}: int8 weights run on the CPU only (fbgemm's int8 kernels); use "
                                   "--device cpu, or load a float checkpoint with --dtype bf16")
         dtype = "fp32" if quantize else dtype
     files = weight_files(path)

@@ -1,19 +1,24 @@
-"""Weight-only int8 for CPU decode: the projection weights in int8 with one float32 scale per output channel.
+"""int8 for CPU decode: the projection weights in int8 with one float32 scale per output channel.
 
 ``quantize_int8(model)`` replaces every projection ``nn.Linear`` (Mamba in/out_proj, attention q/k/v/o, MLP
 up/down, and lm_head unless it is tied to the embeddings) by an ``Int8Linear``: symmetric, per output channel,
 ``scale = max|W_row| / 127``, ``q = round(W / scale)`` in [-127, 127]. Embeddings, norms, conv1d and the SSM
-parameters stay in the model's float dtype; activations stay float32.
+parameters stay in the model's float dtype, and so does everything between the projections.
 
-The matmul, chosen by measurement (docs/BENCHMARKS.md "int8 weight-only decode", 2-core AVX2 CPU, 1 thread):
+The matmul, chosen by measurement (docs/BENCHMARKS.md "int8 decode", 2-core AVX2 CPU, 1 thread):
 
-* one to ``GEMV_ROWS`` rows (decode): ``torch._weight_int8pack_mm`` with the input cast to bf16 (its fp32-input
-  kernel is ~10x slower here; the bf16 one reads the int8 weights at 1 byte each), output back to float32;
-* more rows (prefill): dequantize to float32 and one MKL GEMM (the int8 kernel is 1.4-2.4x slower there).
+* one to ``GEMV_ROWS`` rows (decode): fbgemm's dynamic int8 GEMM (``torch.ops.quantized.linear_dynamic`` on the
+  weights packed once by ``linear_prepack``), the one x86 int8 kernel here that reads the weights at a byte each
+  and stays memory-bound: 2.3-3.6x MKL's fp32 GEMV on medium's shapes. It quantizes the input too, to 7-bit
+  uint8 with one scale and zero point per call (per token at batch 1), so decode is W8A8 (~1.5-2% output error
+  per layer vs ~0.5-0.8% weight-only); without fbgemm, ``torch._weight_int8pack_mm`` on a bf16 input
+  (weight-only, 1.1-1.5x fp32 here: compute-bound);
+* more rows (prefill): dequantize to float32 and one MKL GEMM (weight-only: the prompt's numerics stay fp32's).
 
-Not used: torchao's ``Int8WeightOnlyConfig`` (0.18: 1.5-10x slower than fp32 here) and inductor's lowering of a
-compiled ``(x * q.float()).sum(-1) * s`` (8-lane partial int8 loads: ~10x slower than fp32). Under
-``CompiledDecode`` the int8 kernel runs as an extern call inside the compiled step.
+Not used: torchao's ``Int8WeightOnlyConfig`` (0.18: 1.5-10x slower than fp32 here), ``torch._int_mm`` (int8 x
+int8, ~200x slower than fp32 at decode shapes), and inductor's lowering of a compiled ``(x * q.float()).sum(-1)
+* s`` (8-lane partial int8 loads: ~10x slower than fp32). Under ``CompiledDecode`` the fbgemm call runs as an
+opaque custom op (``nano::int8_gemv``) inside the compiled step.
 
 Saved models (``checkpoint.save_pretrained``) store ``<name>.weight`` as I8 and ``<name>.weight_scale`` as F32,
 with ``quantization_config`` = ``{"quant_method": "nano-int8", ...}`` in config.json; ``load_pretrained`` reads
@@ -21,6 +26,11 @@ them back as they are (no re-quantization).
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +44,13 @@ PROJECTIONS = ("in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "u
 
 
 class Int8Linear(nn.Module):
-    """``y = (x @ q^T) * scale + bias`` with q (out, in) int8 and scale (out,) float32 (``weight_scale``)."""
+    """``y = (x @ q^T) * scale + bias`` with q (out, in) int8 and scale (out,) float32 (``weight_scale``).
+
+    On the CPU the int8 values live in fbgemm's packed matrix (``torch.ops.quantized.linear_prepack``, packed as
+    soon as they are set): ``weight`` is then a meta tensor with the shape and dtype (so byte counts and shapes
+    hold, and nothing can read stale values), ``int8_weight()`` unpacks the values, and ``state_dict`` carries
+    them, so saving and reloading are unchanged.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None):
@@ -43,40 +59,110 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self._scale_bf16: torch.Tensor | None = None
+        self._packed = None  # fbgemm's packed int8 matrix (a torchbind object) once the values are on the CPU
+        self._handle = None  # this module's key in _PACKED (how a compiled step reaches the packed matrix)
+        self._scale_bf16: torch.Tensor | None = None  # the fallback kernel's scale (no fbgemm)
+        self._pack()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight.detach().float()
-        out = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype,
-                  linear.weight.device)
-        q, scale = quantize_rows(w)
-        out.weight, out.weight_scale = q, scale
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, "meta")
+        out.weight, out.weight_scale = quantize_rows(w)
         if linear.bias is not None:
             out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        out._pack()
         return out
+
+    def _pack(self) -> None:
+        """Move the int8 values from the ``weight`` buffer into fbgemm's packed matrix (CPU values only)."""
+        w = self.weight
+        if w.device.type != "cpu":
+            return
+        if not fbgemm_available():
+            return
+        with warnings.catch_warnings():  # torch marks its quantized tensors deprecated; fbgemm's ops stay (2.13)
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch._make_per_channel_quantized_tensor(w, self.weight_scale.double(),
+                                                         torch.zeros(self.out_features, dtype=torch.long), 0)
+            self._packed = torch.ops.quantized.linear_prepack(q, None)
+        self._buffers["weight"] = torch.empty(w.shape, dtype=torch.int8, device="meta")
+        if self._handle is None:
+            self._handle = _register(self)
+
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 values q (out, in), unpacked from fbgemm's matrix when packed."""
+        if self._packed is None:
+            return self.weight
+        return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight the int8 values stand for: q * scale per row."""
-        return self.weight.float() * self.weight_scale[:, None]
+        return self.int8_weight().float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows > GEMV_ROWS or x.device.type != "cpu":
             return F.linear(x, self.dequantized().to(x.dtype), self.bias)
-        if self._scale_bf16 is None or self._scale_bf16.device != self.weight_scale.device:
-            self._scale_bf16 = self.weight_scale.to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(x.reshape(rows, self.in_features).to(torch.bfloat16), self.weight,
-                                      self._scale_bf16)
+        x2 = x.reshape(rows, self.in_features)
+        if self._packed is None:  # no fbgemm in this torch: the weight-only kernel on a bf16 input
+            if self._scale_bf16 is None:
+                self._scale_bf16 = self.weight_scale.to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self._scale_bf16)
+        elif torch.compiler.is_compiling():  # dynamo cannot pass the torchbind object: a custom op looks it up
+            y = torch.ops.nano.int8_gemv(x2.float(), self._handle, self.out_features)
+        else:
+            y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, True)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y.add_(self.bias)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._scale_bf16 = None  # a new scale: the bf16 copy is made again at the next call
-        return super()._load_from_state_dict(*args, **kwargs)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._packed is not None:
+            destination[prefix + "weight"] = self.int8_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._packed is not None:  # a real buffer to load into (a copy_ into the meta one would drop values)
+            self._buffers["weight"] = self.int8_weight()
+            self._packed = None
+        self._scale_bf16 = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._pack()  # with the loaded values and scale
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+@functools.cache
+def fbgemm_available() -> bool:
+    """Whether this torch has fbgemm's dynamic int8 linear (x86 CPUs; torch marks the API deprecated)."""
+    try:
+        return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized,
+                                                                                 "linear_dynamic")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_PACKED: dict[int, weakref.ref] = {}
+_next_handle = itertools.count()
+
+
+def _register(module: Int8Linear) -> int:
+    handle = next(_next_handle)
+    _PACKED[handle] = weakref.ref(module, lambda _ref, h=handle: _PACKED.pop(h, None))
+    return handle
+
+
+@torch.library.custom_op("nano::int8_gemv", mutates_args=())
+def _int8_gemv(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """``linear_dynamic`` on the packed matrix of the Int8Linear registered as ``handle`` (compiled steps)."""
+    module = _PACKED[handle]()
+    return torch.ops.quantized.linear_dynamic(x, module._packed, True)
+
+
+@_int8_gemv.register_fake
+def _(x, handle, out_features):
+    return x.new_empty(x.shape[0], out_features)
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +199,7 @@ def quantize_int8(model: nn.Module, lm_head: bool = True) -> nn.Module:
     """Replace the projections (and lm_head) of ``model`` by ``Int8Linear`` in place, layer by layer (the float
     weight of each is freed as soon as it is replaced). Records ``quantization_config`` in ``model.config``."""
     if model.device.type != "cpu":
-        raise ConfigError(f"int8 weights run on the CPU only (torch._weight_int8pack_mm); the model is on "
+        raise ConfigError(f"int8 weights run on the CPU only (fbgemm's int8 kernels); the model is on "
                           f"{model.device.type}: use --device cpu or --dtype bf16")
     for name in quantized_names(model, lm_head):
         linear = model.get_submodule(name)
