@@ -212,7 +212,9 @@ def kill_once(stage: Stage, out: Path, ref: Reference, rng: random.Random, log: 
         skip, seen = rng.randrange(max(1, round(left * STEPS) // 2)) if stage.graceful else 0, set()
 
         def next_write() -> bool:
-            seen.update(p.name for p in stage.temp_dirs(out) if ".tmp-" not in p.name or not stage.graceful)
+            # training: the trainer-state scratch directory, which lives through the held part of the write (not
+            # a rotation's short-lived .old- directory, after which a kill lands between writes)
+            seen.update(p.name for p in stage.temp_dirs(out) if ".state-" in p.name or not stage.graceful)
             return len(seen) > skip
         wait_for(next_write, proc)
         time.sleep(rng.uniform(0.0, 0.1))
