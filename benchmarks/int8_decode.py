@@ -1,7 +1,7 @@
 """Decode tokens/s of int8 (``--dtype int8``) against fp32, same weights, same threads.
 
     PYTHONPATH=. .venv/bin/python benchmarks/int8_decode.py --profile medium --threads 1
-    PYTHONPATH=. .venv/bin/python benchmarks/int8_decode.py --model runs/demo/grpo/final --tokens 128
+    PYTHONPATH=. .venv/bin/python benchmarks/int8_decode.py --model runs/demo/grpo/final --chat 20 --tokens 128
 
 Without ``--model`` a profile's model is built with random weights (``init_weights``, seed 0) and saved as an
 fp32 checkpoint in a temporary directory; each variant loads it through ``load_pretrained`` as ``nano generate``
@@ -10,6 +10,11 @@ decodes ``--tokens`` tokens greedily (eager, one token a step); runs alternate A
 all alike. Prints ``uptime`` before and after, the median decode tokens/s per variant, the ratio to fp32, and
 greedy agreement with fp32 (share of generated positions whose token equals fp32's, over the whole run; the
 first disagreement changes every later input, so it is counted up to it and as a plain share).
+
+``--chat N`` (with ``--model``, a trained checkpoint): instead of one random-id prompt, N held-out problems of the
+built-in reasoning tasks asked through the model's chat template (reasoning on), each decoded ``--tokens`` tokens
+greedily past its end of turn; agreement is the mean over the prompts, and the table adds how many of the N
+completions are token-for-token identical to fp32. Speeds are then medians over every prompt and rep.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (random ids, seed 0)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--chat", type=int, default=0, metavar="N", help="with --model: N held-out problems through "
+                    "the chat template (reasoning on) as prompts, agreement averaged over them")
     ap.add_argument("--compile", action="store_true", help="decode every variant through CompiledDecode (nano "
                     "generate --compile); the compile is done in the warm-up, timed apart")
     args = ap.parse_args()
@@ -77,12 +84,22 @@ def main() -> None:
                     "int8": load_pretrained(path, dtype="int8"),
                     "int8 (lm_head fp32)": load_pretrained(path, dtype="int8", int8_lm_head=False)}
     vocab = variants["fp32"].config.vocab_size
-    prompt = torch.randint(3, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    prompts = [torch.randint(3, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))]
+    if args.chat:
+        if not args.model:
+            ap.error("--chat needs --model (a trained checkpoint with its tokenizer)")
+        from nanocli.data import synthetic
+        from nanocli_model.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_dir(args.model)
+        problems = synthetic.generate(args.chat, seed=1234, split="heldout", difficulty=(1, 2))
+        prompts = [torch.tensor([tok.encode_chat(synthetic.as_grpo(p, think=True)["prompt"])]) for p in problems]
+    prompt = prompts[0]
     with torch.no_grad():  # the prompt's logits (prefill: the dequantized weights, i.e. the quantization error)
         ref = variants["fp32"](prompt).double()
         errs = {k: ((m(prompt).double() - ref).norm() / ref.norm()).item() for k, m in variants.items()}
     speeds: dict[str, list[float]] = {k: [] for k in variants}
-    ids: dict[str, list[int]] = {}
+    ids: dict[str, list[list[int]]] = {k: [[] for _ in prompts] for k in variants}
     steps = {k: None for k in variants}
     if args.compile:
         from nanocli_model.decode import CompiledDecode
@@ -94,19 +111,28 @@ def main() -> None:
             print(f"  {name}: compiled in {steps[name].compile_seconds:.1f} s"
                   + (f" (fell back to eager: {steps[name].fallback_reason})" if steps[name].fallback_reason else ""))
     for _ in range(args.reps):
-        for name, model in variants.items():
-            tps, ids[name] = decode(model, prompt, args.tokens, steps[name])
-            speeds[name].append(tps)
+        for i, p in enumerate(prompts):
+            for name, model in variants.items():
+                tps, ids[name][i] = decode(model, p, args.tokens, steps[name])
+                speeds[name].append(tps)
     print("uptime after: ", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     source = args.model or f"profile {args.profile} (random weights, seed 0)"
-    print(f"{source}, {args.threads} thread(s), prompt {args.prompt}, {args.tokens} tokens, {args.reps} reps "
+    what = (f"{len(prompts)} held-out chat prompts (reasoning on)" if args.chat else f"prompt {args.prompt}")
+    print(f"{source}, {args.threads} thread(s), {what}, {args.tokens} tokens, {args.reps} reps "
           f"interleaved, {'compiled' if args.compile else 'eager'} decode")
     base = statistics.median(speeds["fp32"])
     for name, runs in speeds.items():
         med = statistics.median(runs)
-        share, prefix = agreement(ids[name], ids["fp32"])
-        print(f"  {name:<20} {med:8.1f} tok/s  x{med / base:.2f} vs fp32  runs {' '.join(f'{r:.1f}' for r in runs)}"
-              f"  greedy agreement {share:.1%} (first {prefix} identical)  prompt logits rel. error {errs[name]:.2e}")
+        pairs = [agreement(a, b) for a, b in zip(ids[name], ids["fp32"])]
+        share = statistics.fmean(s for s, _ in pairs)
+        same = sum(s == 1.0 for s, _ in pairs)
+        shown = runs if len(runs) <= 8 else []
+        print(f"  {name:<20} {med:8.1f} tok/s  x{med / base:.2f} vs fp32"
+              + (f"  runs {' '.join(f'{r:.1f}' for r in shown)}" if shown else "")
+              + f"  greedy agreement {share:.1%}"
+              + (f" ({same}/{len(pairs)} completions identical, shortest common prefix {min(p for _, p in pairs)})"
+                 if len(pairs) > 1 else f" (first {pairs[0][1]} identical)")
+              + f"  prompt logits rel. error {errs[name]:.2e}")
 
 
 if __name__ == "__main__":

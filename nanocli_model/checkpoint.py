@@ -31,7 +31,7 @@ log = logging.getLogger("nanocli_model")
 
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-INT8 = "int8"  # load_pretrained's dtype for weight-only int8 (quant.py): float32 compute, int8 projections
+INT8 = "int8"  # load_pretrained's dtype for int8 projections (quant.py): float32 between them
 TRAINER_STATE = "trainer_state.pt"  # a training checkpoint's optimizer state beside the weights, never weights
 
 
@@ -79,10 +79,10 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
                     device: str | torch.device = "cpu", int8_lm_head: bool = True) -> NanoForCausalLM:
     """Load a NemotronH directory. ``dtype=None`` keeps the stored dtype of the weights.
 
-    ``dtype="int8"``: weight-only int8 (``quant.quantize_int8``, CPU only): float32 everywhere, then the
-    projections (and lm_head, with ``int8_lm_head``) quantized per output channel. A directory saved that way
-    (``quantization_config.quant_method == "nano-int8"``) loads back as saved, without re-quantizing: int8
-    weights and float32 scales as stored, the other tensors in ``dtype``.
+    ``dtype="int8"``: int8 projections (``quant.quantize_int8``, CPU only): float32 everywhere, then the
+    projections (and lm_head, with ``int8_lm_head``) smoothed on the calibration batch and quantized per output
+    channel. A directory saved that way (``quantization_config.quant_method == "nano-int8"``) loads back as
+    saved, without re-quantizing: int8 weights, float32 scales and smoothing as stored, the rest in ``dtype``.
 
     The model is built on the meta device and the memory-mapped tensors are assigned into it, so a
     checkpoint needs about one copy of its weights in memory. Strict: any missing, unexpected or
@@ -139,7 +139,7 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
             if st_dtype != "I8":
                 raise CheckpointError(f"{file}: tensor {name} has dtype {st_dtype}; config.json's "
                                       "quantization_config says int8 (I8)")
-        elif canon.endswith(".weight_scale"):
+        elif canon.endswith((".weight_scale", ".smooth")) and canon.rsplit(".", 1)[0] + ".weight" in int8_names:
             if st_dtype != "F32":
                 raise CheckpointError(f"{file}: tensor {name} has dtype {st_dtype}; an int8 scale is F32")
         elif st_dtype not in _SAFETENSORS_DTYPES:
@@ -156,7 +156,8 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
         try:
             with safe_open(str(file), framework="pt", device=str(device) if device.type != "cpu" else "cpu") as f:
                 for canon, name in names:
-                    keep = canon in int8_names or canon.endswith(".weight_scale")  # stored as they compute
+                    keep = canon in int8_names or (canon.endswith((".weight_scale", ".smooth")) and  # as stored
+                                                   canon.rsplit(".", 1)[0] + ".weight" in int8_names)
                     t = f.get_tensor(name)
                     state[canon] = _finite(t, name, file, t.dtype if keep else target)
         except (SafetensorError, OSError, RuntimeError) as e:

@@ -74,7 +74,7 @@ def stored_dtype_name(st_dtype: str) -> str | None:
 
 def compute_dtype(dtype: str) -> str:
     """The dtype of activations, KV and conv state: the weight dtype, except bf16 for fp8 weights and fp32 for
-    int8 (weight-only, ``nanocli_model.quant``: fp32 activations and float tensors)."""
+    int8 (``nanocli_model.quant``: fp32 activations between layers and float tensors)."""
     d = weight_dtype(dtype)
     return {"fp8": "bf16", "int8": "fp32"}.get(d, d)
 
@@ -101,15 +101,24 @@ def int8_rows(c: NanoConfig) -> int:
     return sum(per_kind[k] for k in c.layer_types) + (0 if c.tie_word_embeddings else c.vocab_size)
 
 
+def int8_cols(c: NanoConfig) -> int:
+    """Input channels of the same matrices (one float32 smoothing divisor each, ``quant.SMOOTH_ALPHA``)."""
+    h = c.hidden_size
+    per_kind = {MAMBA: h + c.mamba_intermediate_size, ATTENTION: 3 * h + c.num_attention_heads * c.head_dim,
+                MLP: h + c.intermediate_size}
+    return sum(per_kind[k] for k in c.layer_types) + (0 if c.tie_word_embeddings else h)
+
+
 def weights_bytes(c: NanoConfig, dtype: str = "bf16") -> int:
     """Weight bytes in ``dtype``; fp8: projection weights 1 byte, every other tensor 2 (bf16); int8: projection
-    and (untied) lm_head weights 1 byte plus a 4-byte scale per output channel, every other tensor 4 (fp32)."""
+    and (untied) lm_head weights 1 byte plus a 4-byte scale per output channel and a 4-byte smoothing divisor
+    per input channel, every other tensor 4 (fp32)."""
     d = weight_dtype(dtype)
     counts = param_count(c)
     total = counts.total
     if d == "int8":
         q = matmul_params(c) + counts.lm_head
-        return q + 4 * int8_rows(c) + 4 * (total - q)
+        return q + 4 * int8_rows(c) + 4 * int8_cols(c) + 4 * (total - q)
     if d == "fp8":
         mm = matmul_params(c)
         return mm + 2 * (total - mm)

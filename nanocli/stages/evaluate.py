@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from nanocli_model.errors import NanoError
+from nanocli_model.quant import parameter_count
 
 from .. import settings
 from ..reasoning_accuracy import Accuracy
@@ -213,7 +214,7 @@ def run(o: EvalOptions, reporter: Reporter | None = None, loaded=None) -> EvalRe
 
 def _evaluate(o: EvalOptions, loaded, reporter: Reporter, t0: float) -> EvalResult:
     model, tokenizer = loaded.model, loaded.tokenizer
-    result = EvalResult(options=o, params=sum(p.numel() for p in model.parameters()), device=loaded.device,
+    result = EvalResult(options=o, params=parameter_count(model), device=loaded.device,
                         dtype=loaded.dtype, notes=list(loaded.notes))
     if o.problems:
         if tokenizer.chat_template is None and o.prompt_format == "chat":

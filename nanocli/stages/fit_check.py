@@ -325,7 +325,7 @@ def _notes(r: FitCheckResult) -> list[str]:
         notes.append("fp8: projection weights 1 byte each, embeddings / lm_head / norms / conv / SSM "
                      "parameters 2 bytes (bf16); activations, KV and conv state bf16; scales not counted")
     if e.dtype == "int8":
-        notes.append("int8 (weight-only, CPU): projection and lm_head weights 1 byte each plus a 4-byte scale per "
-                     "output channel; embeddings / norms / conv / SSM parameters, activations, KV and conv state "
-                     "fp32")
+        notes.append("int8 (CPU): projection and lm_head weights 1 byte each plus a 4-byte scale per output channel "
+                     "and a 4-byte smoothing divisor per input channel; embeddings / norms / conv / SSM "
+                     "parameters, activations, KV and conv state fp32")
     return notes

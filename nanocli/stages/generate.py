@@ -49,7 +49,7 @@ class Checkpoint(settings.Group):
     """Where the model runs (auto: CUDA when a GPU is visible, else the CPU)."""
     dtype: Literal["auto", "bf16", "fp16", "fp32", "int8"] = "auto"
     """auto (CUDA: as stored; CPU: fp32, or bf16 if only bf16 fits the host's memory), bf16, fp16, fp32 or int8
-    (CPU: int8 weights, fp32 math)."""
+    (CPU: W8A8 decode)."""
 
     def check(self) -> None:
         if self.model is None:
