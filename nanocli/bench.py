@@ -13,7 +13,8 @@ fit. This module measures the same comparison for any NemotronH model:
 3. **measure**: for every pair, runs interleaved hybrid, twin, hybrid, twin (``repeats`` times, after an
    untimed warm-up of each model) through nano's cached generator (``generation.generate``, greedy, EOS
    ignored, random prompt ids): prefill, decode, overall tokens/s, the time of each decode step (as the
-   context grows), the cache bytes predicted by ``memory.cache_bytes`` and those really allocated;
+   context grows), the cache bytes predicted by ``memory.cache_bytes`` and those really allocated; with
+   ``--max-batch`` each model at the largest batch a memory budget fits (``bench_memory.py``: CPU RAM or GPU);
 4. **summarise**: medians over the repeats and the hybrid / Transformer ratios.
 
 ``run(options, reporter) -> BenchResult`` (``bench_results.py``); rendering lives in ``commands/bench.py``, the
@@ -36,6 +37,16 @@ from nanocli_model.config import ATTENTION, MAMBA, MLP, NanoConfig
 from nanocli_model.errors import NanoError
 
 from . import settings
+from .bench_memory import (
+    MAX_AUTO_BATCH,
+    Budget,
+    batch_need,
+    cpu_budget,
+    gpu_budget,
+    largest_batch,
+    peak_rss_rise,
+    reset_peak_rss,
+)
 from .bench_results import BenchResult, Measurement, ModelInfo, PairResult, Run
 from .report import SILENT, Reporter
 from .resolve import model_target, torch_dtype, visible_device
@@ -47,8 +58,6 @@ CPU_LENGTHS = "512:1024,1024:2048,2048:4096"
 GPU_LENGTHS = "1024:2048,8192:16384"  # the report's 8k in / 16k out
 QUICK_LENGTHS = "64:128"
 CURVE_POINTS = 8  # positions sampled on the time-per-output-token curve
-MAX_AUTO_BATCH = 256  # --batch max never goes above this (vLLM's default max_num_seqs)
-GPU_MEMORY_SHARE = 0.85  # --batch max plans with this share of the free GPU memory
 _TOKENS = re.compile(r"(\d+)([kK]?)")
 
 
@@ -96,7 +105,12 @@ class Workload(settings.Group):
     batch: int = 1
     """Sequences per run."""
     max_batch: bool = False
-    """CUDA: the largest batch that fits, per model and pair, from nano's memory model (instead of --batch)."""
+    """The largest batch that fits --memory, per model and pair, from nano's memory model (instead of --batch;
+    at most 256)."""
+    memory: float | None = None
+    """GiB each model's batch may use with --max-batch: its cache and prefill activations, the weights aside
+    (default: on CPU the available host memory less the two models' load and a 1 GiB margin; on CUDA 85% of the
+    free GPU memory)."""
     repeats: int | None = None
     """Timed runs per model and pair, interleaved (default 3; 1 with --quick)."""
     quick: bool = False
@@ -110,6 +124,9 @@ class Workload(settings.Group):
         settings.at_least(self, 1, "repeats", "prefill_chunk")
         if parse_batch(self.batch) != 1 and self.max_batch:
             raise settings.OptionError(f"give --batch {self.batch} or --max-batch, not both")
+        settings.finite(self, "memory", positive=True)
+        if self.memory is not None and not self.max_batch:
+            raise settings.OptionError("--memory is the budget of --max-batch; give --max-batch too")
         if self.lengths is not None:
             parse_lengths(self.lengths)
 
@@ -216,6 +233,8 @@ class _Plan:
     dtype: str  # fp32 | bf16 | fp16
     repeats: int
     note: str | None = None  # why --dtype auto chose bf16 on this CPU (host_memory.plan_cpu_load)
+    twin: NanoConfig | None = None  # the pure-attention twin, when compared
+    budget: Budget | None = None  # --max-batch on CPU (on CUDA: known once the models are loaded)
 
 
 def resolve(o: BenchOptions) -> _Plan:
@@ -227,19 +246,23 @@ def resolve(o: BenchOptions) -> _Plan:
     config, name, path = target.config, target.name, target.directory
     source = "checkpoint" if path is not None else "profile (random weights)"
     device = visible_device(o.device)
-    if batch == "max" and device != "cuda":
-        raise BenchError("--max-batch sizes the batch from free GPU memory and needs CUDA; on CPU give "
-                         "--batch N (default 1)")
-    dtype, note = o.dtype if o.dtype != "auto" else ("bf16" if device == "cuda" else "fp32"), None
+    twin = transformer_twin(config) if o.compare_transformer else None
+    dtype, note, budget = o.dtype if o.dtype != "auto" else ("bf16" if device == "cuda" else "fp32"), None, None
     if device == "cpu":  # before a weight is read or built: do both models fit this machine's memory?
-        dtype, note = _cpu_dtype(o, config, name, path)
+        host = _cpu_plan(o, config, twin, name, path)
+        dtype, note = host.dtype, host.note
+        budget = cpu_budget(o.memory, host) if batch == "max" else None
     if lengths is None:
         lengths = parse_lengths(QUICK_LENGTHS if o.quick else GPU_LENGTHS if device == "cuda" else CPU_LENGTHS)
     repeats = o.repeats if o.repeats is not None else (1 if o.quick else 3)
-    return _Plan(config, name, source, path, lengths, batch, device, dtype, repeats, note)
+    plan = _Plan(config, name, source, path, lengths, batch, device, dtype, repeats, note, twin, budget)
+    if budget is not None:  # a budget too small for one sequence: said now, before anything is built
+        for p_len, out_len in lengths:
+            batches(plan, p_len, out_len, o.prefill_chunk, budget)
+    return plan
 
 
-def _cpu_dtype(o: BenchOptions, config: NanoConfig, name: str, path: Path | None) -> tuple[str, str | None]:
+def _cpu_plan(o: BenchOptions, config: NanoConfig, twin: NanoConfig | None, name: str, path: Path | None):
     """The dtype both models run in on the CPU (auto: fp32, else bf16), checked against the host's memory
     (``host_memory.plan_cpu_load``): the checkpoint as loaded (or the profile as built) plus the twin."""
     from nanocli_model.headers import read_checkpoint_tensors
@@ -247,15 +270,13 @@ def _cpu_dtype(o: BenchOptions, config: NanoConfig, name: str, path: Path | None
     from . import host_memory
 
     tensors = read_checkpoint_tensors(path) if path is not None else None
-    twin = transformer_twin(config) if o.compare_transformer else None
 
     def need(dtype: str) -> host_memory.LoadNeed:
         own = host_memory.load_need(tensors, dtype) if tensors else host_memory.built_need(config, dtype)
         return own if twin is None else own + host_memory.built_need(twin, dtype)
 
     what = name if twin is None else f"{name} with its pure-attention twin"
-    plan = host_memory.plan_cpu_load(what, need, o.dtype)
-    return plan.dtype, plan.note
+    return host_memory.plan_cpu_load(what, need, o.dtype)
 
 
 # ------------------------------------------------------------------------------------- measuring
@@ -317,24 +338,40 @@ def curve(prompt: int, step_seconds: list[float], points: int = CURVE_POINTS) ->
     return out
 
 
-def _largest_batch(config: NanoConfig, plan: _Plan, context: int, free: int, chunk: int) -> int:
-    """CUDA: the largest batch ``fit.estimate`` says fits in the free memory (weights already resident), with
-    prompts prefilled ``chunk`` tokens at a time (``--prefill-chunk``: the activations grow with it)."""
-    from nanocli_model import fit
+def _path(plan: _Plan) -> str:
+    """Whose activations ``fit.estimate`` models: the CPU scan's, or the CUDA kernels'."""
+    return "cpu" if plan.device == "cpu" else "cuda"
 
-    budget = int(free * GPU_MEMORY_SHARE) + fit.weights_bytes(config, plan.dtype)
-    n = fit.max_batch(config, budget, context=context, dtype=plan.dtype, prefill_chunk=min(context, chunk))
-    if n == 0:
-        raise BenchError(f"--batch max: not even one sequence of {context:,} tokens fits in the free GPU memory "
-                         f"({free / 2**30:.2f} GiB); use shorter --lengths")
-    return min(n or MAX_AUTO_BATCH, MAX_AUTO_BATCH)
+
+def _configs(plan: _Plan) -> dict[str, NanoConfig]:
+    return {"hybrid": plan.config} | ({"transformer": plan.twin} if plan.twin is not None else {})
+
+
+def batches(plan: _Plan, prompt: int, output: int, chunk: int, budget: Budget | None = None,
+            notes: list[str] | None = None) -> dict[str, int]:
+    """Each model's batch at one pair: ``--batch``, or with ``--max-batch`` the largest ``budget`` fits
+    (``bench_memory.largest_batch``, prompts prefilled ``chunk`` tokens at a time: the activations grow with
+    it); a batch held at ``MAX_AUTO_BATCH`` is said in ``notes``."""
+    if plan.batch != "max":
+        return {role: int(plan.batch) for role in _configs(plan)}
+    out = {}
+    for role, config in _configs(plan).items():
+        what = "pure-attention twin" if role == "transformer" else "hybrid"
+        out[role], fits = largest_batch(config, plan.dtype, prompt, prompt + output, budget, chunk, _path(plan),
+                                        what)
+        if notes is not None and out[role] != fits:
+            notes.append(f"{prompt}:{output} {role}: the budget fits "
+                         f"{'any batch' if fits is None else f'{fits:,} sequences'}; capped at {MAX_AUTO_BATCH}")
+    return out
 
 
 def _measure(model, plan: _Plan, prompt: list[int], output: int, batch: int, chunk: int, runs: list[Run],
              peaks: list[tuple[int, str]], step=None) -> int:
-    """One timed run of ``model`` appended to ``runs``; returns the bytes its cache really holds."""
+    """One timed run of ``model`` appended to ``runs``; returns the bytes its cache really holds. On a CPU the
+    peak recorded is the rise of the process's peak RSS over the run (cache included), where Linux tells it."""
     import torch
 
+    start = reset_peak_rss() if plan.device == "cpu" else None
     cache = model.allocate_cache(batch, len(prompt) + output)
     measured = cache.nbytes()
     if plan.device == "cuda":  # what the allocator really handed out for it
@@ -345,19 +382,22 @@ def _measure(model, plan: _Plan, prompt: list[int], output: int, batch: int, chu
         raise BenchError(f"out of GPU memory at batch {batch} x {len(prompt) + output:,} tokens; give a smaller "
                          "--batch or shorter --lengths") from None
     runs.append(run)
-    peaks.append((r.peak_memory_bytes, r.peak_memory_source))
+    rise = peak_rss_rise(start)
+    peaks.append((r.peak_memory_bytes, r.peak_memory_source) if rise is None else
+                 (rise, "peak RSS rise over the run"))
     del cache
     if plan.device == "cuda":
         torch.cuda.empty_cache()
     return measured
 
 
-def _summarise(role: str, config: NanoConfig, plan: _Plan, prompt: int, output: int, batch: int,
+def _summarise(role: str, config: NanoConfig, plan: _Plan, prompt: int, output: int, batch: int, chunk: int,
                runs: list[Run], measured: int, peaks: list[tuple[int, str]]) -> Measurement:
     med = statistics.median
     curves = [curve(prompt, r.step_seconds) for r in runs]
     ms = [(ctx, med(c[i][1] for c in curves)) for i, (ctx, _) in enumerate(curves[0])]
     predicted = memory.cache_bytes(config, batch, prompt + output, dtype=plan.dtype)
+    need = batch_need(config, plan.dtype, prompt, prompt + output, batch, chunk, _path(plan))
     return Measurement(
         role=role, prompt=prompt, output=output, batch=batch,
         prefill_tokens_per_s=med(r.prefill_tokens / r.prefill_seconds for r in runs),
@@ -365,7 +405,7 @@ def _summarise(role: str, config: NanoConfig, plan: _Plan, prompt: int, output: 
         output_tokens_per_s=med(r.output_tokens_per_s for r in runs),
         total_seconds=med(r.total_seconds for r in runs), ms_per_token=ms,
         cache_predicted=predicted, cache_measured=measured, peak_memory_bytes=max(p for p, _ in peaks),
-        peak_memory_source=peaks[0][1], runs=runs)
+        peak_memory_source=peaks[0][1], runs=runs, memory_predicted=need.total - need.weights)
 
 
 def _warm_up(model, chunk: int, step=None) -> None:
@@ -396,12 +436,11 @@ def run(o: BenchOptions, reporter: Reporter | None = None) -> BenchResult:
     if o.threads is not None:
         torch.set_num_threads(o.threads)
     started, load_before = time.perf_counter(), _load_average()
-    configs = {"hybrid": plan.config}
+    configs = _configs(plan)
     infos = [model_info("hybrid", plan.name, plan.source, plan.config, plan.dtype)]
-    if o.compare_transformer:
-        configs["transformer"] = transformer_twin(plan.config)
+    if plan.twin is not None:
         infos.append(model_info("transformer", "pure-attention twin", "built by nano (random weights)",
-                                configs["transformer"], plan.dtype))
+                                plan.twin, plan.dtype))
     notes = [plan.note] if plan.note else []
     longest = max(p + n for p, n in plan.lengths)
     if longest > plan.config.max_position_embeddings:
@@ -411,7 +450,7 @@ def run(o: BenchOptions, reporter: Reporter | None = None) -> BenchResult:
 
     reporter.status(f"loading {plan.name} ({plan.source}) on {plan.device}, {plan.dtype}")
     models = {"hybrid": _load(plan, o.seed)}
-    if o.compare_transformer:
+    if plan.twin is not None:
         reporter.status(f"building the pure-attention twin: {infos[1].pattern} ({infos[1].params:,} parameters vs "
                      f"{infos[0].params:,})")
         models["transformer"] = _build(configs["transformer"], plan, o.seed + 1)
@@ -431,21 +470,21 @@ def run(o: BenchOptions, reporter: Reporter | None = None) -> BenchResult:
     pairs = []
     for i, (p_len, out_len) in enumerate(plan.lengths):
         prompt = _prompt(plan.config.vocab_size, p_len, seed=o.seed + i)
-        free = torch.cuda.mem_get_info()[0] if plan.batch == "max" else 0
-        batches = {role: plan.batch if plan.batch != "max" else
-                   _largest_batch(configs[role], plan, p_len + out_len, free, o.prefill_chunk) for role in models}
+        if plan.batch == "max" and plan.device == "cuda":  # what the loaded models left free
+            plan.budget = gpu_budget(o.memory, torch.cuda.mem_get_info()[0])
+        sizes = batches(plan, p_len, out_len, o.prefill_chunk, plan.budget, notes)
         runs: dict[str, list[Run]] = {role: [] for role in models}
         peaks: dict[str, list[tuple[int, str]]] = {role: [] for role in models}
         measured: dict[str, int] = {}
         for rep in range(plan.repeats):
             for role, model in models.items():  # A B A B: machine noise hits both alike
-                measured[role] = _measure(model, plan, prompt, out_len, batches[role], o.prefill_chunk,
+                measured[role] = _measure(model, plan, prompt, out_len, sizes[role], o.prefill_chunk,
                                           runs[role], peaks[role], steps[role])
                 last = runs[role][-1]
-                reporter.status(f"{p_len}:{out_len} {role} run {rep + 1}/{plan.repeats}: batch {batches[role]}, "
+                reporter.status(f"{p_len}:{out_len} {role} run {rep + 1}/{plan.repeats}: batch {sizes[role]}, "
                              f"{last.output_tokens_per_s:,.1f} output tok/s")
-        m = {role: _summarise(role, configs[role], plan, p_len, out_len, batches[role], runs[role], measured[role],
-                              peaks[role]) for role in models}
+        m = {role: _summarise(role, configs[role], plan, p_len, out_len, sizes[role], o.prefill_chunk, runs[role],
+                              measured[role], peaks[role]) for role in models}
         pairs.append(PairResult(p_len, out_len, m["hybrid"], m.get("transformer")))
 
     ran = kernels.status(models["hybrid"].lm_head.weight.device)
@@ -455,4 +494,6 @@ def run(o: BenchOptions, reporter: Reporter | None = None) -> BenchResult:
         kernels=ran.label, kernels_detail=ran.describe(), load_before=load_before,
         load_after=_load_average(), seconds=time.perf_counter() - started, torch_version=torch.__version__,
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs", notes=notes,
+        memory_budget=None if plan.budget is None else plan.budget.bytes,
+        memory_budget_source=None if plan.budget is None else plan.budget.source,
         decode="compiled" if o.compile and all(s and s.compiled for s in steps.values()) else "eager")

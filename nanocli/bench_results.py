@@ -72,6 +72,7 @@ class Measurement:
     peak_memory_bytes: int
     peak_memory_source: str
     runs: list[Run]  # every repeat, for the record
+    memory_predicted: int = 0  # fit.estimate: cache + prefill activations of the batch (the weights aside)
 
     def to_json(self) -> dict[str, Any]:
         c = self.cache_predicted
@@ -81,7 +82,8 @@ class Measurement:
                 "ms_per_token": [list(point) for point in self.ms_per_token],
                 "cache_predicted": {"kv": c.kv, "conv": c.conv, "ssm": c.ssm, "total": c.total},
                 "cache_measured": self.cache_measured, "peak_memory_bytes": self.peak_memory_bytes,
-                "peak_memory_source": self.peak_memory_source, "runs": [r.to_json() for r in self.runs]}
+                "peak_memory_source": self.peak_memory_source, "memory_predicted": self.memory_predicted,
+                "runs": [r.to_json() for r in self.runs]}
 
 
 @dataclass
@@ -137,6 +139,8 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
     decode: str = "eager"  # "compiled": the decode steps ran through CompiledDecode (--compile)
     kernels_detail: str = ""  # kernels.KernelStatus.describe(): which runs, and why the others do not
+    memory_budget: int | None = None  # --max-batch: bytes each model's batch may use, the weights aside
+    memory_budget_source: str | None = None  # "--memory", or how the default was reached
 
     @property
     def hybrid(self) -> ModelInfo:
@@ -152,4 +156,5 @@ class BenchResult:
                 "dtype": self.dtype, "threads": self.threads, "batch": self.batch, "repeats": self.repeats,
                 "kernels": self.kernels, "load_before": self.load_before, "load_after": self.load_after,
                 "seconds": self.seconds, "torch_version": self.torch_version, "machine": self.machine,
-                "notes": self.notes, "decode": self.decode, "kernels_detail": self.kernels_detail}
+                "notes": self.notes, "decode": self.decode, "kernels_detail": self.kernels_detail,
+                "memory_budget": self.memory_budget, "memory_budget_source": self.memory_budget_source}

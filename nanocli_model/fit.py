@@ -29,6 +29,17 @@ layer at a time (inference frees each layer's buffers before the next):
 * the end: the last position's logits, in the model dtype and as float32, ``b V (s + 4)``.
 
 The peak is the hidden-state term plus the largest layer working set.
+
+``path="cpu"``: the same, except the Mamba scan, which on a CPU (``cpu_fastpath.ssd_chunked`` in blocks of
+``Q' = min(Q, cpu_ssd_block(N))``, T padded to T' = a multiple of Q', n' = b T', c' = T'/Q') holds at its peak five
+float32 (b, T', I) buffers (x dt, the diagonal blocks' output, x dt decayed to the chunk end, the off-diagonal
+output, y), B and C chunk-major ``2 n' G N 4``, three float32 (b, T', H) cumulative decays, the per-group C B^T
+and the per-head decay matrices ``b c' Q'^2 (G + H) 4``, the state entering every chunk and the final one
+``b (c' + 1) H P N 4``, the discretized dt ``n H 4`` (and, when T is padded or the model dtype is not float32,
+the padded / float32 copies of x, dt, B, C); the gated norm then holds y and two float32 ``n I 4`` buffers.
+Measured on the ``small`` profile (fp32, 2k-token prefill, batch 1 and 4, malloc returning every freed
+block): 70.5 / 278.8 MiB of peak RSS rise against 68.4 / 273 MiB here (the cuda path's figure is 44 / 176);
+the pure-attention twin's 26.6 / 106.9 MiB against 26.7 / 106.6 (attention and MLP allocate alike on both).
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ DEFAULT_PREFILL_CHUNK = 2048
 WEIGHT_DTYPES = ("bf16", "fp16", "fp8", "fp32", "int8")
 SSM_DTYPES = ("fp32", "bf16", "fp16")
 ATTENTION_KERNELS = ("flash", "eager")
+PATHS = ("cuda", "cpu")  # whose activations: the CUDA kernels' (mamba-ssm), or the CPU scan's (cpu_fastpath)
 # Projection weights: stored in 1 byte under fp8; embeddings, lm_head, norms, conv1d, A_log/D/dt_bias stay bf16.
 MATMUL_SUFFIXES = ("in_proj.weight", "out_proj.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
                    "o_proj.weight", "up_proj.weight", "down_proj.weight")
@@ -158,11 +170,32 @@ class Activations:
         return self.hidden + self.working_set(self.peak_kind)
 
 
+def cpu_ssd_block(state_size: int) -> int:
+    """The CPU scan's block (``kernels.cpu_ssd_block``, which imports torch; a test holds the two equal)."""
+    return 32 if state_size <= 64 else 64
+
+
+def _cpu_scan_bytes(c: NanoConfig, batch: int, T: int, s: int) -> int:
+    """The CPU Mamba scan's peak beyond the in_proj and conv outputs (the module docstring's ``path="cpu"``)."""
+    H, P, N, G, inner = c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size, c.n_groups, c.mamba_intermediate_size
+    Q = min(c.chunk_size, cpu_ssd_block(N), T)
+    Tp = -(-T // Q) * Q
+    n, npad, nc = batch * T, batch * Tp, Tp // Q
+    scan = (5 * npad * inner + 2 * npad * G * N + 3 * npad * H + batch * nc * Q * Q * (G + H)
+            + batch * (nc + 1) * H * P * N + n * H) * 4
+    if Tp != T or s != 4:  # x, dt, B, C copied padded / in float32
+        scan += npad * (inner + H) * 4 + 2 * npad * G * N * (4 if s == 4 else s + 4)
+    return max(scan, npad * inner * 4 + 2 * n * inner * 4)  # or: y and the gated norm's two buffers
+
+
 def activation_bytes(c: NanoConfig, batch: int, chunk: int, context: int, dtype: str = "bf16",
-                     attention: str = "flash") -> Activations:
-    """The activation peak of prefilling ``context`` tokens in pieces of ``chunk`` (capped at context)."""
+                     attention: str = "flash", path: str = "cuda") -> Activations:
+    """The activation peak of prefilling ``context`` tokens in pieces of ``chunk`` (capped at context), on the
+    CUDA kernels' path or (``path="cpu"``) the CPU's."""
     if attention not in ATTENTION_KERNELS:
         raise ConfigError(f"unknown attention kernel {attention!r}; use one of {', '.join(ATTENTION_KERNELS)}")
+    if path not in PATHS:
+        raise ConfigError(f"unknown activation path {path!r}; use one of {', '.join(PATHS)}")
     s = dtype_bytes(compute_dtype(dtype))
     T, S = min(chunk, context), context
     n, h = batch * T, c.hidden_size
@@ -179,7 +212,8 @@ def activation_bytes(c: NanoConfig, batch: int, chunk: int, context: int, dtype:
         layers[MAMBA] = {
             "in_proj output": n * c.mamba_in_proj_dim * s,
             "conv output": n * conv * s,
-            "scan / gated-norm buffers": max(n * conv * s, scan, n * inner * (4 + s), 3 * n * inner * 4),
+            "scan / gated-norm buffers": max(n * conv * s, scan, n * inner * (4 + s), 3 * n * inner * 4)
+            if path == "cuda" else max(n * conv * s, _cpu_scan_bytes(c, batch, T, s)),
         }
     if c.count(ATTENTION):
         heads, d = c.num_attention_heads, c.head_dim
@@ -224,9 +258,10 @@ class Estimate:
 
 def estimate(c: NanoConfig, context: int, batch: int = 1, dtype: str = "bf16", ssm_cache_dtype: str | None = None,
              prefill_chunk: int = DEFAULT_PREFILL_CHUNK, attention: str = "flash",
-             weights: int | None = None) -> Estimate:
+             weights: int | None = None, path: str = "cuda") -> Estimate:
     """The memory of serving ``batch`` sequences of ``context`` tokens. ``weights`` overrides the config's
-    weight bytes (exact figures from safetensors headers); ``ssm_cache_dtype`` defaults to the config's."""
+    weight bytes (exact figures from safetensors headers); ``ssm_cache_dtype`` defaults to the config's;
+    ``path="cpu"``: the CPU scan's activations (``nano bench --max-batch`` on a CPU)."""
     for name, value in (("context", context), ("batch", batch), ("prefill_chunk", prefill_chunk)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -237,7 +272,7 @@ def estimate(c: NanoConfig, context: int, batch: int = 1, dtype: str = "bf16", s
         weights=weights_bytes(c, d) if weights is None else weights,
         kv=kv_cache_bytes(c, batch, context, cd), conv=conv_state_bytes(c, batch, cd),
         ssm=ssm_state_bytes(c, batch, sd),
-        activations=activation_bytes(c, batch, prefill_chunk, context, d, attention))
+        activations=activation_bytes(c, batch, prefill_chunk, context, d, attention, path))
 
 
 def all_attention(c: NanoConfig) -> NanoConfig | None:

@@ -12,11 +12,12 @@ import sys
 import pytest
 
 from model_utils import needs_cxx
-from nanocli import bench, cli
+from nanocli import bench, bench_memory, cli
 from nanocli.bench import BenchError, BenchOptions
 from nanocli.profiles import load_model_profile
-from nanocli_model import memory
+from nanocli_model import fit, memory
 from nanocli_model.config import NanoConfig
+from nanocli_model.errors import ConfigError
 
 ENV_COLUMNS = {"COLUMNS": "100"}
 
@@ -63,18 +64,68 @@ def test_twin_that_cannot_match_is_an_error():
 
 # ---------------------------------------------------------------------------------------- parsing
 def test_batch_max_plans_with_the_given_prefill_chunk():
-    # --max-batch sizes the batch with fit.estimate at --prefill-chunk (the activations grow with it)
-    from nanocli_model import fit
-
+    # --max-batch on CUDA sizes the batch with fit.estimate at --prefill-chunk (the activations grow with it)
     c = load_model_profile("nemotron-nano-9b-v2").config
     plan = bench._Plan(c, "9b", "profile", None, [(8192, 1024)], "max", "cuda", "bf16", 1)
     free = 60 * 2**30
-    sizes = {chunk: bench._largest_batch(c, plan, 9216, free, chunk) for chunk in (512, 8192)}
-    budget = int(free * bench.GPU_MEMORY_SHARE) + fit.weights_bytes(c, "bf16")
+    budget = bench_memory.gpu_budget(None, free)
+    assert budget.bytes == int(free * bench_memory.GPU_MEMORY_SHARE)
+    sizes = {chunk: bench.batches(plan, 8192, 1024, chunk, budget)["hybrid"] for chunk in (512, 8192)}
     for chunk, n in sizes.items():
-        assert n == min(bench.MAX_AUTO_BATCH, fit.max_batch(c, budget, context=9216, dtype="bf16",
-                                                             prefill_chunk=chunk))
+        assert n == min(bench.MAX_AUTO_BATCH, fit.max_batch(c, budget.bytes + fit.weights_bytes(c, "bf16"),
+                                                             context=9216, dtype="bf16", prefill_chunk=chunk))
     assert sizes[512] > sizes[8192]
+
+
+def _cpu_plan(**kw):
+    return bench.resolve(BenchOptions(model="tiny", device="cpu", max_batch=True, **kw))
+
+
+def test_cpu_max_batch_is_the_memory_arithmetic():
+    """--max-batch on CPU: each model's batch is the largest whose cache + prefill activations (fit.estimate on the
+    CPU path, the weights aside) fit --memory; at long context the hybrid's is the larger (the twin's KV)."""
+    plan = _cpu_plan(memory=0.05, lengths="256:512,2k:6k", prefill_chunk=256)
+    budget = round(0.05 * 2**30)
+    assert plan.budget.bytes == budget and plan.budget.source == "--memory"
+    configs = {"hybrid": plan.config, "transformer": plan.twin}
+    sizes = {}
+    for prompt, output in plan.lengths:
+        sizes[prompt] = bench.batches(plan, prompt, output, 256, plan.budget)
+        for role, n in sizes[prompt].items():
+            need = [fit.estimate(configs[role], context=prompt + output, batch=b, dtype="fp32",
+                                 prefill_chunk=min(prompt, 256), path="cpu") for b in (n, n + 1)]
+            assert need[0].total - need[0].weights <= budget < need[1].total - need[1].weights, (prompt, role, n)
+    assert sizes[2048]["hybrid"] > 2 * sizes[2048]["transformer"] >= 2
+    assert sizes[256]["transformer"] > sizes[256]["hybrid"]  # short context: the Mamba prefill's buffers dominate
+
+
+def test_cpu_activations_model_the_cpu_scan():
+    from nanocli_model import kernels
+
+    for n in (16, 64, 128, 256):
+        assert fit.cpu_ssd_block(n) == kernels.cpu_ssd_block(n)
+    c = _config("small")
+    cpu, cuda = (fit.activation_bytes(c, 2, 2048, 4096, "fp32", path=p) for p in ("cpu", "cuda"))
+    assert cpu.working_set("mamba") > cuda.working_set("mamba")  # the per-chunk states and decay matrices
+    assert cpu.layers["mlp"] == cuda.layers["mlp"] and cpu.layers["attention"] == cuda.layers["attention"]
+    with pytest.raises(ConfigError, match="path"):
+        fit.activation_bytes(c, 1, 16, 16, path="tpu")
+
+
+def test_cpu_default_budget_is_available_memory_less_the_load(monkeypatch):
+    from nanocli import host_memory
+
+    available = 3 * 2**30
+    monkeypatch.setattr(host_memory, "read_host_memory", lambda: host_memory.HostMemory(available, "MemAvailable"))
+    plan = _cpu_plan(lengths="256:512")
+    need = host_memory.built_need(plan.config, "fp32") + host_memory.built_need(plan.twin, "fp32")
+    assert plan.budget.bytes == available - need.total and "MemAvailable" in plan.budget.source
+    with pytest.raises(BenchError, match="more than this machine can give"):
+        _cpu_plan(lengths="256:512", memory=2.5)
+    monkeypatch.setattr(host_memory, "read_host_memory", lambda: None)
+    with pytest.raises(BenchError, match="give --memory"):
+        _cpu_plan(lengths="256:512")
+    assert _cpu_plan(lengths="256:512", memory=0.5).budget.bytes == 2**29  # nothing to check it against
 
 
 def test_parse_lengths():
@@ -219,7 +270,12 @@ def test_help_shows_the_real_defaults(capsys, monkeypatch):
     (["--lengths", "0:16"], "at least 1"),
     (["--lengths", "-8:16"], "--lengths"),
     (["--batch", "0"], "--batch"),
-    (["--max-batch"], "CUDA"),
+    (["--max-batch", "--memory", "0"], "--memory must be a finite number > 0"),
+    (["--max-batch", "--memory", "-2"], "--memory must be a finite number > 0"),
+    (["--max-batch", "--memory", "nan"], "--memory must be a finite number > 0"),
+    (["--max-batch", "--memory", "lots"], "--memory"),
+    (["--max-batch", "--memory", "0.001", "--lengths", "2k:6k"], "not even one sequence of 8,192 tokens"),
+    (["--memory", "1"], "give --max-batch too"),
     (["--batch", "max"], "--batch max: not a whole number"),
     (["--batch", "2", "--max-batch"], "not both"),
     (["--repeats", "0"], "--repeats"),
@@ -234,6 +290,24 @@ def test_cli_bad_input_is_one_line(capsys, monkeypatch, args, words):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
     assert "Traceback" not in err
+
+
+def test_cli_max_batch_on_cpu(capsys, monkeypatch):
+    code, out, err = nano_bench(capsys, monkeypatch, "--model", "tiny", "--quick", "--lengths", "16:16", "--threads",
+                                "1", "--max-batch", "--memory", "0.02", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["batch"] == "max" and data["memory_budget"] == round(0.02 * 2**30)
+    assert data["memory_budget_source"] == "--memory"
+    hybrid, twin = data["pairs"][0]["hybrid"], data["pairs"][0]["transformer"]
+    for m in (hybrid, twin):
+        assert 1 < m["batch"] <= bench.MAX_AUTO_BATCH and 0 < m["memory_predicted"] <= data["memory_budget"]
+        assert m["cache_measured"] == m["cache_predicted"]["total"]
+        assert m["runs"][0]["output_tokens"] == 16 * m["batch"]
+    code, out, err = nano_bench(capsys, monkeypatch, "--model", "tiny", "--quick", "--lengths", "16:16", "--threads",
+                                "1", "--max-batch", "--memory", "0.02")
+    assert code == 0, err
+    assert "--max-batch: each model's largest batch in 0.02 GiB (--memory)" in out
 
 
 def test_cli_unknown_profile_and_missing_dir(capsys, monkeypatch, tmp_path):

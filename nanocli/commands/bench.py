@@ -33,6 +33,7 @@ class BenchOutput(JsonOutput):
 
 
 EXAMPLES = ["nano bench -m small --quick", "nano bench -m small --threads 1 --json --plot bench.png",
+            "nano bench -m small --threads 1 --lengths 2k:4k --max-batch --memory 2 --prefill-chunk 256",
             "nano bench -m runs/tiny-base/final --lengths 1k:2k,8k:16k --max-batch --device cuda"]
 
 
@@ -80,6 +81,24 @@ def whole_cells(table: Table, headers: list[str], rows: list[list[str]], left: i
 
 def _ratio(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}x"
+
+
+def _show_batch_memory(out, r: BenchResult) -> None:
+    """--max-batch: the budget, and per model and pair what nano's memory model predicts the batch needs
+    against what it really used (CPU: the peak RSS rise over the run)."""
+    rows = []
+    for p in r.pairs:
+        for m in (p.hybrid, p.transformer):
+            if m is not None:
+                real = ui.human_bytes(m.peak_memory_bytes) if m.peak_memory_source.endswith("rise over the run") else ""
+                rows.append([f"{p.prompt}:{p.output}" if m is p.hybrid else "", m.role, str(m.batch),
+                             ui.human_bytes(m.cache_predicted.total), ui.human_bytes(m.memory_predicted), real])
+    budget = f"{r.memory_budget / 2**30:.2f} GiB ({r.memory_budget_source})"
+    out.print(whole_cells(Table(title=f"--max-batch: each model's largest batch in {budget}", title_justify="left",
+                                box=box.SIMPLE_HEAD, show_edge=False, caption="predicted = cache + prefill "
+                                "activations (fit.estimate), the weights aside; peak RSS rise: the process's "
+                                "(CPU), allocator slack included", caption_justify="left"),
+                          ["in:out", "model", "batch", "cache", "predicted", "peak RSS\nrise"], rows, left=2))
 
 
 def show_bench(r: BenchResult, plot_path: str | None = None) -> None:
@@ -130,6 +149,8 @@ def show_bench(r: BenchResult, plot_path: str | None = None) -> None:
                 tms = p.transformer.ms_per_token[i][1]
                 row += [f"{tms:.2f}", f"{tms / ms:.2f}x"]
             rows.append(row)
+    if r.memory_budget is not None:
+        _show_batch_memory(out, r)
     tpot = whole_cells(Table(title="Time per output token as the context grows (ms per decode step, medians)",
                              title_justify="left", box=box.SIMPLE_HEAD, show_edge=False),
                        ["in:out", "context", "hybrid\nms", *(("transformer\nms", "transformer\n/ hybrid") if t else ())],

@@ -28,8 +28,8 @@ CONVENTIONS = """\
 - **`--json` is one line.** `--json` prints one JSON object on one line; `--json-indent N` prints it indented
   (and implies `--json`), every list of numbers or strings on one line.
 - **One meaning per name.** `--batch N` is a whole number of sequences in every command (`bench --max-batch`
-  asks for the largest batch that fits); `--top-k` is sampling in `generate` only (the teacher's top-k
-  logits are `distill --kd-top-k`, prune's distilled candidates `--distill-candidates`); `--seed N`,
+  asks for the largest batch that fits `--memory GiB`); `--top-k` is sampling in `generate` only (the
+  teacher's top-k logits are `distill --kd-top-k`, prune's distilled candidates `--distill-candidates`); `--seed N`,
   `--device auto|cpu|cuda`, `--dtype`, `--data SPEC`, `--cache-dir DIR`, `--recipe NAME|FILE` and
   `--dry-run` mean the same wherever they appear.
 - **Values.** `N` a whole number (`--context`, `--prefill-chunk` of `fit-check` and `prune`, and
