@@ -12,7 +12,7 @@ CAUSAL_CONV1D_PIN ?= causal-conv1d==1.7.0
 # make demo DEMO=demo-smoke: every stage at toy size in a minute or so
 DEMO ?= demo
 
-.PHONY: install install-gpu test lint demo clean bench soak gpu-check gpu-vendor
+.PHONY: install install-gpu test lint demo clean bench bench-llama soak gpu-check gpu-vendor
 
 install: $(STAMP)
 
@@ -51,6 +51,12 @@ bench: install
 	$(BIN)/python benchmarks/forward_throughput.py
 	$(BIN)/nano bench --model small --threads 1 --lengths 512:1024,1024:2048,2048:4096 \
 		--plot docs/img/bench-hybrid-vs-transformer.png
+
+# llama.cpp beside nano on the CPU, 1 thread (docs/BENCHMARKS.md, "llama.cpp as the CPU peer"; ~20 minutes on
+# medium). Needs the venv that benchmarks/llama_cpp_env.sh builds once (~10 min, prints its path): found in
+# ~/.cache/nano-peers/llama-venv or LLAMA_PYTHON=VENV/bin/python; without it the script says how to build it.
+bench-llama: install
+	$(BIN)/python benchmarks/llama_cpp_peer.py --profile medium --settings 256:128 2048:512 --reps 5
 
 # One CUDA GPU, offline, ~8 minutes: kernels vs reference, fit-check --measure on the 9B, FP8, bench decode
 # (gpu_check/README.md). Uses whichever python on the machine has CUDA torch; results in $$OUT.
