@@ -42,10 +42,11 @@ def load_profile(name: str) -> NanoConfig:
 
 
 @torch.no_grad()
-def decode(model, prompt: torch.Tensor, tokens: int, step=None) -> tuple[float, list[int]]:
-    """(decode tokens/s, greedy token ids) after a prefill of ``prompt`` (1, T); ``step``: a CompiledDecode."""
+def decode(model, prompt: torch.Tensor, tokens: int, step=None, cache_len: int = 0) -> tuple[float, list[int]]:
+    """(decode tokens/s, greedy token ids) after a prefill of ``prompt`` (1, T); ``step``: a CompiledDecode;
+    ``cache_len``: the cache's length (default: just enough)."""
     step = step or model
-    cache = model.allocate_cache(1, prompt.shape[1] + tokens + 1)
+    cache = model.allocate_cache(1, max(cache_len, prompt.shape[1] + tokens + 1))
     tok = model(prompt, cache)[:, -1].argmax(-1)
     out = [int(tok)]
     t = time.perf_counter()
@@ -106,7 +107,7 @@ def main() -> None:
 
         steps = {k: CompiledDecode(m) for k, m in variants.items()}
     for name, model in variants.items():  # warm-up: the decode layout, first-touch of the weights, the compile
-        decode(model, prompt, 4, steps[name])
+        decode(model, prompt, 4, steps[name], prompt.shape[1] + args.tokens + 1)  # the timed runs' cache size
         if steps[name] is not None:
             print(f"  {name}: compiled in {steps[name].compile_seconds:.1f} s"
                   + (f" (fell back to eager: {steps[name].fallback_reason})" if steps[name].fallback_reason else ""))

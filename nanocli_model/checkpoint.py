@@ -25,7 +25,7 @@ from .errors import CheckpointError
 from .headers import INDEX_NAME, SINGLE_NAME, read_safetensors_header, weight_file_list
 from .memory import canonical_dtype
 from .model import NanoForCausalLM
-from .quant import int8_skeleton, is_int8, quantize_int8, stored_int8
+from .quant import int8_skeleton, is_int8, quantize_int8, quantized_names, stored_int8
 
 log = logging.getLogger("nanocli_model")
 
@@ -79,9 +79,11 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
                     device: str | torch.device = "cpu", int8_lm_head: bool = True) -> NanoForCausalLM:
     """Load a NemotronH directory. ``dtype=None`` keeps the stored dtype of the weights.
 
-    ``dtype="int8"``: int8 projections (``quant.quantize_int8``, CPU only): float32 everywhere, then the
+    ``dtype="int8"``: int8 projections (``quant.quantize_int8``, CPU only): float32 everywhere, the
     projections (and lm_head, with ``int8_lm_head``) smoothed on the calibration batch and quantized per output
-    channel. A directory saved that way (``quantization_config.quant_method == "nano-int8"``) loads back as
+    channel, one layer at a time: each layer's projection weights are read from the files only when the
+    calibration pass reaches that layer and are freed once quantized, so the peak is the int8 model plus one
+    layer's float projections (or the float lm_head), not the whole float model. A directory saved that way (``quantization_config.quant_method == "nano-int8"``) loads back as
     saved, without re-quantizing: int8 weights, float32 scales and smoothing as stored, the rest in ``dtype``.
 
     The model is built on the meta device and the memory-mapped tensors are assigned into it, so a
@@ -105,6 +107,9 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
         if stored_q is not None:
             int8_skeleton(model, stored_q)
     int8_names = {k for k, v in model.state_dict().items() if v.dtype == torch.int8}
+    # --dtype int8 from a float checkpoint: projection weights are read layer by layer by quantize_int8
+    deferred = ({f"{n}.weight" for n in quantized_names(model, int8_lm_head)} if quantize and stored_q is None
+                else set())
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -151,7 +156,8 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for canon, (name, file) in stored.items():
-        by_file.setdefault(file, []).append((canon, name))
+        if canon not in deferred:
+            by_file.setdefault(file, []).append((canon, name))
     for file, names in by_file.items():
         try:
             with safe_open(str(file), framework="pt", device=str(device) if device.type != "cpu" else "cpu") as f:
@@ -162,12 +168,23 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
                     state[canon] = _finite(t, name, file, t.dtype if keep else target)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{file}: cannot read tensor data ({e}); the file is truncated or corrupt") from None
-    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    model.load_state_dict(state, strict=not (config.tie_word_embeddings or deferred), assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
-    if quantize and stored_q is None:
-        quantize_int8(model, lm_head=int8_lm_head)
+    if deferred:
+        quantize_int8(model, lm_head=int8_lm_head, read=lambda module: _read_float(stored[f"{module}.weight"]))
     return model.eval()
+
+
+def _read_float(where: tuple[str, Path]) -> torch.Tensor:
+    """One stored tensor, as float32 (a deferred projection weight of an int8 load)."""
+    name, file = where
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            t = f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: cannot read tensor data ({e}); the file is truncated or corrupt") from None
+    return _finite(t, name, file, torch.float32)
 
 
 def _finite(tensor: torch.Tensor, name: str, file: Path, target: torch.dtype) -> torch.Tensor:

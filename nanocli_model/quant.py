@@ -29,17 +29,20 @@ int8, ~200x slower than fp32 at decode shapes), and inductor's lowering of a com
 * s`` (8-lane partial int8 loads: ~10x slower than fp32). Under ``CompiledDecode`` the fbgemm call runs as an
 opaque custom op (``nano::int8_gemv``) inside the compiled step.
 
-Saved models (``checkpoint.save_pretrained``) store ``<name>.weight`` as I8 and ``<name>.weight_scale`` as F32,
+Saved models (``checkpoint.save_pretrained``) store ``<name>.weight`` as I8, ``<name>.weight_scale`` and
+``<name>.smooth`` as F32,
 with ``quantization_config`` = ``{"quant_method": "nano-int8", ...}`` in config.json; ``load_pretrained`` reads
 them back as they are (no re-quantization).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -222,13 +225,21 @@ def calibration_ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(min(3, vocab_size - 1), vocab_size, CALIBRATION, generator=g)
 
 
-@torch.no_grad()
-def smoothing_factors(model: nn.Module, names: list[str], alpha: float, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """SmoothQuant's per-input-channel divisors of the Linears ``names``: ``max|x_j|^alpha / max|W_:,j|^(1-alpha)``
-    with max|x_j| over the inputs each sees while ``model`` runs the rows of ``ids`` (one sequence a forward).
+def smoothing_divisors(amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel divisors of one Linear: ``max|x_j|^alpha / max|W_:,j|^(1-alpha)``, with
+    ``amax`` (in,) the max |input| each channel saw on the calibration batch.
 
     A channel the calibration never drives above a tenth of the median channel's range is taken at that tenth,
     so a rare channel cannot get a tiny divisor that would blow its inputs up later."""
+    a = torch.maximum(amax, 0.1 * amax.median()).clamp(min=1e-5)
+    w = weight.detach().float().abs().amax(0).clamp(min=1e-5)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+
+
+@contextlib.contextmanager
+def input_maxima(model: nn.Module, names: list[str]):
+    """Yields a dict that fills, while the block runs, with max |x_j| (in,) over the inputs each Linear in
+    ``names`` sees (forward hooks, removed on exit)."""
     amax: dict[str, torch.Tensor] = {}
 
     def record(name):
@@ -237,24 +248,12 @@ def smoothing_factors(model: nn.Module, names: list[str], alpha: float, ids: tor
             amax[name] = torch.maximum(amax[name], a) if name in amax else a
         return hook
 
-    device = next(model.parameters()).device
     hooks = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
-    was_training = model.training
-    model.eval()
     try:
-        for row in ids:
-            model(row[None].to(device))
+        yield amax
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
-    out = {}
-    for n in names:
-        a = amax[n]
-        a = torch.maximum(a, 0.1 * a.median()).clamp(min=1e-5)
-        w = model.get_submodule(n).weight.detach().float().abs().amax(0).clamp(min=1e-5)
-        out[n] = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
-    return out
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -264,22 +263,61 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize_int8(model: nn.Module, lm_head: bool = True, alpha: float | None = SMOOTH_ALPHA,
-                  calibration: torch.Tensor | None = None) -> nn.Module:
-    """Replace the projections (and lm_head) of ``model`` by ``Int8Linear`` in place, layer by layer (the float
-    weight of each is freed as soon as it is replaced). Records ``quantization_config`` in ``model.config``.
+                  calibration: torch.Tensor | None = None,
+                  read: Callable[[str], torch.Tensor] | None = None) -> nn.Module:
+    """Replace the projections (and lm_head) of ``model`` by ``Int8Linear`` in place. Records
+    ``quantization_config`` in ``model.config``.
 
-    With ``alpha`` (default ``SMOOTH_ALPHA``; None: no smoothing) the fp32 model first runs ``calibration``
-    (default ``calibration_ids``) to set each Linear's smoothing divisors (``smoothing_factors``)."""
+    With ``alpha`` (default ``SMOOTH_ALPHA``; None: no smoothing) each Linear's smoothing divisors
+    (``smoothing_divisors``) come from the inputs it sees while the float model runs ``calibration`` (default
+    ``calibration_ids``; one sequence a forward). This goes layer by layer: the calibration hidden states run
+    through the float layer i, recording its projections' inputs; then those projections are quantized and
+    their float weights freed, and the float layer's outputs go on to layer i + 1. So beyond the int8 weights
+    one layer's float projections are in memory at a time, and the divisors are the float model's.
+
+    ``read(name)``: the float weight of Linear ``name``, for a model whose projection weights are not loaded
+    yet (meta tensors: ``checkpoint.load_pretrained`` reads each as the pass reaches it); by default the weight
+    the model holds."""
     if model.device.type != "cpu":
         raise ConfigError(f"int8 weights run on the CPU only (fbgemm's int8 kernels); the model is on "
                           f"{model.device.type}: use --device cpu or --dtype bf16")
     names = [n for n in quantized_names(model, lm_head) if isinstance(model.get_submodule(n), nn.Linear)]
-    smooth = {}
-    if alpha is not None and names:
-        ids = calibration_ids(model.config.vocab_size) if calibration is None else calibration
-        smooth = smoothing_factors(model, names, alpha, ids)
-    for name in names:
-        _replace(model, name, Int8Linear.from_linear(model.get_submodule(name), smooth.get(name)))
+
+    def float_linear(name: str) -> nn.Linear:
+        linear = model.get_submodule(name)
+        if read is not None:
+            linear.weight = nn.Parameter(read(name), requires_grad=False)
+        return linear
+
+    def quantize(name: str, amax: torch.Tensor | None) -> None:
+        linear = model.get_submodule(name)
+        smooth = None if amax is None else smoothing_divisors(amax, linear.weight, alpha)
+        _replace(model, name, Int8Linear.from_linear(linear, smooth))
+
+    if alpha is None or not names:
+        for name in names:
+            float_linear(name)
+            quantize(name, None)
+    else:
+        was_training = model.training
+        model.eval()
+        try:
+            ids = calibration_ids(model.config.vocab_size) if calibration is None else calibration
+            hidden = [model.backbone.embeddings(row[None]) for row in ids]
+            for i, layer in enumerate(model.backbone.layers):
+                group = [n for n in names if n.startswith(f"backbone.layers.{i}.")]
+                for name in group:
+                    float_linear(name)
+                with input_maxima(model, group) as amax:
+                    hidden = [layer(h, None, 0, None) for h in hidden]
+                for name in group:
+                    quantize(name, amax[name])
+            if "lm_head" in names:
+                float_linear("lm_head")
+                normed = [model.backbone.norm_f(h).reshape(-1, h.shape[-1]).abs().amax(0) for h in hidden]
+                quantize("lm_head", torch.stack(normed).amax(0))
+        finally:
+            model.train(was_training)
     model.config = model.config.replace(extra={**model.config.extra,
                                                "quantization_config": quantization_config(lm_head, alpha)})
     return model

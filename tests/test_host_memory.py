@@ -219,14 +219,25 @@ def test_bench_with_room_keeps_fp32(machine):
     assert plan.dtype == "fp32" and plan.note is None
 
 
-def test_int8_needs_the_fp32_load_unless_the_directory_is_saved_quantized(nine_b, tmp_path):
-    """--dtype int8 builds the model in fp32 and quantizes it: the fp32 figure; a saved int8 directory loads as
-    stored (its headers' bytes)."""
+def test_int8_from_bf16_needs_the_int8_model_and_one_float_layer_so_the_9b_fits_24_gb(
+        capsys, monkeypatch, nine_b, machine, tmp_path):
+    """--dtype int8 from a float checkpoint reads the projections layer by layer (``quant.quantize_int8``): the
+    int8 model's bytes (config arithmetic and headers agree) plus the largest step, the 9B's lm_head in fp32
+    while its bf16 copy is cast; a saved int8 directory loads as stored (its headers' bytes)."""
     from model_utils import randomize
-    from nanocli_model import NanoForCausalLM, load_pretrained, save_pretrained
+    from nanocli_model import NanoForCausalLM, fit, save_pretrained
+    from nanocli_model.checkpoint import load_pretrained  # the real one (the fixture replaces the package's)
 
     tensors = read_checkpoint_tensors(nine_b)
-    assert load_need(tensors, "int8") == load_need(tensors, "fp32")
+    config = load_model_profile("nemotron-nano-9b-v2").config
+    need = load_need(tensors, "int8")
+    assert need.weights == fit.weights_bytes(config, "int8")
+    assert need.transient == EMBEDDING_9B * (4 + 2)  # lm_head: fp32 + its bf16 copy, more than any layer
+    assert need.total < load_need(tensors, "bf16").total < GB24.available < load_need(tensors, "fp32").total
+    monkeypatch.setattr("nanocli_model.load_pretrained", refuse)
+    with pytest.raises(NotLoaded, match="int8 cpu"):  # the check lets it load on a 24 GB machine
+        run(capsys, monkeypatch, "-m", nine_b, "hi", "--dtype", "int8", "--max-new-tokens", "1")
+
     src = save_pretrained(randomize_model(NanoForCausalLM, randomize), tmp_path / "fp32")
     saved = save_pretrained(load_pretrained(src, dtype="int8"), tmp_path / "int8")
     stored = read_checkpoint_tensors(saved)

@@ -15,10 +15,13 @@ from nanocli_model.quant import (
     QUANT_METHOD,
     SMOOTH_ALPHA,
     Int8Linear,
+    calibration_ids,
+    input_maxima,
     parameter_count,
     quantize_int8,
     quantize_rows,
-    smoothing_factors,
+    quantized_names,
+    smoothing_divisors,
 )
 
 # Per-channel symmetric int8 rounds each weight by at most scale/2 = max|row|/254. Decode rows (up to
@@ -124,7 +127,11 @@ def test_smoothing_factors_follow_smoothquant_from_the_calibration_inputs():
     rows = torch.randn(3, 5, 16, generator=g)
     rows[..., 2] *= 40  # an outlier channel
     rows[..., 7] = 0.0  # a channel never driven
-    s = smoothing_factors(nn.Sequential(lin), ["0"], 0.65, rows)["0"].double()
+    model = nn.Sequential(lin)
+    with torch.no_grad(), input_maxima(model, ["0"]) as amax:
+        for r in rows:
+            model(r)
+    s = smoothing_divisors(amax["0"], lin.weight, 0.65).double()
     a = rows.double().abs().reshape(-1, 16).amax(0)
     a = torch.maximum(a, 0.1 * a.median())
     want = a**0.65 / lin.weight.double().abs().amax(0) ** 0.35
@@ -146,7 +153,8 @@ def test_smoothing_cuts_the_decode_error_of_inputs_with_outlier_channels():
         x[:, :4] *= 30
         return x
 
-    smooth = smoothing_factors(nn.Sequential(lin), ["0"], SMOOTH_ALPHA, inputs(64)[None])["0"]
+    x = inputs(64)
+    smooth = smoothing_divisors(x.abs().amax(0), lin.weight, SMOOTH_ALPHA)
     plain, smoothed = Int8Linear.from_linear(lin), Int8Linear.from_linear(lin, smooth)
     x = inputs(8)[:, None]  # 8 decode calls of one row each
     ref = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
@@ -165,6 +173,40 @@ def _saved(tmp_path, seed=0, **overrides):
     m = NanoForCausalLM(tiny_config(**overrides))
     randomize(m, seed)
     return save_pretrained(m, tmp_path / "fp32")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_layer_by_layer_load_equals_quantizing_the_whole_float_model(tmp_path, monkeypatch, tied):
+    """``load_pretrained(dtype="int8")`` reads each layer's projections only when its calibration pass reaches
+    it. Its int8 weights, scales and divisors must equal those of the simplest form: the whole fp32 model
+    loaded, every projection's input maxima recorded over whole-model forwards of the calibration rows, then
+    each Linear quantized with those divisors. And no layer's weights may be read before the layers below it
+    are quantized."""
+    path = _saved(tmp_path, seed=6, tie_word_embeddings=tied)
+    ref = load_pretrained(path, dtype="fp32")
+    names = quantized_names(ref)
+    with torch.no_grad(), input_maxima(ref, names) as amax:
+        for row in calibration_ids(ref.config.vocab_size):
+            ref(row[None])
+    want = {n: Int8Linear.from_linear(ref.get_submodule(n),
+                                      smoothing_divisors(amax[n], ref.get_submodule(n).weight, SMOOTH_ALPHA))
+            for n in names}
+
+    from nanocli_model import checkpoint
+
+    reads, real_read = [], checkpoint._read_float
+
+    def spy(where):  # the reads are in layer order, and a layer's weights are read while the rest is not int8
+        reads.append(where[0])
+        return real_read(where)
+    monkeypatch.setattr(checkpoint, "_read_float", spy)
+    q = load_pretrained(path, dtype="int8")
+    assert reads == [f"{n}.weight" for n in names]  # each once, lower layers first, lm_head last
+    assert ("lm_head" in names) is not tied
+    for n in names:
+        got, exp = q.get_submodule(n), want[n]
+        assert torch.equal(got.int8_weight(), exp.int8_weight()), n
+        assert torch.equal(got.weight_scale, exp.weight_scale) and torch.equal(got.smooth, exp.smooth), n
 
 
 def test_whole_model_logits_close_to_fp32_prefill_and_decode(tmp_path):
