@@ -77,6 +77,19 @@ def tiny_checkpoint(tmp_path_factory):
     return root
 
 
+def test_a_saved_int8_directory_is_checked_at_its_stored_bytes(capsys, tiny_checkpoint, tmp_path):
+    """``nano generate --dtype int8 --save-quantized`` writes int8 weights with float32 scales and smoothing
+    divisors: fit-check takes it as int8 and its weights term is exactly the bytes the headers hold."""
+    from nanocli_model import load_pretrained, save_pretrained
+
+    saved = save_pretrained(load_pretrained(tiny_checkpoint / "fp32", dtype="int8"), tmp_path / "int8")
+    code, out, err = main_in_process(capsys, "fit-check", "--model", str(saved), "--gpu", "24GB", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["dtype"] == "int8"
+    assert data["terms"]["weights"] == sum(t.nbytes for t in read_checkpoint_tensors(saved).tensors)
+
+
 # ---------------------------------------------------------------------------- the report's case
 def test_9b_v2_fits_the_a10g_profile_at_128k_as_in_the_report():
     r = check("nemotron-nano-9b-v2", context=131072, batch=1, dtype="bf16")

@@ -115,6 +115,10 @@ def _fit_rows(r: FitCheckResult) -> list[tuple[str, int, str, str]]:
     if e.dtype == "fp8":
         mm = fit.matmul_params(c)
         how = f"{mm:,} x 1 B + {params - mm:,} x 2 B (fp8"
+    elif e.dtype == "int8":
+        q = fit.matmul_params(c) + param_count(c).lm_head
+        how = (f"{q:,} x 1 B + {fit.int8_rows(c) + fit.int8_cols(c):,} scales and divisors x 4 B + "
+               f"{params - q:,} x 4 B (int8")
     else:
         how = f"{params:,} x {dtype_bytes(e.dtype)} B ({e.dtype}"
     how += ", exact from headers)" if t else ")"

@@ -204,9 +204,9 @@ def _check_tensors(tensors: CheckpointTensors, config: NanoConfig, path: Path) -
     """The headers must hold the config's parameters, as ``load_pretrained`` will insist."""
     if config.tie_word_embeddings:  # one copy in memory; a stored lm_head is the same tensor
         tensors = dataclasses.replace(tensors, tensors=[t for t in tensors.tensors if t.name != "lm_head.weight"])
-    if any(t.name.endswith(".weight_scale") for t in tensors.tensors):  # a saved int8 model: scales are no params
-        tensors = dataclasses.replace(tensors, tensors=[t for t in tensors.tensors
-                                                        if not t.name.endswith(".weight_scale")])
+    if any(t.name.endswith(".weight_scale") for t in tensors.tensors):  # a saved int8 model: its scales and
+        tensors = dataclasses.replace(tensors, tensors=[t for t in tensors.tensors  # divisors are no parameters
+                                                        if not t.name.endswith((".weight_scale", ".smooth"))])
     expected = param_count(config).total
     if tensors.params != expected:
         raise CheckpointError(f"{path}: the safetensors headers hold {tensors.params:,} parameters but "
