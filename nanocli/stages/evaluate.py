@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from nanocli_model.errors import NanoError
-from nanocli_model.quant import parameter_count
 
 from .. import settings
 from ..reasoning_accuracy import Accuracy
@@ -213,6 +212,8 @@ def run(o: EvalOptions, reporter: Reporter | None = None, loaded=None) -> EvalRe
 
 
 def _evaluate(o: EvalOptions, loaded, reporter: Reporter, t0: float) -> EvalResult:
+    from nanocli_model.quant import parameter_count  # imports torch: not at registration
+
     model, tokenizer = loaded.model, loaded.tokenizer
     result = EvalResult(options=o, params=parameter_count(model), device=loaded.device,
                         dtype=loaded.dtype, notes=list(loaded.notes))
