@@ -180,8 +180,8 @@ def test_layer_by_layer_load_equals_quantizing_the_whole_float_model(tmp_path, m
     """``load_pretrained(dtype="int8")`` reads each layer's projections only when its calibration pass reaches
     it. Its int8 weights, scales and divisors must equal those of the simplest form: the whole fp32 model
     loaded, every projection's input maxima recorded over whole-model forwards of the calibration rows, then
-    each Linear quantized with those divisors. And no layer's weights may be read before the layers below it
-    are quantized."""
+    each Linear quantized with those divisors. And the weights are read once each, in layer order, lm_head
+    last: the order the calibration pass reaches them."""
     path = _saved(tmp_path, seed=6, tie_word_embeddings=tied)
     ref = load_pretrained(path, dtype="fp32")
     names = quantized_names(ref)
