@@ -83,8 +83,9 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
     projections (and lm_head, with ``int8_lm_head``) smoothed on the calibration batch and quantized per output
     channel, one layer at a time: each layer's projection weights are read from the files only when the
     calibration pass reaches that layer and are freed once quantized, so the peak is the int8 model plus one
-    layer's float projections (or the float lm_head), not the whole float model. A directory saved that way (``quantization_config.quant_method == "nano-int8"``) loads back as
-    saved, without re-quantizing: int8 weights, float32 scales and smoothing as stored, the rest in ``dtype``.
+    layer's float projections (or the float lm_head), not the whole float model. A directory saved that way
+    (``quantization_config.quant_method == "nano-int8"``) loads back as saved, without re-quantizing: int8
+    weights, float32 scales and smoothing divisors as stored, the rest in ``dtype``.
 
     The model is built on the meta device and the memory-mapped tensors are assigned into it, so a
     checkpoint needs about one copy of its weights in memory. Strict: any missing, unexpected or
@@ -111,6 +112,9 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
     deferred = ({f"{n}.weight" for n in quantized_names(model, int8_lm_head)} if quantize and stored_q is None
                 else set())
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+
+    def int8_float32(canon: str) -> bool:  # an int8 Linear's scale or smoothing divisor: F32, kept as stored
+        return canon.endswith((".weight_scale", ".smooth")) and canon.rsplit(".", 1)[0] + ".weight" in int8_names
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
 
@@ -144,7 +148,7 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
             if st_dtype != "I8":
                 raise CheckpointError(f"{file}: tensor {name} has dtype {st_dtype}; config.json's "
                                       "quantization_config says int8 (I8)")
-        elif canon.endswith((".weight_scale", ".smooth")) and canon.rsplit(".", 1)[0] + ".weight" in int8_names:
+        elif int8_float32(canon):
             if st_dtype != "F32":
                 raise CheckpointError(f"{file}: tensor {name} has dtype {st_dtype}; an int8 scale is F32")
         elif st_dtype not in _SAFETENSORS_DTYPES:
@@ -162,8 +166,7 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
         try:
             with safe_open(str(file), framework="pt", device=str(device) if device.type != "cpu" else "cpu") as f:
                 for canon, name in names:
-                    keep = canon in int8_names or (canon.endswith((".weight_scale", ".smooth")) and  # as stored
-                                                   canon.rsplit(".", 1)[0] + ".weight" in int8_names)
+                    keep = canon in int8_names or int8_float32(canon)  # as stored
                     t = f.get_tensor(name)
                     state[canon] = _finite(t, name, file, t.dtype if keep else target)
         except (SafetensorError, OSError, RuntimeError) as e:
