@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import time
 import typing
 from dataclasses import dataclass, field
@@ -45,9 +46,13 @@ class DemoError(NanoError):
 
 
 class DemoInterrupted(DemoError):
-    """A stage stopped on Ctrl-C / SIGTERM after writing its checkpoint: a rerun resumes it."""
+    """A stage stopped on Ctrl-C / SIGTERM after writing its checkpoint: a rerun resumes it. ``exit_code`` is
+    128 + the signal that stopped the stage (130 / 143), as for the training commands."""
 
-    exit_code = 130
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
 
 
 # ------------------------------------------------------------------------------------------ the recipe
@@ -292,7 +297,7 @@ def _distill(section: Section, out: Path, done: dict, reporter: Reporter):
 def _check_finished(res, name: str) -> None:
     if getattr(res, "interrupted", False):
         raise DemoInterrupted(f"demo stage {name} was interrupted; its checkpoint is kept: run `make demo` "
-                              "again to resume")
+                              "again to resume", getattr(res, "signal", None) or signal.SIGINT)
 
 
 # ------------------------------------------------------------------------------------------ measure

@@ -4,6 +4,7 @@ every model is measured, a rerun skips finished stages, and a failing stage stop
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,27 @@ def test_a_failing_stage_stops_the_demo_with_its_own_error(demo_run, tmp_path):
     assert last.startswith("error: demo stage prune failed:") and "Traceback" not in p.stderr
     assert (tmp_path / "runs" / "grpo" / "final" / "config.json").is_file()  # earlier stages are kept
     assert not (tmp_path / "runs" / "prune").exists() or not any((tmp_path / "runs" / "prune").iterdir())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_stage_exits_128_plus_its_signal(sig, tmp_path, monkeypatch, capsys):
+    """A stage stopped by a signal (its result says which) ends ``nano demo`` with 128 + that signal, as the
+    training commands do: 130 for SIGINT, 143 for SIGTERM; one error line, and no later stage runs."""
+    from nanocli import cli
+    from nanocli.stages import align, pretrain
+
+    def stopped(options, reporter=None, plan=None):
+        return pretrain.PretrainResult(plan=None, interrupted=True, signal=int(sig))
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the stage after the interrupted one ran")
+
+    monkeypatch.setattr(pretrain, "run", stopped)
+    monkeypatch.setattr(align, "run", not_reached)
+    monkeypatch.setattr("sys.argv", ["nano", "demo", "--recipe", str(SMOKE), "--out", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 128 + sig, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: demo stage pretrain was interrupted") and "Traceback" not in err
