@@ -179,5 +179,13 @@ def torch_dtype(name: str):
 
 
 def cache_dir(value: str | None) -> Path:
-    """Where tokenized shards are cached: ``value``, else ``$NANO_CACHE``, else ``~/.cache/nano``."""
-    return Path(value or os.environ.get("NANO_CACHE") or Path.home() / ".cache" / "nano")
+    """nano's cache directory (tokenized shards, the chat history): ``value`` (``--cache-dir``), else
+    ``$NANO_CACHE``, else ``$XDG_CACHE_HOME/nano``, else ``~/.cache/nano``. As the XDG base-directory
+    specification says, an empty or relative ``$XDG_CACHE_HOME`` is ignored; an empty ``$NANO_CACHE`` too."""
+    if value:
+        return Path(value)
+    if os.environ.get("NANO_CACHE"):
+        return Path(os.environ["NANO_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "nano"

@@ -2,9 +2,10 @@
 
 Lines are read with ``input()``; where the stdlib ``readline`` imports and stdin is a terminal it gives line
 editing and a history kept in ``<cache dir>/chat_history`` (``resolve.cache_dir``: ``$NANO_CACHE``, else
-``~/.cache/nano``), read at the start and written at the end. A line starting with ``\"\"\"`` opens a
-multi-line message, closed by a line ending with ``\"\"\"``; the block is one user turn, even when it starts
-with ``/``. Every other line goes to the ``stages/chat.py`` session, which answers commands itself.
+``$XDG_CACHE_HOME/nano``, else ``~/.cache/nano``), read at the start and written at the end. A line starting
+with ``\"\"\"`` opens a multi-line message, closed by a line ending with ``\"\"\"``; the block is one user
+turn, even when it starts with ``/``. Every other line goes to the ``stages/chat.py`` session, which answers
+commands itself.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ class PerplexityText(settings.Group):
     ppl_tokens: int = 65_536
     """Tokens scored for perplexity at most."""
     cache_dir: str | None = None
-    """Token shard cache for --data (default $NANO_CACHE or ~/.cache/nano)."""
+    """Token shard cache for --data (default $NANO_CACHE, else $XDG_CACHE_HOME/nano, else ~/.cache/nano)."""
 
     def check(self) -> None:
         settings.at_least(self, 1, "seq_len")

@@ -141,7 +141,7 @@ class Calibration(settings.Group):
     scores: str | None = None
     """Importance scores file (safetensors): reused when it exists, written otherwise."""
     cache_dir: str | None = None
-    """Token shard cache (default $NANO_CACHE or ~/.cache/nano)."""
+    """Token shard cache (default $NANO_CACHE, else $XDG_CACHE_HOME/nano, else ~/.cache/nano)."""
 
     def check(self) -> None:
         settings.at_least(self, 1, "calib_samples", "calib_seq_len", "calib_batch", "heldout_samples")

@@ -188,7 +188,7 @@ class TokenData(Group):
     """Data spec: files, globs, directories, shards or synthetic:reasoning; SOURCE@WEIGHT;SOURCE@WEIGHT blends
     (a recipe may name sources and curriculum phases)."""
     cache_dir: str | None = None
-    """Token shard cache (default $NANO_CACHE or ~/.cache/nano)."""
+    """Token shard cache (default $NANO_CACHE, else $XDG_CACHE_HOME/nano, else ~/.cache/nano)."""
 
     def check(self) -> None:
         if self.data is None:
