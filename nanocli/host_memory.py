@@ -26,6 +26,23 @@ bf16 weights keeps them mapped until the decode layout copies them), page cache 
 ``--dtype auto`` on CPU takes the widest dtype that fits: fp32 (fastest on most CPUs), else bf16, and says
 why; an explicit dtype that does not fit, or nothing fitting, is one ``HostMemoryError`` line, before any
 weight is read. Where the memory cannot be read (not Linux), nothing is checked and auto means fp32.
+
+**The other stages** (``check_cpu``), on the CPU only (a GPU run has ``nano fit-check``), before any weight
+or optimizer state is read: every model the stage holds in this process, summed, with the largest load
+transient and one RUNTIME_MARGIN, times the processes on this host (torchrun's ``LOCAL_WORLD_SIZE``: each
+holds its own replica):
+
+* ``nano pretrain`` / ``align`` / ``distill``: the trained model at ``TRAIN_BYTES_PER_PARAM`` = 16 bytes a
+  parameter (``training``): fp32 master weights, their gradients and AdamW's two fp32 moments (exp_avg,
+  exp_avg_sq), the ~16 bytes the CUDA out-of-memory messages of pretrain and align name; under
+  ``--parallel fsdp`` the 16 are sharded over the processes, but each process first loads the whole fp32
+  model (4 bytes a parameter). ``align`` adds the frozen fp32 reference of DPO (and of GRPO with a KL
+  term): a copy of the policy's weights; ``distill`` adds the teacher when it runs on the CPU, as loaded in
+  ``--teacher-dtype``. Activations of the training forward/backward, and a resume's optimizer state while it
+  is read from ``trainer_state.pt``, are not counted: the check is a floor, refusing a run that cannot fit,
+  not a promise that one fits;
+* ``nano prune``: the parent, loaded in fp32 as in ``load_need`` (the pruned copy and the candidates' short
+  distillation, smaller than the parent, are not counted).
 """
 
 from __future__ import annotations
@@ -39,10 +56,11 @@ from pathlib import Path
 from nanocli_model import fit
 from nanocli_model.config import MAMBA, MLP, NanoConfig
 from nanocli_model.errors import NanoError
-from nanocli_model.headers import CheckpointTensors
+from nanocli_model.headers import CheckpointTensors, read_checkpoint_tensors
 
 GIB = 2**30
 RUNTIME_MARGIN = 1 * GIB
+TRAIN_BYTES_PER_PARAM = 16  # fp32 weights 4 + gradients 4 + AdamW's exp_avg 4 and exp_avg_sq 4
 UNLIMITED = 2**60  # a cgroup limit at or above this is "no limit" (v1 writes 2^63 rounded to the page)
 AUTO_ORDER = ("fp32", "bf16")  # --dtype auto on CPU: the first that fits
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -251,3 +269,51 @@ def plan_cpu_load(name: str, need: Callable[[str], LoadNeed] | None, dtype: str,
     else:
         hint = "no smaller dtype loads on the CPU: free some memory, or run it on a GPU (--device cuda)"
     raise HostMemoryError(f"{name} in {dtype} needs {_explain(need)}; {have}: {hint}")
+
+
+# ---------------------------------------------------------------------------- the training stages and prune
+def training(load: LoadNeed, shards: int = 1) -> LoadNeed:
+    """Training a model whose fp32 load need is ``load`` (``load_need(tensors, "fp32")``, or ``built_need``):
+    ``TRAIN_BYTES_PER_PARAM`` a parameter instead of the fp32 weights' 4; ``shards`` > 1 (FSDP): that much per
+    process, but never less than the whole fp32 model each process loads before it is sharded."""
+    if load.dtype != "fp32":
+        raise ValueError(f"training() takes the fp32 load need, not {load.dtype}'s")
+    states = load.weights * TRAIN_BYTES_PER_PARAM // 4
+    return LoadNeed("fp32", max(load.weights, states // max(1, shards)), load.transient, load.runtime)
+
+
+TRAINED = "fp32 weights, gradients and AdamW moments"  # what ``training`` counts, as check_cpu's parts say it
+
+
+def loaded(directory: Path, dtype: str) -> LoadNeed:
+    """``load_need`` of the checkpoint in ``directory`` (its headers: exact)."""
+    tensors = read_checkpoint_tensors(directory)
+    if tensors is None:  # resolve.model_target refuses a directory without weights before this
+        raise HostMemoryError(f"{directory}: no safetensors weights")
+    return load_need(tensors, dtype)
+
+
+def trained(directory: Path | None, config: NanoConfig, shards: int = 1) -> LoadNeed:
+    """``training`` of the model loaded from ``directory``, or built from ``config`` (``directory`` None)."""
+    return training(loaded(directory, "fp32") if directory is not None else built_need(config, "fp32"), shards)
+
+
+def check_cpu(what: str, parts: list[tuple[str, LoadNeed]], processes: int = 1,
+              read: Callable[[], HostMemory | None] | None = None) -> LoadNeed | None:
+    """Do the models a stage holds on the CPU fit this host? ``parts``: (what this model's bytes are, e.g.
+    "the policy's fp32 weights, gradients and AdamW moments", its need); summed (one transient, the largest;
+    one margin) and times ``processes``. A one-line ``HostMemoryError`` when they do not fit; the total need
+    otherwise, or None when there is nothing to check (no parts, or the memory cannot be read)."""
+    memory = (read or read_host_memory)() if parts else None
+    if memory is None:
+        return None
+    total = functools.reduce(lambda a, b: a + b, (need for _, need in parts))
+    n = max(1, processes)
+    if n * total.total <= memory.available:
+        return total
+    terms = " + ".join(f"{label} {_gib(need.weights)}" for label, need in parts)
+    each = f", in each of {n} processes" if n > 1 else ""
+    raise HostMemoryError(f"{what} needs {_gib(n * total.total)} of host memory ({terms} + "
+                          f"{_gib(total.transient + total.runtime)} to load and run them{each}); this machine has "
+                          f"{_gib(memory.available)} available ({memory.source}): free some memory, or run it on "
+                          "a GPU (--device cuda)")

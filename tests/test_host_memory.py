@@ -1,9 +1,11 @@
 """The host-memory check before a model loads on the CPU (``nanocli/host_memory.py``): the reader, the arithmetic,
-and ``nano generate`` / ``nano eval`` on a full-size Nemotron-Nano-9B-v2 directory whose safetensors data is a
-hole (real headers, sparse files: no disk, and nothing to load). The machine's memory is a fake in-process reader."""
+and ``nano generate`` / ``nano eval`` / ``nano bench``, ``nano prune`` and the training stages (``pretrain``,
+``align``, ``distill``) on a full-size Nemotron-Nano-9B-v2 directory whose safetensors data is a hole (real
+headers, sparse files: no disk, and nothing to load). The machine's memory is a fake in-process reader."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -250,3 +252,115 @@ def randomize_model(cls, randomize):
     m = cls(tiny_config())
     randomize(m, 0)
     return m
+
+
+# ------------------------------------------------------------------------------------------ prune and training
+FP32_9B = 4 * PARAMS_9B  # 33.11 GiB
+LOAD_9B = EMBEDDING_9B * 4 + host_memory.RUNTIME_MARGIN  # fp32 load transient (the embedding) + the margin
+
+
+def nano(capsys, monkeypatch, *args) -> tuple[int, str]:
+    """``nano ARGS`` in-process: (exit code, stderr without the blank line a stage's progress display leaves)."""
+    monkeypatch.setattr("sys.argv", ["nano", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    return exit_.value.code, capsys.readouterr().err.strip()
+
+
+DATA = "synthetic:reasoning?docs=20&difficulty=1"
+
+
+def stage_args(stage: str, nine_b, out) -> list:
+    common = ["--out", out, "--device", "cpu"]
+    return {"prune": ["prune", "-m", nine_b, "--hidden-size", 2048, *common],
+            "pretrain": ["pretrain", "-m", nine_b, "--data", DATA, "--steps", 1, *common],
+            "pretrain-profile": ["pretrain", "--profile", "nemotron-nano-9b-v2", "--tokenizer", nine_b, "--data",
+                                 DATA, "--steps", 1, *common],
+            "align": ["align", "--method", "dpo", "-m", nine_b, "--data", DATA, "--steps", 1, *common],
+            "distill": ["distill", "--teacher", nine_b, "--student", nine_b, "--data", DATA, "--steps", 1,
+                        *common]}[stage]
+
+
+# what each stage holds on the CPU: the 9B trained (16 bytes a parameter: fp32 weights, gradients, AdamW's two
+# moments; loaded, or built from the profile), its DPO reference (fp32), the teacher (bf16, distill's default
+# under the default precision), the pruned parent (fp32); the parts as the error names them
+STAGES = {
+    "prune": (FP32_9B + LOAD_9B, "the parent's fp32 weights 33.11 GiB + 3.19 GiB to load and run them"),
+    "pretrain": (4 * FP32_9B + LOAD_9B, "the model's fp32 weights, gradients and AdamW moments 132.44 GiB + 3.19 GiB"),
+    "pretrain-profile": (4 * FP32_9B + LOAD_9B, "the model's fp32 weights, gradients and AdamW moments 132.44 GiB"),
+    "align": (5 * FP32_9B + LOAD_9B, "the policy's fp32 weights, gradients and AdamW moments 132.44 GiB + the "
+                                     "reference's fp32 weights 33.11 GiB + 3.19 GiB"),
+    "distill": (4 * FP32_9B + 2 * PARAMS_9B + LOAD_9B, "the student's fp32 weights, gradients and AdamW moments "
+                                                       "132.44 GiB + the teacher's bf16 weights 16.56 GiB + 3.19 GiB"),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_stage_that_does_not_fit_is_one_line_before_any_weight_or_file(capsys, monkeypatch, nine_b, machine,
+                                                                         tmp_path, stage):
+    """On a 24 GB machine each stage stops with one line and exit 2: no weight read (the fixture's loader
+    fails the test), and not even the output directory (or its lock) written."""
+    def no_build(*args, **kwargs):
+        raise AssertionError("build_model was called: the check should have stopped before any weight")
+
+    monkeypatch.setattr("nanocli_model.build_model", no_build)  # pretrain --profile builds its weights
+    monkeypatch.setenv("NANO_CACHE", str(tmp_path.parent / f"{tmp_path.name}-cache"))  # were the data read
+    need, parts = STAGES[stage]
+    out = tmp_path / "out"
+    code, err = nano(capsys, monkeypatch, *stage_args(stage, nine_b, out))
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: nano {stage.split('-')[0]}")  # align: "nano align (dpo) needs"
+    assert f"needs {need / GIB:.2f} GiB of host memory ({parts}" in err
+    assert "this machine has 22.35 GiB available (MemAvailable): free some memory, or run it on a GPU" in err
+    assert list(tmp_path.iterdir()) == []  # no OUT, no lock beside it
+
+
+@pytest.mark.parametrize("stage", ["prune", "distill"])
+def test_the_need_is_the_boundary(capsys, monkeypatch, nine_b, machine, tmp_path, stage):
+    """Exactly the need available: the stage goes on to load (the patched loader says so); a byte less: refused."""
+    need, _ = STAGES[stage]
+    monkeypatch.setenv("NANO_CACHE", str(tmp_path / "cache"))  # distill tokenizes its data before the load
+    machine(HostMemory(need - 1, "MemAvailable"))
+    code, err = nano(capsys, monkeypatch, *stage_args(stage, nine_b, tmp_path / "a"))
+    assert code == 2 and "free some memory" in err
+    machine(HostMemory(need, "MemAvailable"))
+    monkeypatch.setattr("nanocli_model.load_pretrained", refuse)
+    with pytest.raises(NotLoaded, match="fp32|bf16"):
+        nano(capsys, monkeypatch, *stage_args(stage, nine_b, tmp_path / "b"))
+
+
+def test_training_counts_16_bytes_a_parameter_sharded_by_fsdp_but_never_below_the_fp32_load(nine_b):
+    load = host_memory.loaded(nine_b, "fp32")
+    assert load.weights == FP32_9B
+    assert host_memory.training(load).weights == 16 * PARAMS_9B
+    assert host_memory.training(load, shards=2).weights == 8 * PARAMS_9B
+    assert host_memory.training(load, shards=8).weights == 4 * PARAMS_9B  # each process loads it whole first
+    assert host_memory.training(load).transient == load.transient and host_memory.training(load).runtime == GIB
+
+
+def test_every_process_on_the_host_holds_its_own(nine_b):
+    parts = [("the model's weights", host_memory.loaded(nine_b, "bf16"))]  # 18.65 GiB
+    fits = host_memory.check_cpu("nano x", parts, processes=1, read=lambda: GB24)
+    assert fits is not None and fits.total == parts[0][1].total
+    with pytest.raises(HostMemoryError, match=r"needs 37\.30 GiB .* in each of 2 processes\)"):
+        host_memory.check_cpu("nano x", parts, processes=2, read=lambda: GB24)
+    assert host_memory.check_cpu("nano x", parts, read=lambda: None) is None  # unreadable: nothing checked
+    assert host_memory.check_cpu("nano x", [], read=lambda: HostMemory(0, "MemAvailable")) is None  # all on a GPU
+
+
+def test_distill_counts_only_the_models_on_the_cpu(nine_b):
+    """A student on a GPU is fit-check's: only a CPU teacher is counted; with both on a GPU, nothing."""
+    import torch
+
+    from nanocli.stages import distill as ds
+    from nanocli.train.distributed import Dist
+
+    o = ds.DistillOptions(teacher=str(nine_b), student=str(nine_b), data=DATA, steps=1, out="unused",
+                          teacher_device="cpu")
+    p = ds.plan(o)
+    on_gpu = Dist(device=torch.device("cuda", 0))
+    parts = ds._Distill(p, ds.DistillResult(p)).host_need(on_gpu, 1)
+    assert [label for label, _ in parts] == ["the teacher's bf16 weights"]
+    assert parts[0][1].weights == 2 * PARAMS_9B
+    both = ds.plan(dataclasses.replace(o, teacher_device="auto"))
+    assert ds._Distill(both, ds.DistillResult(both)).host_need(on_gpu, 1) == []

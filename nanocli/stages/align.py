@@ -253,6 +253,18 @@ class _Align:
         self.plan, self.result = plan, result
         self.name = f"{STAGE} ({plan.options.method})"
 
+    def host_need(self, dist, shards: int) -> list:
+        """The policy in training and, for DPO and GRPO with a KL term, its frozen fp32 copy (the reference)."""
+        from .. import host_memory as hm
+
+        p, o = self.plan, self.plan.options
+        if dist.device.type != "cpu":
+            return []
+        parts = [(f"the policy's {hm.TRAINED}", hm.trained(p.model_dir, p.config, shards))]
+        if o.method == "dpo" or (o.method == "grpo" and o.kl_beta > 0):
+            parts.append(("the reference's fp32 weights", hm.loaded(p.model_dir, "fp32")))
+        return parts
+
     def data(self, dist, reporter: Reporter) -> None:
         self.plan.method.bind(dist)  # the examples were read and prepared by the plan
 

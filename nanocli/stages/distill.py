@@ -200,6 +200,18 @@ class _Distill:
         self.plan, self.result = plan, result
         self.batches = None
 
+    def host_need(self, dist, shards: int) -> list:
+        """The student in training and the teacher as loaded, each where it runs on the CPU."""
+        from .. import host_memory as hm
+
+        p = self.plan
+        parts = []
+        if dist.device.type == "cpu":
+            parts.append((f"the student's {hm.TRAINED}", hm.trained(p.student_dir, p.config, shards)))
+        if _teacher_device(p, dist).type == "cpu":
+            parts.append((f"the teacher's {p.teacher_dtype} weights", hm.loaded(p.teacher_dir, p.teacher_dtype)))
+        return parts
+
     def data(self, dist, reporter: Reporter) -> None:
         from nanocli_model.tokenizer import Tokenizer
 
@@ -286,11 +298,16 @@ class _Distill:
 
 def _teacher(p: DistillPlan, dist, reporter: Reporter):
     """The frozen teacher: eval mode, no gradients, its own dtype and device (one replica per process)."""
-    import torch
-
     from nanocli_model import load_pretrained
 
-    device = {"cpu": torch.device("cpu"), "cuda": torch.device("cuda", dist.local_rank)}.get(
-        p.options.teacher_device, dist.device)
+    device = _teacher_device(p, dist)
     reporter.status(f"teacher {p.options.teacher} ({p.teacher_dtype} on {device}, frozen)")
     return load_pretrained(p.teacher_dir, dtype=p.teacher_dtype).to(device).eval().requires_grad_(False)
+
+
+def _teacher_device(p: DistillPlan, dist):
+    """--teacher-device: cpu, cuda (this process's GPU), or auto (the student's)."""
+    import torch
+
+    return {"cpu": torch.device("cpu"), "cuda": torch.device("cuda", dist.local_rank)}.get(
+        p.options.teacher_device, dist.device)

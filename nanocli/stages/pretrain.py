@@ -124,6 +124,13 @@ class _Pretrain:
         self.plan, self.result = plan, result
         self.batches = self.tok_dir = None
 
+    def host_need(self, dist, shards: int) -> list:
+        from .. import host_memory as hm
+
+        if dist.device.type != "cpu":
+            return []
+        return [(f"the model's {hm.TRAINED}", hm.trained(self.plan.model_dir, self.plan.config, shards))]
+
     def data(self, dist, reporter: Reporter) -> None:
         tokenizer, self.tok_dir = _tokenizer(self.plan, Path(self.plan.options.out), dist, reporter)
         self.batches = tokens.prepare(self.plan, tokenizer, dist, reporter)

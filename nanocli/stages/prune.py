@@ -292,7 +292,7 @@ def run(o: PruneOptions, reporter: Reporter | None = None) -> PruneResult:
         result.seconds["resolve"] = time.perf_counter() - t0
         return result
     out = _check_out(o)
-    _check_device(o)
+    _check_device(o, path)
     from ..train.lock import DirLock
 
     # .OUT.nano.lock beside OUT (OUT itself appears whole, by one rename, at the end)
@@ -303,10 +303,13 @@ def run(o: PruneOptions, reporter: Reporter | None = None) -> PruneResult:
         return _run_with_weights(o, reporter, result, path, fixed, axes if budget else None, out)
 
 
-def _check_device(o: PruneOptions) -> None:
-    from .. import resolve
+def _check_device(o: PruneOptions, parent: Path) -> None:
+    """Before any work: --device cuda without a GPU is one line; on the CPU, the parent loaded in fp32 must fit
+    the host's memory (``host_memory.check_cpu``: a ``HostMemoryError`` line, not the OOM killer later)."""
+    from .. import host_memory, resolve
 
-    resolve.visible_device(o.device)  # --device cuda without a GPU: one line, before any work
+    if resolve.visible_device(o.device) == "cpu":
+        host_memory.check_cpu("nano prune", [("the parent's fp32 weights", host_memory.loaded(parent, "fp32"))])
 
 
 def _run_with_weights(o: PruneOptions, reporter: Reporter, result: PruneResult, path: Path,

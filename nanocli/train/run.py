@@ -2,6 +2,7 @@
 
 :func:`train` runs a stage, top to bottom:
 
+    memory    on the CPU, do the models fit the host's memory (``Stage.host_need``, ``host_memory.check_cpu``)?
     lock      OUT/.nano.lock: one run at a time writes into OUT
     resume    the resume point (fresh, ``--resume auto``, a checkpoint) held to the architecture and the
               settings that fix the trajectory (``Plan.TRAJECTORY``; the length may grow: ``resume.py``); a run
@@ -15,8 +16,9 @@
     finish    ``Job.finish`` (evaluations of the trained model), peak memory, MFU, ``loss.png``
 
 What a stage supplies is small: a :class:`Plan` (made before any work; what ``--dry-run`` prints), the
-:class:`Stage` methods ``data``, ``job`` and ``out_of_memory``, and the callables of its :class:`Job`. The
-result is the stage's :class:`TrainResult` (the common fields filled here, the stage's own by its job).
+:class:`Stage` methods ``host_need``, ``data``, ``job`` and ``out_of_memory``, and the callables of its
+:class:`Job`. The result is the stage's :class:`TrainResult` (the common fields filled here, the stage's own by
+its job).
 No torch at import: stages import this module for its dataclasses.
 """
 
@@ -140,6 +142,10 @@ class Stage(Protocol):
     def out_of_memory(self, e: BaseException) -> NanoError:
         """A CUDA out-of-memory error as the settings to change (``e.nano_step``: the step, if in one)."""
 
+    def host_need(self, dist, shards: int) -> list[tuple[str, Any]]:
+        """The models this process holds on the CPU, as ``host_memory.check_cpu``'s parts ([] when none is):
+        the trained one as ``host_memory.trained(..., shards)`` (``shards``: FSDP's processes, else 1)."""
+
 
 def schedule(o: Training, steps: int) -> Schedule:
     """The run's LR schedule over ``steps`` optimizer steps."""
@@ -166,10 +172,23 @@ def train(stage: Stage, result: TrainResult, reporter: Reporter | None = None) -
     from .distributed import setup
 
     with setup(stage.plan.options.device) as dist:
+        _check_host_memory(stage, dist)
         try:
             return _train(stage, result, dist, reporter or SILENT)
         except torch.OutOfMemoryError as e:
             raise stage.out_of_memory(e) from None
+
+
+def _check_host_memory(stage: Stage, dist) -> None:
+    """Before the lock, the data, the optimizer state and any weight: do the models each process on this host
+    holds on the CPU fit its memory (``host_memory.check_cpu``)? A GPU run is fit-check's."""
+    import os
+
+    from .. import host_memory
+
+    shards = dist.world if stage.plan.options.parallel == "fsdp" and dist.initialized else 1
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
+    host_memory.check_cpu(f"nano {stage.name}", stage.host_need(dist, shards), processes)
 
 
 def _train(stage: Stage, result: TrainResult, dist, reporter: Reporter) -> TrainResult:
