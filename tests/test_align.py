@@ -229,6 +229,73 @@ def test_resume_is_exact_for_sft(base, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("method, kw", [("dpo", dict(beta=0.5)), ("grpo", dict(kl_beta=0.5, global_batch=2,
+                                                                              group_size=4, max_new_tokens=16))],
+                         ids=["dpo", "grpo-kl"])
+def test_resume_keeps_the_input_model_as_the_reference(base, tmp_path, method, kw, request):
+    """DPO's and GRPO-KL's reference is the run's input model, not the checkpoint a resume starts from: a run
+    cut at step 3 and resumed ends bit-identical to the uninterrupted run (weights and every logged loss).
+    Against a reference copied from the checkpoint the resumed steps' losses differ (DPO's margins restart
+    at 0, GRPO's KL term at 0)."""
+    import shutil
+
+    if method == "grpo":
+        kw = {**kw, "rewards": request.getfixturevalue("chars_reward"),
+              "data": "synthetic:reasoning?docs=50&difficulty=1"}
+    kw = dict(steps=6, lr=2e-3, **kw)
+    align(base, tmp_path / "ref", method, **kw)
+    align(base, tmp_path / "cut", method, save_every=3, **kw)
+    for step, d in list_checkpoints(tmp_path / "cut"):
+        if step > 3 or d.name == "final":
+            shutil.rmtree(d)
+    r = align(base, tmp_path / "cut", method, save_every=3, resume="auto", **kw)
+    assert r.start_step == 3 and r.steps_done == 6
+    assert [m["loss"] for m in metrics(tmp_path / "cut")] == [m["loss"] for m in metrics(tmp_path / "ref")]
+    assert same(weights(tmp_path / "ref"), weights(tmp_path / "cut"))
+
+
+def test_a_resume_reloads_the_reference_from_the_saved_input_model_and_refuses_another(base, tmp_path, capsys):
+    """``nano align --out RUN --resume auto`` alone: the reference is the input model the run's saved settings
+    name, re-read from there; a model that moved keeps working when --model gives its new place. An input
+    model whose weights changed since the start, or one that is gone, is one line, exit 2, before any step."""
+    import shutil
+
+    from nanocli.cli import main
+
+    def nano(*args) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        return e.value.code, capsys.readouterr().err
+
+    inp, run = tmp_path / "input", tmp_path / "run"
+    shutil.copytree(base, inp)
+    code, err = nano("align", "--method", "dpo", "--model", inp, "--data", "synthetic:reasoning?docs=40",
+                     "--seq-len", 64, "--global-batch", 4, "--precision", "fp32", "--eval-problems", 0, "--lr", 2e-3,
+                     "--beta", 0.5, "--steps", 4, "--save-every", 2, "--keep-last", 5, "--out", run)
+    assert code == 0, err
+    straight, logged = weights(run), [m["loss"] for m in metrics(run)]
+    for step, d in list_checkpoints(run):
+        if step > 2 or d.name == "final":
+            shutil.rmtree(d)
+    # the input model overwritten with other weights of the same shape (the checkpoint's): refused
+    shutil.copy(run / checkpoint_name(2) / "model.safetensors", inp / "model.safetensors")
+    code, err = nano("align", "--out", run, "--resume", "auto")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--model {inp}: its weights" in err and "not the reference this run started from" in err
+    shutil.rmtree(inp)  # gone: what to do, in one line
+    code, err = nano("align", "--out", run, "--resume", "auto")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "give --model where that model is now" in err, err
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    moved = tmp_path / "moved"
+    shutil.copytree(run, tmp_path / "run2")
+    shutil.copytree(base, inp)
+    shutil.copytree(base, moved)
+    for out, extra in ((run, ()), (tmp_path / "run2", ("--model", moved))):
+        code, err = nano("align", "--out", out, "--resume", "auto", *extra)
+        assert code == 0, err
+        assert same(weights(out), straight) and [m["loss"] for m in metrics(out)] == logged, out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "ppo"], "--method ppo: use one of sft, dpo, grpo"),
     (["--data", "synthetic:reasoning"], "--model DIR is required"),

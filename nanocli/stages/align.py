@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from nanocli_model.errors import NanoError
+
 from .. import settings
 from ..report import Reporter
 from ..settings import OptionError, at_least, finite, flag, within
@@ -213,7 +215,13 @@ def plan(o: AlignOptions) -> AlignPlan:
     from .align_methods import METHODS
 
     settings.validate(o, AlignError)
-    target = model_target(o.model, "--model", kinds=("checkpoint", "run"))
+    try:
+        target = model_target(o.model, "--model", kinds=("checkpoint", "run"))
+    except NanoError as e:
+        if o.resume is None:
+            raise
+        raise AlignError(f"{e}; a resume needs the run's input model (its tokenizer and, for DPO and GRPO with a KL "
+                         "term, the reference): give --model where that model is now") from None
     limit = target.config.max_position_embeddings
     if o.seq_len > limit:
         raise AlignError(f"--seq-len {o.seq_len} exceeds the model's context limit (max_position_embeddings "
@@ -274,11 +282,14 @@ class _Align:
         from ..train.session import own_memory, side_files
 
         p, o, result, method = self.plan, self.plan.options, self.result, self.plan.method
-        model = own_memory(load_pretrained(resume_from or p.model_dir, dtype="fp32")).to(dist.device).train()
+        model = own_memory(load_pretrained(resume_from or p.model_dir, dtype="fp32"))
+        reference = _Reference(p.model_dir, model, resume_from, dist, reporter) if method.reference else None
+        model = model.to(dist.device).train()
+        if reference is not None:  # before the input model's evaluation, which may move its weights' layout
+            method.prepare(reference.model(model))
         if fresh and dist.main and o.eval_problems:
             reporter.status(f"held-out accuracy of the input model on {o.eval_problems} problems")
             result.before = _accuracy(model, p.tokenizer, o)
-        method.prepare(model)
         if fresh:
             result.pairs_before = method.heldout(model)
 
@@ -291,9 +302,17 @@ class _Align:
             result.pairs_after = method.heldout(model)
             _write_eval(Path(o.out), result)
 
-        restore = None if method.restore is None else (lambda state, step: method.restore(state, step, model))
+        def state(step: int) -> dict:
+            return {**(method.state(step) if method.state else {}), **(reference.state() if reference else {})}
+
+        def restore(saved: dict, step: int) -> None:
+            if reference is not None:
+                reference.check(saved)
+            if method.restore is not None:
+                method.restore(saved, step, model)
+
         return Job(model=model, batches=method.batches, loss=method.loss, count=method.count,
-                   side_files=side_files(p.model_dir), state=method.state, restore=restore, finish=finish)
+                   side_files=side_files(p.model_dir), state=state, restore=restore, finish=finish)
 
     def out_of_memory(self, e: BaseException) -> AlignError:
         o = self.plan.options
@@ -304,6 +323,52 @@ class _Align:
         return AlignError(f"CUDA out of memory {at} (--method {o.method}, --seq-len {o.seq_len}): lower {fix}; "
                           f"`nano fit-check --model {o.model} --context {o.seq_len} --gpu auto` shows the model's "
                           "share (training adds ~16 bytes per parameter for gradients and AdamW state)")
+
+
+class _Reference:
+    """DPO's and GRPO-KL's frozen reference: the run's *input* model (``--model``, which a resume reads from the
+    run's saved settings), never the checkpoint a resume starts from (that is the policy, moved since).
+
+    A fresh run copies the model it has just loaded; a resume loads the input model again. Every checkpoint
+    records the sha256 of the reference's weights (``checkpoints.weights_digest``), and a resume checks the
+    model it loaded against it before any step: an input model changed or replaced since the start is a
+    one-line error, not a silently different run. (One that is gone fails earlier, at ``--model``.)"""
+
+    def __init__(self, directory: Path, loaded, resume_from: Path | None, dist, reporter: Reporter):
+        from nanocli_model import load_pretrained
+
+        from ..train.checkpoints import weights_digest
+        from ..train.session import own_memory
+
+        self.directory, self.resume_from, self.reporter = directory, resume_from, reporter
+        self.cpu = loaded if resume_from is None else own_memory(load_pretrained(directory, dtype="fp32"))
+        self.digest = dist.broadcast_object(weights_digest(self.cpu) if dist.main else None)
+        self.device = dist.device
+
+    def model(self, policy):
+        """The frozen reference on the run's device (``policy``: the loaded model, already there)."""
+        import copy
+
+        ref = copy.deepcopy(policy) if self.resume_from is None else self.cpu.to(self.device)
+        self.cpu = None
+        return ref.eval().requires_grad_(False)
+
+    def state(self) -> dict:
+        return {"reference": {"model": str(self.directory), "sha256": self.digest}}
+
+    def check(self, saved: dict) -> None:
+        """The reference of a resume against the digest its checkpoint recorded (``saved``: its training state)."""
+        was = saved.get("reference")
+        if not isinstance(was, dict) or not isinstance(was.get("sha256"), str):
+            self.reporter.status(f"{self.resume_from} records no digest of the reference (written before nano kept "
+                                 f"one): the reference is {self.directory}, unchecked; it must be the model the "
+                                 "run started from")
+            return
+        if was["sha256"] != self.digest:
+            raise AlignError(f"--model {self.directory}: its weights (sha256 {self.digest[:12]}) are not the "
+                             f"reference this run started from ({was.get('model')}, sha256 {was['sha256'][:12]}, "
+                             f"recorded in {self.resume_from}); resume with --model the run's input model as it "
+                             f"was, or start a new run from the checkpoint with --model {self.resume_from}")
 
 
 def _accuracy(model, tokenizer, o: AlignOptions) -> dict[str, Accuracy]:

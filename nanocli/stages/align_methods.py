@@ -1,5 +1,6 @@
 """The three methods of ``nano align``, each one class with the same small interface: ``size`` (examples,
-pairs or prompts), ``bind(dist)``, ``prepare(model)`` (references copied from the input model), ``heldout(model)``
+pairs or prompts), ``bind(dist)``, ``reference`` (whether it trains against a frozen reference) and
+``prepare(ref)`` (that reference: the run's input model, built by ``stages/align.py``), ``heldout(model)``
 (held-out metrics before and after), ``batches(step, wrapped)``, ``loss(model, batch)``, ``count(batch)`` and, for
 GRPO only, ``state(step)`` / ``restore(state, step, model)`` (the rollout batch a checkpoint inside a batch's
 ``mu`` steps carries). ``stages/align.py`` reads the data, picks the method and runs it through the training
@@ -51,11 +52,12 @@ class SFT:
         self.size = len(self.examples)
 
     state = restore = None  # nothing beyond the weights and the step: a resume recomputes the batches
+    reference = False
 
     def bind(self, dist) -> None:
         self.dist = dist
 
-    def prepare(self, model) -> None:
+    def prepare(self, ref) -> None:
         pass
 
     def heldout(self, model) -> PairAccuracy | None:
@@ -83,7 +85,7 @@ class SFT:
 
 
 class DPO:
-    """Sigmoid DPO against a frozen copy of the input model; held-out pair accuracy before and after."""
+    """Sigmoid DPO against a frozen reference (the run's input model); held-out pair accuracy before and after."""
 
     def __init__(self, o, tokenizer, records, stats):
         from ..data.chat import build_preference_examples
@@ -99,14 +101,13 @@ class DPO:
         self.ref = None
 
     state = restore = None  # nothing beyond the weights and the step: a resume recomputes the batches
+    reference = True
 
     def bind(self, dist) -> None:
         self.dist = dist
 
-    def prepare(self, model) -> None:
-        import copy
-
-        self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+    def prepare(self, ref) -> None:
+        self.ref = ref
 
     def _batch(self, pairs, idx):
         from ..data.chat import preference_batch
@@ -173,11 +174,12 @@ class GRPO:
     def bind(self, dist) -> None:
         self.dist = dist
 
-    def prepare(self, model) -> None:
-        import copy
+    @property
+    def reference(self) -> bool:
+        return self.o.kl_beta > 0
 
-        if self.o.kl_beta > 0:
-            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+    def prepare(self, ref) -> None:
+        self.ref = ref
 
     def heldout(self, model) -> PairAccuracy | None:
         return None

@@ -9,7 +9,7 @@
               already at its last step returns
     data      ``Stage.data``: what the batches read (tokenizer, token shards, batch plan)
     model     seeded, then ``Stage.job``: the model (fp32 master weights, train mode; the stage measures the
-              input model and copies references here) and how to train it (a :class:`Job`); FP8 modules,
+              input model and builds references here) and how to train it (a :class:`Job`); FP8 modules,
               DDP/FSDP, AdamW; on resume the optimizer, RNG and the stage's own state restored
     loop      ``loop.run_loop`` with the job's batches, loss and evaluation; checkpoints (``session``) carry
               the job's extra state
