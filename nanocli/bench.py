@@ -84,7 +84,7 @@ class BenchModel(settings.Group):
     threads: int | None = None
     """torch threads (the house figures use 1; default: torch's)."""
     compile: bool = False
-    """Decode through torch.compile'd steps (as nano generate --compile), compiled before the timing."""
+    """Decode through compiled steps (as nano generate compiles them), compiled or loaded before the timing."""
 
     def check(self) -> None:
         if self.model is None:
@@ -456,10 +456,10 @@ def run(o: BenchOptions, reporter: Reporter | None = None) -> BenchResult:
         models["transformer"] = _build(configs["transformer"], plan, o.seed + 1)
     steps = {role: None for role in models}
     if o.compile:
-        from nanocli_model.decode import CompiledDecode
+        from .stages.generate import compile_decode
 
-        reporter.status("compiling the decode steps (torch.compile; cached on disk for the next run)")
-        steps = {role: CompiledDecode(model) for role, model in models.items()}
+        reporter.status("compiling the decode steps (as nano generate does; kept for the next run)")
+        steps = {role: compile_decode(model) for role, model in models.items()}
     with torch.inference_mode():
         for role, model in models.items():
             _warm_up(model, o.prefill_chunk, steps[role])

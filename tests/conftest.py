@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# nano keeps compiled decode steps and token shards in its cache directory: the suite (and the commands it runs
+# in subprocesses) uses one of its own, shared by the session, never the user's.
+if "NANO_CACHE" not in os.environ:
+    os.environ["NANO_CACHE"] = tempfile.mkdtemp(prefix="nano-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["NANO_CACHE"], ignore_errors=True)
 
 # Triton decorates its own library functions (tl.cumsum, ...) when it is first imported, for the interpreter
 # only if TRITON_INTERPRET is set by then, and torch.compile may import triton in any earlier test. Without a

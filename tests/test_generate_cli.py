@@ -248,27 +248,68 @@ def test_truncate_left_keeps_the_end(capsys, monkeypatch, model_dir):
     assert len(d["outputs"][0]["prompt_ids"]) == 60
 
 
+@pytest.fixture(scope="module")
+def decode_cache(tmp_path_factory):
+    """A nano cache directory of this module's own: its compiled decode libraries start empty."""
+    return tmp_path_factory.mktemp("nano-cache")
+
+
 @needs_cxx
-def test_compile_gives_the_eager_tokens_and_says_so(capsys, monkeypatch, model_dir):
-    args = ("What is 2+2?", "--greedy", "--max-new-tokens", "12", "--ignore-eos")
-    eager = gen_json(capsys, monkeypatch, model_dir, *args)
-    compiled = gen_json(capsys, monkeypatch, model_dir, *args, "--compile")
-    assert compiled["outputs"][0]["generated_ids"] == eager["outputs"][0]["generated_ids"]
-    assert eager["decode"] == "eager" and eager["compile_seconds"] == 0
-    assert compiled["decode"] == "compiled" and compiled["compile_seconds"] > 0
-    code, out, err = run(capsys, monkeypatch, "-m", model_dir, *args, "--compile")
-    assert code == 0 and "compiled decode (compile" in " ".join(err.split())
+def test_compile_gives_the_eager_tokens_compiles_once_and_says_so(capsys, monkeypatch, model_dir, decode_cache):
+    from nanocli.stages import generate as gen
+
+    monkeypatch.setenv("NANO_CACHE", str(decode_cache))
+    args = ("-m", model_dir, "What is 2+2?", "--greedy", "--max-new-tokens", "12", "--ignore-eos")
+    eager = gen_json(capsys, monkeypatch, model_dir, *args[2:], "--no-compile")
+    assert eager["decode"] == "eager" and eager["compile_seconds"] == 0 and eager["compile_source"] == ""
+    runs = []
+    for _ in range(2):  # the first run compiles and keeps the library, the second loads it
+        code, out, err = run(capsys, monkeypatch, *args, "--compile", "--json")
+        assert code == 0, err
+        runs.append((json.loads(out), " ".join(err.split())))
+    (first, first_err), (second, second_err) = runs
+    for d in (first, second):
+        assert d["outputs"][0]["generated_ids"] == eager["outputs"][0]["generated_ids"]
+        assert d["decode"] == "compiled" and d["compile_seconds"] > 0
+    assert first["compile_source"] == "built" and second["compile_source"] == "cache"
+    assert "compiling the decode step for this model shape" in first_err and "compiled and cached in" in first_err
+    assert "compiling" not in second_err and "loaded from the cache in" in second_err
+    assert second["compile_seconds"] < first["compile_seconds"] / 5
+    assert [p.suffix for p in (decode_cache / "decode").iterdir()] == [".pt2"]
+    # no flag: the tiny model stays eager (gen.AUTO_COMPILE_BYTES); a model over the bar compiles by default
+    assert gen_json(capsys, monkeypatch, model_dir, *args[2:])["decode"] == "eager"
+    monkeypatch.setattr(gen, "AUTO_COMPILE_BYTES", 0)
+    default = gen_json(capsys, monkeypatch, model_dir, *args[2:])
+    assert default["decode"] == "compiled" and default["compile_source"] == "cache"
+    assert gen_json(capsys, monkeypatch, model_dir, *args[2:], "--no-compile")["decode"] == "eager"
 
 
-def test_a_failed_compile_falls_back_to_eager_and_says_why(capsys, monkeypatch, model_dir):
+def test_the_default_compiles_float32_cpu_models_over_the_bar_with_a_compiler(monkeypatch):
     import torch
 
-    def broken(fn, **kwargs):
-        def call(*args, **kw):
-            raise RuntimeError("InductorError: no C++ compiler")
-        return call
+    from nanocli.stages import generate as gen
 
-    monkeypatch.setattr(torch, "compile", broken)
+    model = NanoForCausalLM(tiny_config())
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    monkeypatch.setattr(gen, "AUTO_COMPILE_BYTES", weights)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert gen.auto_compile(model)
+    monkeypatch.setattr(gen, "AUTO_COMPILE_BYTES", weights + 1)
+    assert not gen.auto_compile(model)  # under the bar
+    monkeypatch.setattr(gen, "AUTO_COMPILE_BYTES", 0)
+    assert not gen.auto_compile(model.to(torch.bfloat16))  # not what the ahead-of-time step runs
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert not gen.auto_compile(model.float())  # nothing to compile with
+
+
+def test_a_failed_compile_falls_back_to_eager_and_says_why(capsys, monkeypatch, model_dir, tmp_path):
+    import torch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InductorError: no C++ compiler")
+
+    monkeypatch.setenv("NANO_CACHE", str(tmp_path))  # no library to load: it must compile
+    monkeypatch.setattr(torch.export, "export", broken)
     args = ("What is 2+2?", "--greedy", "--max-new-tokens", "8", "--ignore-eos")
     eager = gen_json(capsys, monkeypatch, model_dir, *args)
     fell = gen_json(capsys, monkeypatch, model_dir, *args, "--compile")

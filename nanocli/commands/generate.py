@@ -184,6 +184,9 @@ class TextStream:
         self.out.print()
 
 
+COMPILE_SOURCE = {"cache": "loaded from the cache in", "built": "compiled and cached in"}
+
+
 def show_generation_stats(result: GenerateResult) -> None:
     """The figures line on stderr: tokens, prefill and decode tokens/s, peak memory, device, kernels."""
     s = result.stats
@@ -192,7 +195,8 @@ def show_generation_stats(result: GenerateResult) -> None:
               f"prefill {s.prefill_tokens_per_s:,.1f} tok/s, decode {s.decode_tokens_per_s:,.1f} tok/s | "
               f"peak memory {ui.human_bytes(s.peak_memory_bytes)} ({s.peak_memory_source}) | "
               f"{result.device} {result.dtype} | kernels {result.kernels}"
-              + (f" | compiled decode (compile {s.compile_seconds:.1f} s)" if result.decode == "compiled" else "")
+              + (f" | compiled decode ({COMPILE_SOURCE.get(result.compile_source, 'compile')} {s.compile_seconds:.1f} s)"
+                 if result.decode == "compiled" else "")
               + (f" | {result.batches} batches (lines grouped by their settings)" if result.batches > 1 else ""),
               style="dim", markup=False)
     if result.device != "cpu" and result.kernels != "mamba-ssm+causal-conv1d":  # a GPU without every kernel

@@ -133,9 +133,10 @@ class Context(settings.Group):
     """Prompt + output limit (default: the model's max_position_embeddings)."""
     truncate: Literal["left"] | None = None
     """'left': cut an over-long prompt from the left instead of failing."""
-    compile: bool = False
-    """torch.compile the decode step: 1.7-2.1x decode tokens/s on CPU, after a compile of seconds to a minute
-    (cached on disk). Pays for long outputs."""
+    compile: bool | None = flag(None, name="compile/--no-compile")
+    """Compile the decode step: ~2x decode tokens/s on CPU. The first run of a model shape compiles (tens of
+    seconds), later runs load it from the cache in under a second. Default: on for float32 CPU models of
+    >= 32 MiB of weights."""
 
     def check(self) -> None:
         settings.at_least(self, 1, "prefill_chunk", "max_context")
@@ -174,6 +175,7 @@ class GenerateResult:
     kernels_detail: str = ""  # kernels.KernelStatus.describe(): which runs, and why the others do not
     batches: int = 1  # generate calls (a batch file runs one per distinct per-line settings)
     notes: list[str] = dataclasses.field(default_factory=list)  # e.g. why --dtype auto chose bf16 on this CPU
+    compile_source: str = ""  # AotDecode: "cache" (its library was loaded) | "built" (compiled, kept) | ""
 
     def to_json(self) -> dict[str, Any]:
         s = self.stats
@@ -184,7 +186,7 @@ class GenerateResult:
             "prefill_tokens_per_s": s.prefill_tokens_per_s, "decode_tokens_per_s": s.decode_tokens_per_s,
             "peak_memory_bytes": s.peak_memory_bytes, "peak_memory_source": s.peak_memory_source,
             "seed": s.seed, "device": self.device, "dtype": self.dtype, "decode": self.decode,
-            "compile_seconds": s.compile_seconds, "kernels": self.kernels, "kernels_detail": self.kernels_detail,
+            "compile_seconds": s.compile_seconds, "compile_source": self.compile_source, "kernels": self.kernels, "kernels_detail": self.kernels_detail,
             "batches": self.batches,
             "notes": self.notes,
         }
@@ -197,7 +199,7 @@ class Loaded:
     tokenizer: Tokenizer
     device: str
     dtype: str
-    decode_step: Any = None  # a nanocli_model.decode.CompiledDecode with --compile, else None (the model)
+    decode_step: Any = None  # an AotDecode / CompiledDecode when compiling (compile_decode), else None (the model)
     kernels: KernelStatus | None = None  # on the model's device
     notes: list[str] = dataclasses.field(default_factory=list)  # the host-memory check's choice of dtype
 
@@ -208,10 +210,18 @@ class Loaded:
         reason = self.decode_step.fallback_reason
         return "compiled" if reason is None else f"eager (compile failed: {reason})"
 
+    @property
+    def compile_source(self) -> str:
+        """``AotDecode``: "built" when a library was compiled here, "cache" when every one was loaded."""
+        step = self.decode_step
+        if step is None or not hasattr(step, "built") or step.fallback_reason is not None:
+            return ""
+        return "built" if step.built else "cache" if step.loaded else ""
 
-def load(checkpoint: Checkpoint, compile: bool = False) -> Loaded:
+
+def load(checkpoint: Checkpoint, compile: bool | None = False) -> Loaded:
     """The model (weights on the chosen device/dtype) and its tokenizer, with one-line errors; ``compile``:
-    decode through ``nanocli_model.decode.CompiledDecode``."""
+    decode through a compiled step (``compile_decode``; None: where ``auto_compile`` says it pays)."""
     import torch
 
     from nanocli_model import load_pretrained
@@ -235,16 +245,52 @@ def load(checkpoint: Checkpoint, compile: bool = False) -> Loaded:
         raise GenerateError(f"CUDA out of memory loading the weights of {path} ({checkpoint.dtype} on {device}): "
                             f"use a smaller --dtype (bf16) or a larger GPU; `nano fit-check --model {path} "
                             "--gpu auto` predicts it") from None
-    step = None
-    if compile:
-        from nanocli_model.decode import CompiledDecode
-
-        step = CompiledDecode(model)
+    if compile is None:
+        compile = auto_compile(model)
+    step = compile_decode(model) if compile else None
     from nanocli_model import kernels
     from nanocli_model.quant import is_int8
 
     name = "int8" if is_int8(model) else str(model.dtype).replace("torch.", "")
     return Loaded(model, tokenizer, device, name, step, kernels.status(model.device), notes)
+
+
+AUTO_COMPILE_BYTES = 32 * 2**20  # float32 CPU models from this size of weights compile their decode step by default
+
+
+def auto_compile(model) -> bool:
+    """Whether ``nano generate`` compiles the decode step when not told: on CPU, for a model the ahead-of-time
+    step runs (float32) with >= AUTO_COMPILE_BYTES of weights. Below that (the tiny and demo profiles) a
+    token costs a few milliseconds eagerly and the first compile (~20 s) would not pay back for hours.
+    Off without a C++ compiler (there is nothing to compile with)."""
+    import shutil
+
+    from nanocli_model import aot_decode
+
+    if aot_decode.supported(model) is not None:
+        return False
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights >= AUTO_COMPILE_BYTES and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def compile_decode(model):
+    """The compiled decode step for ``model``: on CPU in float32 ``AotDecode``, whose compiled library is kept in
+    ``<cache dir>/decode`` for the next run of a model of this shape; else (int8, bf16, a GPU)
+    ``CompiledDecode`` (``torch.compile``, compiled again in every process)."""
+    from nanocli_model import aot_decode
+    from nanocli_model.decode import CompiledDecode
+
+    from .. import resolve
+
+    if aot_decode.supported(model) is None:
+        directory = resolve.cache_dir(None) / "decode"
+
+        def say() -> None:
+            print(f"compiling the decode step for this model shape (once: later runs load it from {directory})",
+                  file=sys.stderr, flush=True)
+
+        return aot_decode.AotDecode(model, directory, on_compile=say)
+    return CompiledDecode(model)
 
 
 def save_quantized(loaded: Loaded, source: str, out: Path) -> Path:
@@ -400,7 +446,9 @@ def run(options: GenerateOptions, prompts: list[str | list[dict]], loaded: Loade
                               reason, completion.thinking_tokens, completion.budget_forced))
     ran = loaded.kernels
     return GenerateResult(outputs, stats, loaded.device, loaded.dtype, loaded.decode,
-                          ran.label if ran else "reference", ran.describe() if ran else "", notes=list(loaded.notes))
+                          ran.label if ran else "reference", ran.describe() if ran else "",
+                          notes=list(loaded.notes) + list(getattr(loaded.decode_step, "notes", [])),
+                          compile_source=loaded.compile_source)
 
 
 def out_of_memory(options: GenerateOptions, batch: int, context: int) -> GenerateError:

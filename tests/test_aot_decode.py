@@ -1,0 +1,173 @@
+"""The decode step compiled ahead of time and kept on disk (``nanocli_model.aot_decode``): what ``nano generate``
+decodes with on CPU.
+
+References: transformers' NemotronH ``generate``, a float64 eager model, nano's eager model on the same weights.
+The module compiles two libraries (batch 1, and batch 3 left-padded) into one directory; every later use of
+the same shape loads them, as a second run of ``nano generate`` would.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_utils import needs_cxx, randomize, tiny_config
+from nanocli_model import NanoForCausalLM, aot_decode, save_pretrained
+from nanocli_model.generation import SamplingParams, generate
+
+GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=20)
+PATTERN = dict(hybrid_override_pattern="M-M*-M*", n_groups=2, mamba_num_heads=8, num_attention_heads=4,
+               num_key_value_heads=2)
+
+
+def _model(seed=0, dtype=torch.float32, **overrides):
+    m = NanoForCausalLM(tiny_config(**{**PATTERN, **overrides})).eval()
+    randomize(m, seed)
+    return m.to(dtype)
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+def _eager(seed, prompts, **overrides):
+    return [generate(_model(seed, **overrides), [p], GREEDY).completions[0].token_ids for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """The directory the module's libraries are compiled into, and the AotDecode that compiled them."""
+    directory = tmp_path_factory.mktemp("decode")
+    m = _model(seed=5)
+    step = aot_decode.AotDecode(m, directory)
+    generate(m, _prompts([11]), GREEDY, decode_step=step)  # batch 1
+    generate(m, _prompts([9, 3, 6], seed=2), GREEDY, decode_step=step)  # batch 3, left-padded
+    assert step.fallback_reason is None, step.fallback_reason
+    return directory, m, step
+
+
+@needs_cxx
+def test_compiled_once_per_batch_shape_and_kept_in_the_directory(library):
+    directory, _, step = library
+    assert (step.built, step.loaded) == (2, 0)
+    assert step.compile_seconds > 0 and step.calls == 19 + 19
+    packages = sorted(p.name for p in directory.iterdir())
+    assert len(packages) == 2 and all(p.startswith("decode-") and p.endswith(".pt2") for p in packages)
+
+
+@needs_cxx
+def test_steps_match_a_float64_model_at_any_kv_length_without_recompiling(library):
+    directory, _, _ = library
+    m, ref = _model(seed=5), _model(seed=5, dtype=torch.float64)
+    step = aot_decode.AotDecode(m, directory)
+    with torch.inference_mode():
+        for max_len in (30, 200):  # the KV length and the position are symbolic in the library
+            cache, cache64 = m.allocate_cache(1, max_len), ref.allocate_cache(1, max_len)
+            prompt = torch.tensor(_prompts([9], seed=max_len))
+            m(prompt, cache)
+            ref(prompt, cache64)
+            for t in range(12):
+                tok = torch.tensor([[3 + 7 * t % 90]])
+                got, want = step(tok, cache), ref(tok, cache64)
+                assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+            for a, b in zip(cache.tensors(), cache64.tensors()):  # the states it wrote in place
+                assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    assert (step.built, step.loaded, step.calls) == (0, 1, 24)
+
+
+@needs_cxx
+def test_greedy_equals_transformers_generate(tmp_path, library):
+    transformers = pytest.importorskip("transformers")
+    directory, m, _ = library
+    save_pretrained(m, tmp_path)
+    hf = transformers.NemotronHForCausalLM.from_pretrained(tmp_path).eval()
+    step = aot_decode.AotDecode(_model(seed=5), directory)
+    for prompt in _prompts([13, 4], seed=1):
+        ids = torch.tensor([prompt])
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                               eos_token_id=None)[0, len(prompt):].tolist()
+        assert generate(step.model, [prompt], GREEDY, decode_step=step).completions[0].token_ids == expected
+    assert step.loaded == 1 and step.built == 0
+
+
+@needs_cxx
+def test_another_model_of_the_shape_loads_the_library_and_decodes_with_its_own_weights(library):
+    """The library holds no weights: a model of another seed reads its own (user-managed constants), one padded
+    batch equals each prompt alone through that model's eager forward."""
+    directory, _, _ = library
+    prompts = _prompts([9, 3, 6], seed=4)
+    m = _model(seed=9)
+    step = aot_decode.AotDecode(m, directory)
+    batched = generate(m, prompts, GREEDY, decode_step=step)
+    assert [c.token_ids for c in batched.completions] == _eager(9, prompts)
+    assert [c.token_ids for c in batched.completions] != _eager(5, prompts)  # not the compiling model's
+    assert (step.built, step.loaded) == (0, 1) and step.compiled
+
+
+def test_the_key_names_what_the_compiled_code_depends_on():
+    m = _model(seed=1)
+    cache = m.allocate_cache(1, 16)
+    key = aot_decode.artefact_key(m, cache)
+    assert key == aot_decode.artefact_key(_model(seed=2), m.allocate_cache(1, 99))  # weights, KV length: no
+    wider = _model(intermediate_size=64)
+    assert key != aot_decode.artefact_key(wider, wider.allocate_cache(1, 16))
+    assert key != aot_decode.artefact_key(m, m.allocate_cache(2, 16))
+    cache.left_pad(torch.tensor([1]))
+    assert key != aot_decode.artefact_key(m, cache)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert key != aot_decode.artefact_key(m, m.allocate_cache(1, 16))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_cxx
+def test_an_unreadable_library_is_compiled_again(tmp_path, library, monkeypatch):
+    directory, _, _ = library
+    good = next(p for p in sorted(directory.iterdir()))
+    m = _model(seed=5)
+    cache = m.allocate_cache(1, 40)
+    path = tmp_path / f"decode-{aot_decode.artefact_key(m, cache)}.pt2"
+    path.write_bytes(good.read_bytes()[: good.stat().st_size // 3])  # a truncated file under the right name
+    compiled = []
+
+    def compile_(self, cache, target):  # stands in for the real compile: that shape's library, whole
+        compiled.append(target)
+        src = next(p for p in directory.iterdir() if p.name == target.name)
+        target.write_bytes(src.read_bytes())
+
+    monkeypatch.setattr(aot_decode.AotDecode, "_compile", compile_)
+    step = aot_decode.AotDecode(m, tmp_path)
+    prompt = _prompts([7], seed=3)
+    got = generate(m, prompt, GREEDY, decode_step=step).completions[0].token_ids
+    assert compiled == [path] and (step.built, step.loaded) == (1, 0) and step.fallback_reason is None
+    assert len(step.notes) == 1 and "unreadable" in step.notes[0] and "\n" not in step.notes[0]
+    assert got == _eager(5, prompt)[0]
+
+
+def test_a_failed_compile_leaves_no_file_and_decodes_eagerly(tmp_path, monkeypatch):
+    def broken(program, package_path, **kwargs):
+        with open(package_path, "wb") as f:
+            f.write(b"half a library")
+        raise RuntimeError("InductorError: C++ compile error\nlong trace")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
+    m = _model(seed=6)
+    step = aot_decode.AotDecode(m, tmp_path)
+    prompt = _prompts([7], seed=6)
+    got = generate(m, prompt, GREEDY, decode_step=step)
+    assert got.completions[0].token_ids == _eager(6, prompt)[0]
+    assert not step.compiled and step.fallback_reason.startswith("RuntimeError: InductorError: C++ compile error")
+    assert "\n" not in step.fallback_reason and list(tmp_path.iterdir()) == []
+
+
+def test_models_it_does_not_compile_decode_eagerly_and_say_why(tmp_path):
+    m = _model(seed=3, dtype=torch.bfloat16)
+    step = aot_decode.AotDecode(m, tmp_path)
+    assert not step.compiled and "float32" in step.fallback_reason
+    prompt = _prompts([5], seed=3)
+    got = generate(m, prompt, GREEDY, decode_step=step).completions[0].token_ids
+    assert got == generate(_model(seed=3, dtype=torch.bfloat16), prompt, GREEDY).completions[0].token_ids
+    assert list(tmp_path.iterdir()) == []
