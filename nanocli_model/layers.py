@@ -123,14 +123,19 @@ class GatedGroupRMSNorm(nn.Module):
         return g.view(b, T, inner).mul_(w)  # (b, T, I) float32
 
 
+ROW_DOT_MAX_IN = 3072  # longest weight row the compiled decode step streams with its own loop (else MKL)
+
+
 def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``, except inside a compiled CPU decode step (``decode.CompiledDecode``), where one-token
-    rows are written as a row-wise dot product, ``(x[..., None, :] * W).sum(-1)``: inductor lowers that to
-    one vectorised loop streaming W row by row, which on this CPU reads the model's (tall and square)
-    matrices 1.1-2x faster than MKL's GEMV (docs/BENCHMARKS.md). Eager code and prefill take ``linear(x)``.
+    """``linear(x)``, except inside a compiled CPU decode step (``decode.CompiledDecode``,
+    ``aot_decode.AotDecode``), where one-token rows of a weight with rows of at most ``ROW_DOT_MAX_IN`` are
+    written as a row-wise dot product, ``(x[..., None, :] * W).sum(-1)``: inductor lowers that to one
+    vectorised loop streaming W row by row, which on this CPU reads such matrices (the small and medium
+    profiles') 1.1-2x faster than MKL's GEMV, and longer rows (the released 9B's 4480 and more) at only
+    0.5-0.7x MKL's rate (docs/BENCHMARKS.md): those stay ``linear(x)``, as in eager code and prefill.
     """
     if (x.shape[-2] == 1 and x.device.type == "cpu" and type(linear) is nn.Linear
-            and torch.compiler.is_compiling()):
+            and linear.in_features <= ROW_DOT_MAX_IN and torch.compiler.is_compiling()):
         y = (x.unsqueeze(-2) * linear.weight).sum(-1)  # (..., 1, out)
         return y if linear.bias is None else y + linear.bias
     return linear(x)

@@ -48,6 +48,28 @@ def test_row_dot_projection_equals_linear_in_float64():
     assert project(lin, x) is not None and torch.equal(project(lin, x), lin(x))  # eager: nn.Linear itself
 
 
+def test_compiled_steps_keep_mkl_for_long_weight_rows():
+    """Rows longer than ROW_DOT_MAX_IN (the released 9B's 4480 and up) stream faster through MKL than through
+    the row-dot loop: traced, such a projection stays a linear; a short-row one becomes the row-dot."""
+    from nanocli_model.layers import ROW_DOT_MAX_IN
+
+    class Proj(torch.nn.Module):
+        def __init__(self, inn):
+            super().__init__()
+            self.lin = torch.nn.Linear(inn, 8, bias=False)
+
+        def forward(self, x):
+            return project(self.lin, x)
+
+    def traced_ops(inn):
+        program = torch.export.export(Proj(inn), (torch.randn(1, 1, inn),), strict=False)
+        return {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+
+    assert "aten.linear.default" in traced_ops(ROW_DOT_MAX_IN + 1)
+    short = traced_ops(ROW_DOT_MAX_IN)
+    assert "aten.linear.default" not in short and "aten.sum.dim_IntList" in short
+
+
 @needs_cxx
 def test_compiled_greedy_equals_transformers_generate(tmp_path, compiled):
     transformers = pytest.importorskip("transformers")
