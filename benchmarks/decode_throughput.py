@@ -1,15 +1,16 @@
-"""Single-token decode throughput: nano (eager and compiled) vs transformers' NemotronH, same weights,
-same threads, fp32.
+"""Single-token decode throughput: nano (eager, torch.compile, and its default: the ahead-of-time compiled step)
+vs transformers' NemotronH, same weights, same threads, fp32.
 
     .venv/bin/python benchmarks/decode_throughput.py --threads 1
     .venv/bin/python benchmarks/decode_throughput.py --settings small:256:128 --reps 5 --no-curve
 
 Each run prefills the prompt through the model's own cache, then decodes greedily one token at a time
-(``model(tok[:, None], cache)`` for nano eager; its ``CompiledDecode`` for nano compiled, on a copy of the
-same weights; ``hf(tok[:, None], cache=out.cache, use_cache=True)`` for transformers) and times the decode
-steps only. Runs alternate A B C A B C (the bandwidth probes too) so machine noise hits all alike; the
-table gives medians. The
-compile (the first two steps of the compiled copy) is timed apart, in the last column.
+(``model(tok[:, None], cache)`` for nano eager; a ``CompiledDecode`` (torch.compile) and an ``AotDecode`` (what
+``nano generate`` runs by default on CPU), each on a copy of the same weights;
+``hf(tok[:, None], cache=out.cache, use_cache=True)`` for transformers) and times the decode steps only. Runs
+alternate A B C A B C (the bandwidth probes too) so machine noise hits all alike; the table gives medians.
+Compiles are timed apart, in the last columns: torch.compile's first two steps; the ahead-of-time library's
+build (its first step, into a fresh directory unless --library-dir) and its load by a second copy.
 
 Decode on a CPU streams every weight once per token, so the table also gives the weight-streaming limit:
 the fp32 weight bytes a token reads (every matrix; the embedding table is a row lookup, so it counts
@@ -28,6 +29,7 @@ import copy
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_throughput import build_pair, load_profile  # noqa: E402
 
 from nanocli_model import NanoForCausalLM  # noqa: E402
+from nanocli_model.aot_decode import AotDecode  # noqa: E402
 from nanocli_model.decode import CompiledDecode, huge_page_arena  # noqa: E402
 from nanocli_model.layers import Attention, Mamba2Mixer  # noqa: E402
 
@@ -108,6 +111,28 @@ def compiled_copy(model):
     if step.fallback_reason:
         raise SystemExit(f"compiled decode unavailable: {step.fallback_reason}")
     return twin, step, time.perf_counter() - t
+
+
+def aot_copy(model, directory: str, batch: int):
+    """(copy of ``model``, its ``AotDecode`` (nano generate's default decode on CPU), seconds its first
+    step took: the compile, seconds the first step of a second copy took: loading the kept library)."""
+    def first_step(twin, step) -> float:
+        cache = twin.allocate_cache(batch, 8)
+        ids = torch.zeros(batch, 1, dtype=torch.long)
+        with torch.inference_mode():
+            twin(ids, cache)
+            t = time.perf_counter()
+            step(ids, cache)
+        if step.fallback_reason:
+            raise SystemExit(f"ahead-of-time decode unavailable: {step.fallback_reason}")
+        return time.perf_counter() - t
+
+    twin = copy.deepcopy(model)
+    step = AotDecode(twin, directory)
+    build = first_step(twin, step)
+    other = copy.deepcopy(model)
+    load = first_step(other, AotDecode(other, directory))
+    return twin, step, build, load
 
 
 def hf_decoder(hf, prompt: torch.Tensor, gen: int):
@@ -208,17 +233,25 @@ def main() -> None:
     ap.add_argument("--no-curve", action="store_true")
     ap.add_argument("--no-hf", action="store_true", help="time nano only")
     ap.add_argument("--no-compile", action="store_true", help="time the eager nano decode only")
+    ap.add_argument("--library-dir", default=None,
+                    help="where the ahead-of-time decode keeps its libraries (default: a fresh temporary "
+                         "directory, so the build column is a first run's compile)")
     args = ap.parse_args()
+    library_dir = args.library_dir or tempfile.mkdtemp(prefix="nano-bench-decode-")
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads}  batch={args.batch}  load average={os.getloadavg()[0]:.2f}  "
           f"torch={torch.__version__}")
     print("GEMV limit = GEMV bandwidth (MKL fp32 W @ x, W 4096 x 16384) / weight bytes per token: issue #3's limit; "
           "read limit = the same with a plain streaming read (sum of 256 MB). Both measured between the decode "
           "runs, huge pages, medians.")
-    print("| profile | prompt | generate | transformers tok/s | nano eager tok/s | vs transformers "
-          "| nano compiled tok/s | vs transformers | weight MB/token | GEMV GB/s | GEMV limit tok/s | eager % "
-          "| compiled % | read GB/s | compiled % of read limit | compile s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("nano default = nano generate's decode on CPU (the ahead-of-time compiled step, AotDecode); torch.compile = "
+          "CompiledDecode (what --compile ran before it). Build s: its first compile; load s: a second run loading "
+          "the kept library.")
+    print("| profile | prompt | generate | transformers tok/s | nano eager tok/s | eager vs transformers "
+          "| nano torch.compile tok/s | nano default tok/s | default vs transformers | default vs eager "
+          "| weight MB/token | GEMV GB/s | GEMV limit tok/s | eager % | default % | read GB/s "
+          "| default % of read limit | torch.compile s | build s | load s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     bandwidth = {kind: bandwidth_runner(kind) for kind in ("gemv", "read")}
     pairs: dict[str, tuple] = {}
     for setting in args.settings:
@@ -227,13 +260,16 @@ def main() -> None:
         if name not in pairs:
             nano, hf = build_pair(load_profile(name))
             compiled = (None, None, float("nan")) if args.no_compile else compiled_copy(nano)
-            pairs[name] = (nano, hf, *compiled)
-        nano, hf, twin, step, compile_s = pairs[name]
+            aot = (None, None, float("nan"), float("nan")) if args.no_compile else aot_copy(nano, library_dir,
+                                                                                             args.batch)
+            pairs[name] = (nano, hf, *compiled, *aot)
+        nano, hf, twin, step, compile_s, aot_twin, aot_step, build_s, load_s = pairs[name]
         prompt = torch.randint(0, nano.config.vocab_size, (args.batch, prompt_len),
                                generator=torch.Generator().manual_seed(0))
         runs = {"nano": nano_decoder(nano, prompt, gen)}
         if step is not None:
             runs["compiled"] = nano_decoder(twin, prompt, gen, step)
+            runs["default"] = nano_decoder(aot_twin, prompt, gen, aot_step)
         if not args.no_hf:
             runs["hf"] = hf_decoder(hf, prompt, gen)
         med = alternate({**runs, **bandwidth}, args.reps)  # the warm-up also sets the eager decode layout
@@ -241,26 +277,32 @@ def main() -> None:
         gemv_bw, read_bw = 1e-9 / med.pop("gemv"), 1e-9 / med.pop("read")  # GB/s
         limit, read_limit = gemv_bw * 1e9 / wbytes, read_bw * 1e9 / wbytes
         tps = {k: args.batch / v for k, v in med.items()}
-        hf_tps, nano_tps, comp_tps = tps.get("hf", float("nan")), tps["nano"], tps.get("compiled", float("nan"))
+        nan = float("nan")
+        hf_tps, nano_tps = tps.get("hf", nan), tps["nano"]
+        comp_tps, aot_tps = tps.get("compiled", nan), tps.get("default", nan)
         print(f"| {name} | {prompt_len} | {gen} | {hf_tps:.0f} | {nano_tps:.0f} | {nano_tps / hf_tps:.2f}x | "
-              f"{comp_tps:.0f} | {comp_tps / hf_tps:.2f}x | {wbytes / 1e6:.1f} | {gemv_bw:.1f} | {limit:.0f} | "
-              f"{100 * nano_tps / limit:.0f}% | {100 * comp_tps / limit:.0f}% | {read_bw:.1f} | "
-              f"{100 * comp_tps / read_limit:.0f}% | {compile_s:.0f} |", flush=True)
+              f"{comp_tps:.0f} | {aot_tps:.0f} | {aot_tps / hf_tps:.2f}x | {aot_tps / nano_tps:.2f}x | "
+              f"{wbytes / 1e6:.1f} | {gemv_bw:.1f} | {limit:.0f} | {100 * nano_tps / limit:.0f}% | "
+              f"{100 * aot_tps / limit:.0f}% | {read_bw:.1f} | {100 * aot_tps / read_limit:.0f}% | "
+              f"{compile_s:.0f} | {build_s:.0f} | {load_s:.2f} |", flush=True)
     if args.no_curve:
         return
     name = args.curve_profile
     if name not in pairs:
         nano = build_pair(load_profile(name))[0]
-        pairs[name] = (nano, None, *((None, None, 0.0) if args.no_compile else compiled_copy(nano)))
-    nano, _, twin, step, _ = pairs[name]
+        pairs[name] = (nano, None, *((None, None, 0.0) if args.no_compile else compiled_copy(nano)),
+                       *((None, None, 0.0, 0.0) if args.no_compile else aot_copy(nano, library_dir, 1)))
+    nano, _, twin, step, _, aot_twin, aot_step, _, _ = pairs[name]
     print(f"\ncontext curve ({name}, batch 1): decode ms/token with the context already cached "
           "(eager layer split through hooks)")
-    print("| context | Mamba layers ms/token | attention layers ms/token | whole model ms/token | compiled ms/token |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| context | Mamba layers ms/token | attention layers ms/token | whole model ms/token "
+          "| torch.compile ms/token | default ms/token |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for ctx in args.contexts:
         m, a, w = context_curve_ms(nano, ctx)
         c = compiled_ms(twin, step, ctx) if step is not None else float("nan")
-        print(f"| {ctx} | {m:.2f} | {a:.2f} | {w:.2f} | {c:.2f} |", flush=True)
+        d = compiled_ms(aot_twin, aot_step, ctx) if aot_step is not None else float("nan")
+        print(f"| {ctx} | {m:.2f} | {a:.2f} | {w:.2f} | {c:.2f} | {d:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

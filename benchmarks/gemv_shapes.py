@@ -1,6 +1,7 @@
 """fp32 matrix-vector rate (GB/s of weight streamed) on the decode shapes: MKL vs the compiled row-dot GEMV.
 
-    .venv/bin/python benchmarks/gemv_shapes.py            # 1 thread, huge pages, the medium profile's shapes
+    .venv/bin/python benchmarks/gemv_shapes.py               # 1 thread, huge pages, the medium profile's shapes
+    .venv/bin/python benchmarks/gemv_shapes.py --shapes 9b   # the released 9B-v2's shapes
 
 For each (out, in) shape it makes enough copies of the matrix to fill ~300 MB (far beyond the 32 MB L3) and
 streams through them in turn, as a decode step does: each matrix is read from memory, not from a cache.
@@ -21,7 +22,13 @@ import torch.nn.functional as F
 from nanocli_model.decode import huge_page_arena
 
 # medium profile: in_proj, out_proj, up_proj, down_proj, q/o_proj, k/v_proj, lm_head; then a long-row GEMV
-SHAPES = [(3616, 768), (768, 1536), (3072, 768), (768, 3072), (768, 768), (256, 768), (16384, 768), (4096, 16384)]
+SHAPES = {
+    "medium": [(3616, 768), (768, 1536), (3072, 768), (768, 3072), (768, 768), (256, 768), (16384, 768),
+               (4096, 16384)],
+    # the released 9B-v2 (hidden 4480): in_proj, out_proj, up_proj, down_proj, q_proj, k/v_proj, o_proj, lm_head
+    "9b": [(22656, 4480), (4480, 10240), (15680, 4480), (4480, 15680), (5120, 4480), (1024, 4480), (4480, 5120),
+           (131072, 4480)],
+}
 
 
 def _huge(shape: tuple[int, int], huge: bool) -> torch.Tensor:
@@ -47,6 +54,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--no-huge-pages", action="store_true", help="ordinary 4 KiB pages")
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="medium", help="whose decode shapes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     row_dot = torch.compile(lambda x, W: (x * W).sum(-1), dynamic=False)
@@ -54,7 +62,7 @@ def main() -> None:
     print("| out x in | copies | MKL row-major | MKL column-major | compiled row-dot |")
     print("|---|---:|---:|---:|---:|")
     with torch.inference_mode():
-        for out, inn in SHAPES:
+        for out, inn in SHAPES[args.shapes]:
             nbytes = out * inn * 4
             copies = max(1, int(300e6 // nbytes))
             Ws = [_huge((out, inn), not args.no_huge_pages) for _ in range(copies)]
