@@ -21,6 +21,7 @@ back to the eager model and says why in ``fallback_reason``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import time
@@ -115,13 +116,7 @@ def relayout_linear_weights(model: nn.Module, column_major_tall: bool) -> None:
     when ``column_major_tall`` and it is a tall (out > in) float32 one: MKL's GEMV reads those faster.
     The old storage is freed weight by weight, so the copy never holds a second model.
     """
-    weights, seen = [], set()
-    for module in model.modules():
-        w = getattr(module, "weight", None)
-        if (isinstance(module, nn.Linear) and type(w.data) is torch.Tensor  # not a DTensor shard (FSDP)
-                and w.device.type == "cpu" and w.dtype.is_floating_point and id(w) not in seen):
-            seen.add(id(w))
-            weights.append(w)
+    weights = _linear_weights(model)
     if not weights:
         return
     sizes = [-(-w.numel() * w.element_size() // 64) * 64 for w in weights]  # 64-byte aligned slots
@@ -130,13 +125,70 @@ def relayout_linear_weights(model: nn.Module, column_major_tall: bool) -> None:
     with torch.no_grad(), torch.inference_mode(False):  # the new storage stays usable for training
         for w, size in zip(weights, sizes):
             flat = arena[offset:offset + w.numel() * w.element_size()].view(w.dtype)
-            if column_major_tall and w.dtype == torch.float32 and w.shape[0] > w.shape[1]:
+            if column_major_tall and _tall(w):
                 new = flat.view(w.shape[1], w.shape[0]).t()  # (out, in) with strides (1, out)
             else:
                 new = flat.view(w.shape)
             new.copy_(w.detach())
             w.data = new
             offset += size
+
+
+def set_tall_layout(model: nn.Module, column_major: bool) -> None:
+    """Every tall float32 CPU ``nn.Linear`` weight column-major (``column_major``) or row-major, each in the
+    memory it already has (the huge-page arena stays): the values copied out, the weight viewed with the other
+    strides over the same elements, the values written back. One weight's copy at a time, none for a weight
+    already in that layout; same values, shapes and parameter objects."""
+    with torch.no_grad(), torch.inference_mode(False):  # the storage stays usable for training
+        for w in _linear_weights(model):
+            if not _tall(w):
+                continue
+            rows, cols = w.shape
+            strides = (1, rows) if column_major else (cols, 1)
+            if w.stride() == strides:
+                continue
+            if w.stride() not in ((1, rows), (cols, 1)):  # not one dense block of its elements: leave it
+                continue
+            values = w.detach().clone(memory_format=torch.contiguous_format)
+            view = w.data.as_strided(w.shape, strides)  # the same elements (same storage offset), other order
+            view.copy_(values)
+            w.data = view
+
+
+@contextlib.contextmanager
+def keep_training_layout(model: nn.Module):
+    """Generation with a model that trains afterwards: inside, the first cached single-token step moves the
+    weights into the eager-decode layout as always (``NanoForCausalLM._use_decode_layout``: tall float32 CPU
+    weights column-major, fast GEMVs); on exit they are back in the training layout, row-major
+    (``set_tall_layout``, in place), and the next cached step moves them again.
+
+    Training always runs on the row-major layout, whether or not the run generated before a step (the held-out
+    evaluation of ``nano align``, GRPO's rollouts): a resumed run, freshly loaded, trains on the same layout as
+    the uninterrupted run did at that step, so its GEMMs round the same and the resume is bit-identical.
+    """
+    try:
+        yield model
+    finally:
+        if getattr(model, "_decode_layout_done", False):
+            set_tall_layout(model, column_major=False)
+            model._decode_layout_done = False
+
+
+def _linear_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The float CPU ``nn.Linear`` weights, in module order, each once (tied ones too)."""
+    weights, seen = [], set()
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if (isinstance(module, nn.Linear) and type(w.data) is torch.Tensor  # not a DTensor shard (FSDP)
+                and w.device.type == "cpu" and w.dtype.is_floating_point and id(w) not in seen):
+            seen.add(id(w))
+            weights.append(w)
+    return weights
+
+
+def _tall(w: torch.Tensor) -> bool:
+    """A weight the eager-decode layout stores column-major: float32, more rows (out) than columns (in)."""
+    return w.dtype == torch.float32 and w.dim() == 2 and w.shape[0] > w.shape[1]
 
 
 def huge_page_arena(nbytes: int) -> torch.Tensor:

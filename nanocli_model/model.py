@@ -75,6 +75,7 @@ class NanoForCausalLM(nn.Module):
     """
 
     _decode_layout_done = False  # set by the first cached single-token step (see _use_decode_layout)
+    _decode_arena = False  # the Linear weights are in the huge-page arena _use_decode_layout copied them into
 
     def __init__(self, config: NanoConfig):
         super().__init__()
@@ -114,13 +115,19 @@ class NanoForCausalLM(nn.Module):
         Same values, shapes and parameter objects; only the memory changes. A decode step is a chain of
         matrix-vector products, and on CPU (MKL) a tall matrix with short rows streams about twice as fast
         column-major (in_proj, up_proj, lm_head: most of the weight bytes; wide matrices are faster as
-        they are). Prefill GEMMs run as fast either way. Done once, at the first cached single-token step;
-        ``checkpoint.save_pretrained`` writes contiguous tensors as always.
+        they are). Prefill GEMMs run as fast either way. Done at the first cached single-token step;
+        ``checkpoint.save_pretrained`` writes contiguous tensors as always. A model that trains after it
+        generates (``decode.keep_training_layout``) gets its row-major layout back and comes here again at its
+        next generation: then the weights switch in place, in the arena they already have.
         """
-        from .decode import relayout_linear_weights
+        from .decode import relayout_linear_weights, set_tall_layout
 
         self._decode_layout_done = True
-        relayout_linear_weights(self, column_major_tall=True)
+        if self._decode_arena:
+            set_tall_layout(self, column_major=True)
+        else:
+            relayout_linear_weights(self, column_major_tall=True)
+            self._decode_arena = True
 
     def allocate_cache(self, batch: int, max_len: int, ssm_dtype: torch.dtype | None = None) -> HybridCache:
         """A cache on this model's device, in its dtype (SSM state in ``mamba_ssm_cache_dtype``)."""

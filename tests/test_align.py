@@ -254,6 +254,32 @@ def test_resume_keeps_the_input_model_as_the_reference(base, tmp_path, method, k
     assert same(weights(tmp_path / "ref"), weights(tmp_path / "cut"))
 
 
+@pytest.mark.parametrize("method, kw", [("sft", {}), ("dpo", dict(beta=0.5)),
+                                        ("grpo", dict(kl_beta=0.5, global_batch=2, group_size=4, max_new_tokens=16))])
+def test_resume_is_exact_with_the_held_out_evaluation_on(base, tmp_path, method, kw, request):
+    """--eval-problems on (the default is 64): the uninterrupted run generates with the input model before its
+    first step, the resumed run does not. Generation moves the weights into the decode layout; training must run
+    on the same layout either way (the training layout, row-major), or the resumed steps round differently:
+    a run cut at step 3 and resumed ends bit-identical to the uninterrupted run (weights and every logged loss).
+    GRPO also generates (its rollouts) at every step."""
+    import shutil
+
+    if method == "grpo":
+        kw = {**kw, "rewards": request.getfixturevalue("chars_reward"),
+              "data": "synthetic:reasoning?docs=50&difficulty=1"}
+    kw = dict(steps=6, lr=2e-3, eval_problems=4, **kw)
+    r = align(base, tmp_path / "ref", method, **kw)
+    assert set(r.before) == set(r.after) == {"think", "no_think"} and r.before["think"].mean_tokens > 0
+    align(base, tmp_path / "cut", method, save_every=3, **kw)
+    for step, d in list_checkpoints(tmp_path / "cut"):
+        if step > 3 or d.name == "final":
+            shutil.rmtree(d)
+    r = align(base, tmp_path / "cut", method, save_every=3, resume="auto", **kw)
+    assert r.start_step == 3 and r.steps_done == 6 and not r.before and set(r.after) == {"think", "no_think"}
+    assert [m["loss"] for m in metrics(tmp_path / "cut")] == [m["loss"] for m in metrics(tmp_path / "ref")]
+    assert same(weights(tmp_path / "ref"), weights(tmp_path / "cut"))
+
+
 def test_a_resume_reloads_the_reference_from_the_saved_input_model_and_refuses_another(base, tmp_path, capsys):
     """``nano align --out RUN --resume auto`` alone: the reference is the input model the run's saved settings
     name, re-read from there; a model that moved keeps working when --model gives its new place. An input

@@ -149,6 +149,58 @@ def test_huge_page_arena_keeps_values_parameters_and_training(tmp_path, column_m
         assert torch.equal(p, dict(m.named_parameters())[name].detach()), name
 
 
+def _tall_linears(m) -> list[torch.Tensor]:
+    ws = [mod.weight for mod in m.modules() if isinstance(mod, torch.nn.Linear) and mod.weight.shape[0] >
+          mod.weight.shape[1]]
+    assert ws  # lm_head, in_proj, up_proj: what the decode layout stores column-major
+    return ws
+
+
+def _train_steps(m, steps=3) -> list[float]:
+    """Training steps as nano's loop takes them (clipped global gradient norm, AdamW) on a fixed batch: the
+    losses and gradient norms (the weights move in place). The norm sums the gradients in memory order, and
+    a gradient takes its weight's layout: on the decode layout it rounds differently."""
+    from nanocli.train.optim import clip_gradients
+
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    ids = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(1))
+    out = []
+    for _ in range(steps):
+        loss, n = m(ids[:, :-1], labels=ids[:, 1:])
+        (loss / n).backward()
+        out += [float(loss.detach()), clip_gradients(m, 1.0)]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out
+
+
+def test_keep_training_layout_trains_as_a_model_that_never_generated():
+    """The reference is the same model, freshly built, that never generated (what a resumed run trains): one
+    that generated inside ``keep_training_layout`` (cached decode: tall weights column-major) trains after it
+    bit for bit the same. Its next generation switches to the decode layout again, in place (the memory it
+    has), and gives the same tokens as the reference's."""
+    m, fresh = _model(seed=9), _model(seed=9)
+    prompt = _prompts([6], seed=4)
+    objects = {n: id(p) for n, p in m.named_parameters()}
+    with D.keep_training_layout(m):
+        first = generate(m, prompt, GREEDY).completions[0].token_ids
+        assert m._decode_layout_done and all(w.stride() == (1, w.shape[0]) for w in _tall_linears(m))
+    assert not m._decode_layout_done and all(w.is_contiguous() for w in _tall_linears(m))
+    assert {n: id(p) for n, p in m.named_parameters()} == objects
+    assert first == generate(_model(seed=9), prompt, GREEDY).completions[0].token_ids
+    assert _train_steps(m) == _train_steps(fresh)
+    for (name, p), q in zip(m.named_parameters(), fresh.parameters()):
+        assert torch.equal(p.detach(), q.detach()), name
+    where = [w.data_ptr() for w in _tall_linears(m)]
+    m.eval()
+    fresh.eval()
+    again = generate(m, prompt, GREEDY).completions[0].token_ids  # outside the scope: the decode layout stays
+    assert again == generate(fresh, prompt, GREEDY).completions[0].token_ids
+    assert all(w.stride() == (1, w.shape[0]) for w in _tall_linears(m)) and m._decode_layout_done
+    assert [w.data_ptr() for w in _tall_linears(m)] == where  # switched in place, no second arena
+
+
 @needs_cxx
 def test_two_compiled_models_each_use_their_own_weights_and_shapes(compiled):
     """Guards on the modules are skipped, and dynamo keeps compiled code on the code object it traced: each

@@ -309,7 +309,7 @@ class _Align:
             if reference is not None:
                 reference.check(saved)
             if method.restore is not None:
-                method.restore(saved, step, model)
+                method.restore(saved, step)
 
         return Job(model=model, batches=method.batches, loss=method.loss, count=method.count,
                    side_files=side_files(p.model_dir), state=state, restore=restore, finish=finish)
@@ -372,11 +372,17 @@ class _Reference:
 
 
 def _accuracy(model, tokenizer, o: AlignOptions) -> dict[str, Accuracy]:
+    """Held-out accuracy, reasoning on and off; the policy keeps its training layout (``keep_training_layout``:
+    the generation's decode layout is undone after it, so the steps after the input model's evaluation run on
+    the layout a resumed run, which does not evaluate first, has)."""
+    from nanocli_model.decode import keep_training_layout
+
     from ..reasoning_accuracy import reasoning_accuracy
 
     kw = dict(n=o.eval_problems, max_new_tokens=max(o.max_new_tokens, 160), **_eval_problem_set(o.data))
-    return {"think": reasoning_accuracy(model, tokenizer, think=True, **kw),
-            "no_think": reasoning_accuracy(model, tokenizer, think=False, **kw)}
+    with keep_training_layout(model):
+        return {"think": reasoning_accuracy(model, tokenizer, think=True, **kw),
+                "no_think": reasoning_accuracy(model, tokenizer, think=False, **kw)}
 
 
 def _eval_problem_set(data: str) -> dict:

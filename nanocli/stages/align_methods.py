@@ -2,7 +2,7 @@
 pairs or prompts), ``bind(dist)``, ``reference`` (whether it trains against a frozen reference) and
 ``prepare(ref)`` (that reference: the run's input model, built by ``stages/align.py``), ``heldout(model)``
 (held-out metrics before and after), ``batches(step, wrapped)``, ``loss(model, batch)``, ``count(batch)`` and, for
-GRPO only, ``state(step)`` / ``restore(state, step, model)`` (the rollout batch a checkpoint inside a batch's
+GRPO only, ``state(step)`` / ``restore(state, step)`` (the rollout batch a checkpoint inside a batch's
 ``mu`` steps carries). ``stages/align.py`` reads the data, picks the method and runs it through the training
 skeleton; the GRPO schedule of rollouts and ``mu`` passes is described there.
 """
@@ -195,6 +195,7 @@ class GRPO:
         group advantages, the fixed log-probabilities (``logp_old`` when mu > 1, ``logp_ref`` with a KL)."""
         import torch
 
+        from nanocli_model.decode import keep_training_layout
         from nanocli_model.generation import SamplingParams
 
         from ..data.chat import batch_indices
@@ -208,8 +209,9 @@ class GRPO:
         policy = unwrap(wrapped)
         params = SamplingParams(temperature=self.o.temperature, top_p=self.o.top_p, max_new_tokens=self.o.max_new_tokens)
         seed = self.o.seed * 1_000_003 + index * 101 + self.dist.rank
-        r = rollout(policy, self.tokenizer, [p.prompt_ids for p in chosen], self.o.group_size, params, seed=seed,
-                    thinking_budget=self.o.thinking_budget)
+        with keep_training_layout(policy):  # train on the row-major layout a resumed run starts with
+            r = rollout(policy, self.tokenizer, [p.prompt_ids for p in chosen], self.o.group_size, params,
+                        seed=seed, thinking_budget=self.o.thinking_budget)
         rewards = r.score(self.rewards, [p.extra for p in chosen])
         adv = group_advantages(rewards, self.o.group_size)
         b = {k: v.to(self.dist.device) for k, v in completion_batch(r, self.pad).items()}
@@ -232,15 +234,10 @@ class GRPO:
         mine = {key: v.detach().cpu() if hasattr(v, "detach") else v for key, v in b.items()}
         return {"grpo_rollout": {"index": k, "per_rank": self.dist.all_gather_object(mine)}}
 
-    def restore(self, state: dict, step: int, model) -> None:
-        """Resume as the run stood after ``step`` steps: the policy's weights in the layout the rollouts left
-        them in and, inside a batch's ``mu`` steps, the batch the checkpoint carries (module docstring)."""
-        # The run's first rollout moved the Linear weights into the generator's eager-decode layout (CPU: tall
-        # ones column-major) and training kept them there; the same layout here gives the training GEMMs and the
-        # gradient norm the same rounding, so the resume stays bit-identical (a resume at a batch boundary
-        # would only get it at its first rollout's first decode step, after that rollout's prefill).
-        if step > 0 and not getattr(model, "_decode_layout_done", True):
-            model._use_decode_layout()
+    def restore(self, state: dict, step: int) -> None:
+        """Resume as the run stood after ``step`` steps: inside a batch's ``mu`` steps, the batch the checkpoint
+        carries (module docstring). The weights need nothing: every rollout gives them back in the training
+        layout (``keep_training_layout``), the row-major one the freshly loaded policy has."""
         if step % self.o.mu == 0:
             return
         saved = state.get("grpo_rollout")
