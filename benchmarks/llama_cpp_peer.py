@@ -12,7 +12,8 @@ only the converter reads it, both sides get the same random prompt ids), cached 
 converter (``convert_hf_to_gguf.py`` from llama-cpp-python's sdist, which llama_cpp_env.sh unpacks beside the
 venv) writes it as GGUF at f32 and q8_0 (``llama_cpp_worker.py convert``, run with this python). nano loads the same
 directory through ``load_pretrained`` as ``nano generate`` does (fp32; int8 = per-channel weight-only int8 of the
-projections and lm_head), eager, and with --compile also through ``CompiledDecode`` (``nano generate --compile``).
+projections and lm_head), eager, and unless --no-compile also through the compiled step ``nano generate`` runs:
+``AotDecode`` (compiled ahead of time, nano's CPU default) at fp32, ``CompiledDecode`` (torch.compile) for int8.
 llama.cpp runs in a separate python (``llama_cpp_worker.py serve``, llama-cpp-python, n_threads = --threads, KV
 cache in f32 by default, batch = the whole prompt, ubatch 512 as llama-bench), one JSON request a line over a pipe,
 so llama.cpp is never imported here and its runs interleave with nano's: A B C ... A B C, --reps times after a
@@ -202,6 +203,9 @@ def measure(runners: dict, prompt: list[int], gen: int, reps: int) -> dict:
     return res
 
 
+STEP_KIND: dict[str, str] = {}  # nano weights -> how its compiled row decodes: "ahead of time" | "torch.compile"
+
+
 def table(results: list[dict]) -> list[str]:
     """The markdown table: per setting and precision, llama.cpp's row, then nano's (ratios: nano / llama.cpp)."""
     rows = ["| prompt:output | engine | weights | prefill tok/s | nano / llama.cpp | decode tok/s | nano / llama.cpp "
@@ -211,8 +215,9 @@ def table(results: list[dict]) -> list[str]:
         v, load = s["variants"], f"{s['load_before']:.2f} / {s['load_after']:.2f}"
         for lw, nw in PAIRS.items():
             peer = v[f"llama.cpp {lw}"]
+            compiled = f"nano compiled ({STEP_KIND.get(nw, 'torch.compile')})"
             for name, engine, weights in ((f"llama.cpp {lw}", "llama.cpp", lw), (f"nano {nw}", "nano eager", nw),
-                                          (f"nano {nw} compiled", "nano compiled", nw)):
+                                          (f"nano {nw} compiled", compiled, nw)):
                 if name not in v:
                     continue
                 r = v[name]
@@ -234,7 +239,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["256:128", "2048:512"], help="prompt:output token pairs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--no-compile", action="store_true", help="nano eager only (no CompiledDecode rows)")
+    ap.add_argument("--no-compile", action="store_true", help="nano eager only (no compiled rows)")
     ap.add_argument("--kv-type", choices=("f32", "f16"), default="f32", help="llama.cpp's KV cache type "
                     "(f32 as nano's; llama.cpp's own default is f16)")
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "nano-peers" / "llama-bench"))
@@ -260,12 +265,19 @@ def main() -> None:
     for lw, nw in PAIRS.items():  # A B A B: nano fp32, llama f32, nano int8, llama q8_0, then the compiled rows
         runners[f"nano {nw}"] = nano_runner(nano[f"nano {nw}"])
         runners[f"llama.cpp {lw}"] = peer.runner(lw, ggufs[lw], vocab)
-    if not args.no_compile:
+    if not args.no_compile:  # the compiled steps nano generate runs (stages.generate.compile_decode's choice)
+        import tempfile
+
+        from nanocli_model.aot_decode import AotDecode, supported
         from nanocli_model.decode import CompiledDecode
 
+        library_dir = tempfile.mkdtemp(prefix="nano-peer-decode-")
         for nw in PAIRS.values():
             model = load_pretrained(hf, dtype=nw)  # its own copy: the compiled step keeps the weights row-major
-            runners[f"nano {nw} compiled"] = nano_runner(model, CompiledDecode(model))
+            aot = supported(model) is None
+            STEP_KIND[nw] = "ahead of time" if aot else "torch.compile"
+            runners[f"nano {nw} compiled"] = nano_runner(model, AotDecode(model, library_dir) if aot
+                                                         else CompiledDecode(model))
     results = []
     for prompt_len, gen in settings:
         prompt = torch.randint(3, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -103,7 +103,7 @@ def generate(given: dict, inputs: dict, output: dict) -> None:
     if source.save_quantized is not None:
         if options.dtype != "int8":
             raise gen.GenerateError("--save-quantized writes an int8 model: add --dtype int8")
-        loaded = gen.load(options, options.compile)
+        loaded = gen.load(options, options.compile, ui.Progress())
         saved = gen.save_quantized(loaded, options.model, Path(source.save_quantized))
         ui.console(stderr=True).print(f"saved the int8 model to {saved}", markup=False, highlight=False)
         if source.prompt is None and source.file is None:
@@ -111,7 +111,7 @@ def generate(given: dict, inputs: dict, output: dict) -> None:
     text = gen.read_prompt(source.prompt, None if source.file is None else Path(source.file))
     if text is None or not text.strip():
         raise gen.GenerateError("the prompt is empty: pass it as an argument, with --file, on stdin or --input")
-    loaded = loaded or gen.load(options, options.compile)
+    loaded = loaded or gen.load(options, options.compile, ui.Progress())
     stream = None if out.wants_json else TextStream(out.hide_thinking)
     result = gen.run(options, [text], loaded, on_text=None if stream is None else stream.write)
     if stream is not None:
@@ -131,7 +131,7 @@ def run_file(options: GenerateOptions, path: Path, output_path: Path | None, as_
     from ..stages import generate_batch as batch
 
     rows = batch.read_batch(path, options)
-    result = batch.run_batch(options, rows, gen.load(options, options.compile))
+    result = batch.run_batch(options, rows, gen.load(options, options.compile, ui.Progress()))
     records = batch.records(rows, result)
     if output_path is not None:
         batch.write_jsonl(output_path, records)
@@ -146,6 +146,7 @@ def run_file(options: GenerateOptions, path: Path, output_path: Path | None, as_
 
 
 def chat_mode(options: GenerateOptions, source: GenerateInput, out: GenerateOutput) -> None:
+    from ..stages import generate as gen
     from ..stages.chat import ChatSession
     from ..stages.generate import GenerateError
     from .chat import chat
@@ -156,7 +157,8 @@ def chat_mode(options: GenerateOptions, source: GenerateInput, out: GenerateOutp
     if extra:
         raise GenerateError(f"--interactive reads its prompts from the terminal: drop {', '.join(extra)} "
                             "(/save FILE writes the conversation)")
-    chat(ChatSession(options, show_stats=out.stats), hide_thinking=out.hide_thinking)
+    chat(ChatSession(options, gen.load(options, options.compile, ui.Progress()), show_stats=out.stats),
+         hide_thinking=out.hide_thinking)
 
 
 # ------------------------------------------------------------------------------------------ rendering

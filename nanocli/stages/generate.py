@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from nanocli_model.errors import NanoError
 
 from .. import settings
+from ..report import SILENT, Reporter
 from ..settings import flag
 from ..thinking import DEFAULT_GRACE, THINK_CLOSE, budget_controller, prompt_opens_thinking, split_thinking
 
@@ -219,9 +220,10 @@ class Loaded:
         return "built" if step.built else "cache" if step.loaded else ""
 
 
-def load(checkpoint: Checkpoint, compile: bool | None = False) -> Loaded:
+def load(checkpoint: Checkpoint, compile: bool | None = False, reporter: Reporter | None = None) -> Loaded:
     """The model (weights on the chosen device/dtype) and its tokenizer, with one-line errors; ``compile``:
-    decode through a compiled step (``compile_decode``; None: where ``auto_compile`` says it pays)."""
+    decode through a compiled step (``compile_decode``; None: where ``auto_compile`` says it pays). ``reporter``
+    hears when a decode step starts compiling (tens of seconds, once per model shape)."""
     import torch
 
     from nanocli_model import load_pretrained
@@ -247,7 +249,7 @@ def load(checkpoint: Checkpoint, compile: bool | None = False) -> Loaded:
                             "--gpu auto` predicts it") from None
     if compile is None:
         compile = auto_compile(model)
-    step = compile_decode(model) if compile else None
+    step = compile_decode(model, reporter) if compile else None
     from nanocli_model import kernels
     from nanocli_model.quant import is_int8
 
@@ -273,7 +275,7 @@ def auto_compile(model) -> bool:
     return weights >= AUTO_COMPILE_BYTES and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
-def compile_decode(model):
+def compile_decode(model, reporter: Reporter | None = None):
     """The compiled decode step for ``model``: on CPU in float32 ``AotDecode``, whose compiled library is kept in
     ``<cache dir>/decode`` for the next run of a model of this shape; else (int8, bf16, a GPU)
     ``CompiledDecode`` (``torch.compile``, compiled again in every process)."""
@@ -284,12 +286,9 @@ def compile_decode(model):
 
     if aot_decode.supported(model) is None:
         directory = resolve.cache_dir(None) / "decode"
-
-        def say() -> None:
-            print(f"compiling the decode step for this model shape (once: later runs load it from {directory})",
-                  file=sys.stderr, flush=True)
-
-        return aot_decode.AotDecode(model, directory, on_compile=say)
+        say = (reporter or SILENT).status
+        return aot_decode.AotDecode(model, directory, on_compile=lambda: say(
+            f"compiling the decode step for this model shape (once: later runs load it from {directory})"))
     return CompiledDecode(model)
 
 
