@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .cache import AttentionCache, HybridCache, MambaCache
-from .decode import _one_line, relayout_linear_weights
+from .decode import compile_failure_line, relayout_linear_weights
 
 FORMAT = 1  # bump when the package's inputs or their meaning change
 MIN_POSITIONS = 2  # export treats a dimension of size 0 or 1 as a constant: a step sees >= 1 cached token
@@ -119,6 +119,18 @@ class _Step(nn.Module):
         return self.model(ids, cache)
 
 
+def _allocated_layout(cache: HybridCache) -> bool:
+    """Whether every cache tensor has ``HybridCache.allocate``'s layout: K, V and the SSM state contiguous, the
+    conv window a transposed view of a contiguous (b, K-1, conv_dim) buffer."""
+    for layer in cache.layers:
+        if isinstance(layer, AttentionCache) and not (layer.k.is_contiguous() and layer.v.is_contiguous()):
+            return False
+        if isinstance(layer, MambaCache) and not (layer.ssm.is_contiguous()
+                                                  and layer.conv.transpose(1, 2).is_contiguous()):
+            return False
+    return True
+
+
 def _kinds(cache: HybridCache) -> list[str]:
     return ["attention" if isinstance(layer, AttentionCache) else "mamba" if isinstance(layer, MambaCache)
             else "none" for layer in cache.layers]
@@ -131,8 +143,9 @@ class AotDecode:
     Like ``CompiledDecode`` it puts the Linear weights back in row-major order and keeps them so, and the
     model must not change while this object is in use (the package reads the model's own tensors).
     ``compile_seconds``: wall time spent loading or compiling packages (not decoding); ``loaded`` /
-    ``built``: how many packages came from the directory / were compiled here. ``directory`` None: a
-    temporary directory (nothing kept).
+    ``built``: how many packages came from the directory / were compiled here. ``directory`` None: a fresh
+    temporary directory. The cache must be laid out as ``HybridCache.allocate`` makes it (the library reads its
+    tensors with those strides); another layout decodes eagerly, with the reason in ``fallback_reason``.
     """
 
     def __init__(self, model: nn.Module, directory: str | Path | None = None,
@@ -176,6 +189,9 @@ class AotDecode:
     # ------------------------------------------------------------------------------------------ packages
     def _prepare(self, cache: HybridCache):
         """The runner for ``cache``'s batch and padding: loaded, else compiled and saved; None on failure."""
+        if not _allocated_layout(cache):
+            self.fallback_reason = "the cache is not laid out as HybridCache.allocate makes it; running eager"
+            return None
         t = time.perf_counter()
         path = self.directory / f"decode-{artefact_key(self.model, cache)}.pt2"
         try:
@@ -185,7 +201,8 @@ class AotDecode:
                     runner = self._load(path)
                     self.loaded += 1
                 except Exception as e:  # a truncated or foreign file: compile it again
-                    self.notes.append(f"compiled decode step {path} unreadable ({_one_line(e)}): compiled again")
+                    why = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+                    self.notes.append(f"compiled decode step {path} unreadable ({why}): compiled again")
             if runner is None:
                 if self.on_compile is not None:
                     self.on_compile()
@@ -193,7 +210,7 @@ class AotDecode:
                 runner = self._load(path)
                 self.built += 1
         except Exception as e:
-            self.fallback_reason = _one_line(e)
+            self.fallback_reason = compile_failure_line(e)
             return None
         finally:
             self.compile_seconds += time.perf_counter() - t

@@ -81,7 +81,7 @@ class CompiledDecode:
         except Exception as e:  # compile failures surface here, before the step has changed the cache
             if cache.seq_len != before:
                 raise
-            self.fallback_reason = _one_line(e)
+            self.fallback_reason = compile_failure_line(e)
             return self.model(input_ids, cache)
         if self._frames["total"] != frames:  # this call compiled
             self.compile_seconds += time.perf_counter() - t
@@ -209,7 +209,8 @@ def huge_page_arena(nbytes: int) -> torch.Tensor:
     return whole[start:start + nbytes]
 
 
-def _one_line(e: Exception) -> str:
+def compile_failure_line(e: Exception) -> str:
+    """A compile failure as one line ending in "; running eager" (the no-C++-compiler case said plainly)."""
     text = str(e).strip().splitlines()
     first = next((line for line in text if line.strip()), type(e).__name__)
     if "compiler" in str(e).lower() and ("not found" in str(e).lower() or "no such file" in str(e).lower()):

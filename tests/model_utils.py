@@ -23,6 +23,26 @@ def tiny_config(**overrides) -> NanoConfig:
     return NanoConfig(**{**TINY, **overrides})
 
 
+# Two attention layers and GQA with two query heads per KV head: the decode-step tests' model (compiled steps)
+DECODE_PATTERN = dict(hybrid_override_pattern="M-M*-M*", n_groups=2, mamba_num_heads=8, num_attention_heads=4,
+                      num_key_value_heads=2)
+
+
+def decode_model(seed=0, dtype=torch.float32, **overrides):
+    """A tiny DECODE_PATTERN model with ``randomize(seed)`` weights, in ``dtype``, in eval mode."""
+    from nanocli_model import NanoForCausalLM
+
+    m = NanoForCausalLM(tiny_config(**{**DECODE_PATTERN, **overrides})).eval()
+    randomize(m, seed)
+    return m.to(dtype)
+
+
+def random_prompts(lengths, seed=0) -> list[list[int]]:
+    """Prompts of the given lengths, ids 3..95 (the tiny vocabulary without the special ids)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
+
+
 @torch.no_grad()
 def randomize(module: torch.nn.Module, seed: int = 0) -> None:
     """Move every parameter away from its default so parity tests can fail.

@@ -11,24 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_utils import needs_cxx, randomize, tiny_config
-from nanocli_model import NanoForCausalLM, aot_decode, save_pretrained
+from model_utils import decode_model, needs_cxx, random_prompts
+from nanocli_model import aot_decode, save_pretrained
 from nanocli_model.generation import SamplingParams, generate
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=20)
-PATTERN = dict(hybrid_override_pattern="M-M*-M*", n_groups=2, mamba_num_heads=8, num_attention_heads=4,
-               num_key_value_heads=2)
 
 
 def _model(seed=0, dtype=torch.float32, **overrides):
-    m = NanoForCausalLM(tiny_config(**{**PATTERN, **overrides})).eval()
-    randomize(m, seed)
-    return m.to(dtype)
-
-
-def _prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
+    """``decode_model`` cut to one layer of each kind (Mamba, attention, MLP): compiles in two-thirds of the time."""
+    return decode_model(seed, dtype, **{"hybrid_override_pattern": "M*-", **overrides})
 
 
 def _eager(seed, prompts, **overrides):
@@ -41,8 +33,8 @@ def library(tmp_path_factory):
     directory = tmp_path_factory.mktemp("decode")
     m = _model(seed=5)
     step = aot_decode.AotDecode(m, directory)
-    generate(m, _prompts([11]), GREEDY, decode_step=step)  # batch 1
-    generate(m, _prompts([9, 3, 6], seed=2), GREEDY, decode_step=step)  # batch 3, left-padded
+    generate(m, random_prompts([11]), GREEDY, decode_step=step)  # batch 1
+    generate(m, random_prompts([9, 3, 6], seed=2), GREEDY, decode_step=step)  # batch 3, left-padded
     assert step.fallback_reason is None, step.fallback_reason
     return directory, m, step
 
@@ -64,7 +56,7 @@ def test_steps_match_a_float64_model_at_any_kv_length_without_recompiling(librar
     with torch.inference_mode():
         for max_len in (30, 200):  # the KV length and the position are symbolic in the library
             cache, cache64 = m.allocate_cache(1, max_len), ref.allocate_cache(1, max_len)
-            prompt = torch.tensor(_prompts([9], seed=max_len))
+            prompt = torch.tensor(random_prompts([9], seed=max_len))
             m(prompt, cache)
             ref(prompt, cache64)
             for t in range(12):
@@ -83,7 +75,7 @@ def test_greedy_equals_transformers_generate(tmp_path, library):
     save_pretrained(m, tmp_path)
     hf = transformers.NemotronHForCausalLM.from_pretrained(tmp_path).eval()
     step = aot_decode.AotDecode(_model(seed=5), directory)
-    for prompt in _prompts([13, 4], seed=1):
+    for prompt in random_prompts([13, 4], seed=1):
         ids = torch.tensor([prompt])
         expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
                                eos_token_id=None)[0, len(prompt):].tolist()
@@ -96,7 +88,7 @@ def test_another_model_of_the_shape_loads_the_library_and_decodes_with_its_own_w
     """The library holds no weights: a model of another seed reads its own (user-managed constants), one padded
     batch equals each prompt alone through that model's eager forward."""
     directory, _, _ = library
-    prompts = _prompts([9, 3, 6], seed=4)
+    prompts = random_prompts([9, 3, 6], seed=4)
     m = _model(seed=9)
     step = aot_decode.AotDecode(m, directory)
     batched = generate(m, prompts, GREEDY, decode_step=step)
@@ -140,10 +132,11 @@ def test_an_unreadable_library_is_compiled_again(tmp_path, library, monkeypatch)
 
     monkeypatch.setattr(aot_decode.AotDecode, "_compile", compile_)
     step = aot_decode.AotDecode(m, tmp_path)
-    prompt = _prompts([7], seed=3)
+    prompt = random_prompts([7], seed=3)
     got = generate(m, prompt, GREEDY, decode_step=step).completions[0].token_ids
     assert compiled == [path] and (step.built, step.loaded) == (1, 0) and step.fallback_reason is None
     assert len(step.notes) == 1 and "unreadable" in step.notes[0] and "\n" not in step.notes[0]
+    assert "running eager" not in step.notes[0]
     assert got == _eager(5, prompt)[0]
 
 
@@ -156,7 +149,7 @@ def test_a_failed_compile_leaves_no_file_and_decodes_eagerly(tmp_path, monkeypat
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
     m = _model(seed=6)
     step = aot_decode.AotDecode(m, tmp_path)
-    prompt = _prompts([7], seed=6)
+    prompt = random_prompts([7], seed=6)
     got = generate(m, prompt, GREEDY, decode_step=step)
     assert got.completions[0].token_ids == _eager(6, prompt)[0]
     assert not step.compiled and step.fallback_reason.startswith("RuntimeError: InductorError: C++ compile error")
@@ -167,7 +160,27 @@ def test_models_it_does_not_compile_decode_eagerly_and_say_why(tmp_path):
     m = _model(seed=3, dtype=torch.bfloat16)
     step = aot_decode.AotDecode(m, tmp_path)
     assert not step.compiled and "float32" in step.fallback_reason
-    prompt = _prompts([5], seed=3)
+    prompt = random_prompts([5], seed=3)
     got = generate(m, prompt, GREEDY, decode_step=step).completions[0].token_ids
     assert got == generate(_model(seed=3, dtype=torch.bfloat16), prompt, GREEDY).completions[0].token_ids
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_of_another_layout_decodes_eagerly(tmp_path):
+    m = _model(seed=4)
+    step = aot_decode.AotDecode(m, tmp_path)
+    cache = m.allocate_cache(1, 20)
+    for layer in cache.layers:  # the SSM state as a transposed copy: same values, other strides
+        if hasattr(layer, "ssm"):
+            layer.ssm = layer.ssm.transpose(2, 3).contiguous().transpose(2, 3)
+    ref = _model(seed=4)
+    ref_cache = ref.allocate_cache(1, 20)
+    prompt = torch.tensor(random_prompts([5], seed=4))
+    with torch.inference_mode():
+        m(prompt, cache)
+        ref(prompt, ref_cache)
+        for t in range(3):
+            tok = torch.tensor([[7 + t]])
+            assert torch.allclose(step(tok, cache), ref(tok, ref_cache), rtol=1e-5, atol=1e-5)
+    assert not step.compiled and "HybridCache.allocate" in step.fallback_reason
     assert list(tmp_path.iterdir()) == []

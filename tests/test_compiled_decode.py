@@ -11,32 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_utils import needs_cxx, randomize, tiny_config
-from nanocli_model import NanoForCausalLM, load_pretrained, save_pretrained
+from model_utils import decode_model, needs_cxx, random_prompts
 from nanocli_model import decode as D
+from nanocli_model import load_pretrained, save_pretrained
 from nanocli_model.generation import SamplingParams, generate
 from nanocli_model.layers import project
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=20)
-PATTERN = dict(hybrid_override_pattern="M-M*-M*", n_groups=2, mamba_num_heads=8, num_attention_heads=4,
-               num_key_value_heads=2)
-
-
-def _model(seed=0, dtype=torch.float32, **overrides):
-    m = NanoForCausalLM(tiny_config(**{**PATTERN, **overrides})).eval()
-    randomize(m, seed)
-    return m.to(dtype)
-
-
-def _prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
 
 
 @pytest.fixture(scope="module")
 def compiled():
     """(model, its CompiledDecode): one per module, so the suite compiles this shape once."""
-    m = _model(seed=5)
+    m = decode_model(seed=5)
     return m, D.CompiledDecode(m)
 
 
@@ -76,7 +63,7 @@ def test_compiled_greedy_equals_transformers_generate(tmp_path, compiled):
     m, step = compiled
     save_pretrained(m, tmp_path)
     hf = transformers.NemotronHForCausalLM.from_pretrained(tmp_path).eval()
-    for prompt in _prompts([13, 4], seed=1):
+    for prompt in random_prompts([13, 4], seed=1):
         ids = torch.tensor([prompt])
         expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
                                eos_token_id=None)[0, len(prompt):].tolist()
@@ -88,8 +75,8 @@ def test_compiled_greedy_equals_transformers_generate(tmp_path, compiled):
 @needs_cxx
 def test_compiled_steps_match_a_float64_model_and_batches_left_padded(compiled):
     m, step = compiled
-    ref = _model(seed=5, dtype=torch.float64)
-    prompts = _prompts([9, 3, 6], seed=2)
+    ref = decode_model(seed=5, dtype=torch.float64)
+    prompts = random_prompts([9, 3, 6], seed=2)
     with torch.inference_mode():
         for prompt in prompts[:1]:
             cache, cache64 = m.allocate_cache(1, 30), ref.allocate_cache(1, 30)
@@ -112,18 +99,18 @@ def test_compile_failure_falls_back_to_eager_with_a_reason(monkeypatch):
         return call
 
     monkeypatch.setattr(D.torch, "compile", broken)
-    m = _model(seed=6)
+    m = decode_model(seed=6)
     step = D.CompiledDecode(m)
-    prompt = _prompts([7], seed=6)
+    prompt = random_prompts([7], seed=6)
     got = generate(m, prompt, GREEDY, decode_step=step)
-    assert got.completions[0].token_ids == generate(_model(seed=6), prompt, GREEDY).completions[0].token_ids
+    assert got.completions[0].token_ids == generate(decode_model(seed=6), prompt, GREEDY).completions[0].token_ids
     assert not step.compiled and step.fallback_reason.startswith("RuntimeError: InductorError: C++ compile error")
     assert "\n" not in step.fallback_reason
 
 
 @pytest.mark.parametrize("column_major_tall", [False, True])
 def test_huge_page_arena_keeps_values_parameters_and_training(tmp_path, column_major_tall):
-    m = _model(seed=7)
+    m = decode_model(seed=7)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     objects = {n: id(p) for n, p in m.named_parameters()}
     D.relayout_linear_weights(m, column_major_tall=column_major_tall)
@@ -180,15 +167,15 @@ def test_keep_training_layout_trains_as_a_model_that_never_generated():
     that generated inside ``keep_training_layout`` (cached decode: tall weights column-major) trains after it
     bit for bit the same. Its next generation switches to the decode layout again, in place (the memory it
     has), and gives the same tokens as the reference's."""
-    m, fresh = _model(seed=9), _model(seed=9)
-    prompt = _prompts([6], seed=4)
+    m, fresh = decode_model(seed=9), decode_model(seed=9)
+    prompt = random_prompts([6], seed=4)
     objects = {n: id(p) for n, p in m.named_parameters()}
     with D.keep_training_layout(m):
         first = generate(m, prompt, GREEDY).completions[0].token_ids
         assert m._decode_layout_done and all(w.stride() == (1, w.shape[0]) for w in _tall_linears(m))
     assert not m._decode_layout_done and all(w.is_contiguous() for w in _tall_linears(m))
     assert {n: id(p) for n, p in m.named_parameters()} == objects
-    assert first == generate(_model(seed=9), prompt, GREEDY).completions[0].token_ids
+    assert first == generate(decode_model(seed=9), prompt, GREEDY).completions[0].token_ids
     assert _train_steps(m) == _train_steps(fresh)
     for (name, p), q in zip(m.named_parameters(), fresh.parameters()):
         assert torch.equal(p.detach(), q.detach()), name
@@ -207,9 +194,9 @@ def test_two_compiled_models_each_use_their_own_weights_and_shapes(compiled):
     CompiledDecode must still run its own model, also when the two differ only in a width the cache does
     not show (the MLP's), with no fallback to eager."""
     m, step = compiled
-    other = _model(seed=8, intermediate_size=2 * m.config.intermediate_size)
+    other = decode_model(seed=8, intermediate_size=2 * m.config.intermediate_size)
     other_step = D.CompiledDecode(other)
-    prompt = _prompts([5], seed=3)
+    prompt = random_prompts([5], seed=3)
     for model, s in ((other, other_step), (m, step)):
         got = generate(model, prompt, GREEDY, decode_step=s).completions[0].token_ids
         assert got == generate(model, prompt, GREEDY).completions[0].token_ids
