@@ -187,8 +187,8 @@ class GenerateResult:
             "prefill_tokens_per_s": s.prefill_tokens_per_s, "decode_tokens_per_s": s.decode_tokens_per_s,
             "peak_memory_bytes": s.peak_memory_bytes, "peak_memory_source": s.peak_memory_source,
             "seed": s.seed, "device": self.device, "dtype": self.dtype, "decode": self.decode,
-            "compile_seconds": s.compile_seconds, "compile_source": self.compile_source, "kernels": self.kernels, "kernels_detail": self.kernels_detail,
-            "batches": self.batches,
+            "compile_seconds": s.compile_seconds, "compile_source": self.compile_source,
+            "kernels": self.kernels, "kernels_detail": self.kernels_detail, "batches": self.batches,
             "notes": self.notes,
         }
 
