@@ -203,8 +203,8 @@ def show_generation_stats(result: GenerateResult) -> None:
               style="dim", markup=False)
     if result.device != "cpu" and result.kernels != "mamba-ssm+causal-conv1d":  # a GPU without every kernel
         err.print(f"note: {result.kernels_detail}", markup=False, highlight=False)
-    if result.decode.startswith("eager ("):  # --compile asked for, and it fell back
-        err.print(f"note: --compile: decode ran {result.decode}", markup=False)
+    if result.decode.startswith("eager ("):  # a compiled step (asked for, or the default) fell back
+        err.print(f"note: the compiled decode step did not run: decode ran {result.decode}", markup=False)
     for note in result.notes:  # e.g. --dtype auto chose bf16 to fit this machine's memory
         err.print(f"note: {note}", markup=False, highlight=False)
 
