@@ -156,6 +156,7 @@ class AotDecode:
         self.calls, self.compile_seconds, self.loaded, self.built = 0, 0.0, 0, 0
         self.notes: list[str] = []  # e.g. an unreadable package compiled again
         self._runners: dict[tuple[int, bool], object] = {}
+        self._constants: list[dict[str, torch.Tensor]] = []  # what each runner reads (user-managed: kept alive here)
         self._positions = torch.empty(0)
         if self.fallback_reason is None:
             relayout_linear_weights(model, column_major_tall=False)
@@ -225,10 +226,11 @@ class AotDecode:
         missing = [n for n in names if n not in tensors]
         if missing:
             raise ValueError(f"the package reads {missing[0]}, which this model does not have")
-        unread = [n for n, t in tensors.items() if n not in names and not any(tensors[m] is t for m in names)]
+        read = {id(tensors[n]) for n in names}  # a tied weight is read under either of its names
+        unread = [n for n, t in tensors.items() if id(t) not in read]
         if unread:  # it would decode with the compiling model's values of these
             raise ValueError(f"the package holds its own copy of {unread[0]}; compile with runtime constant folding")
-        self._constants = getattr(self, "_constants", []) + [{n: tensors[n] for n in names}]
+        self._constants.append({n: tensors[n] for n in names})
         runner.load_constants(self._constants[-1], check_full_update=True, user_managed=True)
         return runner
 

@@ -184,3 +184,22 @@ def test_a_cache_of_another_layout_decodes_eagerly(tmp_path):
             assert torch.allclose(step(tok, cache), ref(tok, ref_cache), rtol=1e-5, atol=1e-5)
     assert not step.compiled and "HybridCache.allocate" in step.fallback_reason
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_library_that_holds_its_own_copy_of_a_weight_is_refused(tmp_path, monkeypatch):
+    """A library built without runtime constant folding keeps the compiling model's A_log / D / dt_bias: loading
+    it for another model must fail (and so decode eagerly), not decode with those values."""
+    m = _model(seed=2)
+    names = [f"model.{n}" for n, _ in m.named_parameters() if not n.endswith("A_log")]
+
+    class Baked:
+        def get_constant_fqns(self):
+            return names
+
+        def load_constants(self, *args, **kwargs):
+            raise AssertionError("must not be loaded")
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: Baked())
+    step = aot_decode.AotDecode(m, tmp_path)
+    with pytest.raises(ValueError, match="A_log"):
+        step._load(tmp_path / "decode-x.pt2")
