@@ -1,16 +1,16 @@
-"""Single-token decode throughput: nano (eager, torch.compile, and its default: the ahead-of-time compiled step)
-vs transformers' NemotronH, same weights, same threads, fp32.
+"""Single-token decode throughput: nano (eager, and its default: the ahead-of-time compiled step, with nano's own
+GEMVs and, for comparison, with inductor's / MKL's) vs transformers' NemotronH, same weights, same threads, fp32.
 
     .venv/bin/python benchmarks/decode_throughput.py --threads 1
     .venv/bin/python benchmarks/decode_throughput.py --settings small:256:128 --reps 5 --no-curve
 
 Each run prefills the prompt through the model's own cache, then decodes greedily one token at a time
-(``model(tok[:, None], cache)`` for nano eager; a ``CompiledDecode`` (torch.compile) and an ``AotDecode`` (what
-``nano generate`` runs by default on CPU), each on a copy of the same weights;
+(``model(tok[:, None], cache)`` for nano eager; an ``AotDecode`` (what ``nano generate`` runs by default on CPU)
+and one built under ``row_gemv.use(False)``, each on a copy of the same weights;
 ``hf(tok[:, None], cache=out.cache, use_cache=True)`` for transformers) and times the decode steps only. Runs
 alternate A B C A B C (the bandwidth probes too) so machine noise hits all alike; the table gives medians.
-Compiles are timed apart, in the last columns: torch.compile's first two steps; the ahead-of-time library's
-build (its first step, into a fresh directory unless --library-dir) and its load by a second copy.
+Compiles are timed apart, in the last columns: each ahead-of-time library's build (its first step, into a fresh
+directory unless --library-dir) and the default's load by a second copy.
 
 Decode on a CPU streams every weight once per token, so the table also gives the weight-streaming limit:
 the fp32 weight bytes a token reads (every matrix; the embedding table is a row lookup, so it counts
@@ -38,9 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_throughput import build_pair, load_profile  # noqa: E402
 
-from nanocli_model import NanoForCausalLM  # noqa: E402
+from nanocli_model import NanoForCausalLM, row_gemv  # noqa: E402
 from nanocli_model.aot_decode import AotDecode  # noqa: E402
-from nanocli_model.decode import CompiledDecode, huge_page_arena  # noqa: E402
+from nanocli_model.decode import huge_page_arena  # noqa: E402
 from nanocli_model.layers import Attention, Mamba2Mixer  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def weight_bytes_per_token(model: NanoForCausalLM) -> int:
 
 
 def nano_decoder(model, prompt: torch.Tensor, gen: int, step=None):
-    """``step`` (default: the model itself) runs the decode steps: a ``CompiledDecode`` for the compiled row."""
+    """``step`` (default: the model itself) runs the decode steps: an ``AotDecode`` for the compiled rows."""
     step = step or model
 
     def run() -> float:
@@ -96,21 +96,6 @@ def nano_decoder(model, prompt: torch.Tensor, gen: int, step=None):
             tok = step(tok[:, None], cache)[:, -1].argmax(-1)
         return (time.perf_counter() - t) / (gen - 1)
     return run
-
-
-def compiled_copy(model):
-    """(copy of ``model``, its ``CompiledDecode``, seconds the first two steps took: the compiles)."""
-    twin = copy.deepcopy(model)  # its own weights: the compiled step keeps them row-major, eager decode does not
-    step = CompiledDecode(twin)
-    cache = twin.allocate_cache(1, 8)
-    t = time.perf_counter()
-    with torch.inference_mode():
-        twin(torch.zeros(1, 1, dtype=torch.long), cache)
-        for _ in range(2):
-            step(torch.zeros(1, 1, dtype=torch.long), cache)
-    if step.fallback_reason:
-        raise SystemExit(f"compiled decode unavailable: {step.fallback_reason}")
-    return twin, step, time.perf_counter() - t
 
 
 def aot_copy(model, directory: str, batch: int):
@@ -160,7 +145,7 @@ def alternate(runs: dict, reps: int) -> dict[str, float]:
 
 
 def compiled_ms(model, step, context: int, steps: int = 32, reps: int = 5) -> float:
-    """Whole-model decode ms/token of a ``CompiledDecode`` with ``context`` tokens in the cache (zeros)."""
+    """Whole-model decode ms/token of a compiled step with ``context`` tokens in the cache (zeros)."""
     cache = model.allocate_cache(1, context + steps + 1)
     best = float("inf")
     with torch.inference_mode():
@@ -244,13 +229,14 @@ def main() -> None:
     print("GEMV limit = GEMV bandwidth (MKL fp32 W @ x, W 4096 x 16384) / weight bytes per token: issue #3's limit; "
           "read limit = the same with a plain streaming read (sum of 256 MB). Both measured between the decode "
           "runs, huge pages, medians.")
-    print("nano default = nano generate's decode on CPU (the ahead-of-time compiled step, AotDecode); torch.compile = "
-          "CompiledDecode (what --compile ran before it). Build s: its first compile; load s: a second run loading "
-          "the kept library.")
+    print("nano default = nano generate's decode on CPU (the ahead-of-time compiled step, AotDecode, calling nano's "
+          "own GEMVs, row_gemv.py); inductor GEMV = the same step built with row_gemv.use(False) (row-dot loops / "
+          f"MKL, what the default ran before: {row_gemv.reason() or 'row_gemv available'}). Build s: the first "
+          "compile; load s: a second run loading the kept library.")
     print("| profile | prompt | generate | transformers tok/s | nano eager tok/s | eager vs transformers "
-          "| nano torch.compile tok/s | nano default tok/s | default vs transformers | default vs eager "
+          "| nano default, inductor GEMV tok/s | nano default tok/s | default vs transformers | default vs eager "
           "| weight MB/token | GEMV GB/s | GEMV limit tok/s | eager % | default % | read GB/s "
-          "| default % of read limit | torch.compile s | build s | load s |")
+          "| default % of read limit | inductor-GEMV build s | build s | load s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     bandwidth = {kind: bandwidth_runner(kind) for kind in ("gemv", "read")}
     pairs: dict[str, tuple] = {}
@@ -259,7 +245,11 @@ def main() -> None:
         prompt_len, gen = int(prompt_len), int(gen)
         if name not in pairs:
             nano, hf = build_pair(load_profile(name))
-            compiled = (None, None, float("nan")) if args.no_compile else compiled_copy(nano)
+            if args.no_compile:
+                compiled = (None, None, float("nan"))
+            else:  # the same ahead-of-time step with inductor's / MKL's GEMVs instead of nano's own
+                with row_gemv.use(False):
+                    compiled = aot_copy(nano, library_dir, args.batch)[:3]
             aot = (None, None, float("nan"), float("nan")) if args.no_compile else aot_copy(nano, library_dir,
                                                                                              args.batch)
             pairs[name] = (nano, hf, *compiled, *aot)
@@ -290,13 +280,15 @@ def main() -> None:
     name = args.curve_profile
     if name not in pairs:
         nano = build_pair(load_profile(name))[0]
-        pairs[name] = (nano, None, *((None, None, 0.0) if args.no_compile else compiled_copy(nano)),
+        with row_gemv.use(False):
+            compiled = (None, None, 0.0) if args.no_compile else aot_copy(nano, library_dir, 1)[:3]
+        pairs[name] = (nano, None, *compiled,
                        *((None, None, 0.0, 0.0) if args.no_compile else aot_copy(nano, library_dir, 1)))
     nano, _, twin, step, _, aot_twin, aot_step, _, _ = pairs[name]
     print(f"\ncontext curve ({name}, batch 1): decode ms/token with the context already cached "
           "(eager layer split through hooks)")
     print("| context | Mamba layers ms/token | attention layers ms/token | whole model ms/token "
-          "| torch.compile ms/token | default ms/token |")
+          "| default, inductor GEMV ms/token | default ms/token |")
     print("|---:|---:|---:|---:|---:|---:|")
     for ctx in args.contexts:
         m, a, w = context_curve_ms(nano, ctx)

@@ -43,7 +43,7 @@ def load_profile(name: str) -> NanoConfig:
 
 @torch.no_grad()
 def decode(model, prompt: torch.Tensor, tokens: int, step=None, cache_len: int = 0) -> tuple[float, list[int]]:
-    """(decode tokens/s, greedy token ids) after a prefill of ``prompt`` (1, T); ``step``: a CompiledDecode;
+    """(decode tokens/s, greedy token ids) after a prefill of ``prompt`` (1, T); ``step``: a compiled step;
     ``cache_len``: the cache's length (default: just enough)."""
     step = step or model
     cache = model.allocate_cache(1, max(cache_len, prompt.shape[1] + tokens + 1))
@@ -72,8 +72,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--chat", type=int, default=0, metavar="N", help="with --model: N held-out problems through "
                     "the chat template (reasoning on) as prompts, agreement averaged over them")
-    ap.add_argument("--compile", action="store_true", help="decode every variant through CompiledDecode (nano "
-                    "generate --compile); the compile is done in the warm-up, timed apart")
+    ap.add_argument("--compile", action="store_true", help="decode every variant through the step nano "
+                    "generate compiles (AotDecode on CPU, else CompiledDecode); the compile is done in the warm-up, "
+                    "timed apart")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print("uptime before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
@@ -102,14 +103,14 @@ def main() -> None:
     speeds: dict[str, list[float]] = {k: [] for k in variants}
     ids: dict[str, list[list[int]]] = {k: [[] for _ in prompts] for k in variants}
     steps = {k: None for k in variants}
-    if args.compile:
-        from nanocli_model.decode import CompiledDecode
+    if args.compile:  # what nano generate compiles: the ahead-of-time step where it runs, else torch.compile
+        from nanocli.stages.generate import compile_decode
 
-        steps = {k: CompiledDecode(m) for k, m in variants.items()}
+        steps = {k: compile_decode(m) for k, m in variants.items()}
     for name, model in variants.items():  # warm-up: the decode layout, first-touch of the weights, the compile
         decode(model, prompt, 4, steps[name], prompt.shape[1] + args.tokens + 1)  # the timed runs' cache size
         if steps[name] is not None:
-            print(f"  {name}: compiled in {steps[name].compile_seconds:.1f} s"
+            print(f"  {name}: {type(steps[name]).__name__} compiled in {steps[name].compile_seconds:.1f} s"
                   + (f" (fell back to eager: {steps[name].fallback_reason})" if steps[name].fallback_reason else ""))
     for _ in range(args.reps):
         for i, p in enumerate(prompts):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import nanocli_model
 from nanocli_model.config import NanoConfig
 from nanocli_model.errors import CheckpointError, ConfigError, NanoError
 from nanocli_model.headers import INDEX_NAME, SINGLE_NAME
@@ -182,10 +183,4 @@ def cache_dir(value: str | None) -> Path:
     """nano's cache directory (tokenized shards, the chat history): ``value`` (``--cache-dir``), else
     ``$NANO_CACHE``, else ``$XDG_CACHE_HOME/nano``, else ``~/.cache/nano``. As the XDG base-directory
     specification says, an empty or relative ``$XDG_CACHE_HOME`` is ignored; an empty ``$NANO_CACHE`` too."""
-    if value:
-        return Path(value)
-    if os.environ.get("NANO_CACHE"):
-        return Path(os.environ["NANO_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "nano"
+    return Path(value) if value else nanocli_model.cache_home()

@@ -14,6 +14,8 @@ the torch-backed names load on first use, so ``nano fit-check`` stays fast.
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 
 from . import memory
 from .config import NanoConfig
@@ -24,8 +26,19 @@ _LAZY = {
     "load_pretrained": "checkpoint", "save_pretrained": "checkpoint",
 }
 
-__all__ = ["NanoConfig", "memory", "NanoError", "ConfigError", "CheckpointError", "CacheError", *_LAZY]
+__all__ = ["NanoConfig", "memory", "cache_home", "NanoError", "ConfigError", "CheckpointError", "CacheError", *_LAZY]
 __version__ = "0.1.0"
+
+
+def cache_home() -> Path:
+    """nano's cache directory: ``$NANO_CACHE``, else ``$XDG_CACHE_HOME/nano``, else ``~/.cache/nano``. As the
+    XDG base-directory specification says, an empty or relative ``$XDG_CACHE_HOME`` is ignored; an empty
+    ``$NANO_CACHE`` too."""
+    if os.environ.get("NANO_CACHE"):
+        return Path(os.environ["NANO_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "nano"
 
 
 def __getattr__(name: str):

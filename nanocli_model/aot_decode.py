@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import row_gemv
 from .cache import AttentionCache, HybridCache, MambaCache
 from .decode import compile_failure_line, relayout_linear_weights
 
@@ -55,22 +56,30 @@ def code_digest() -> str:
 
 def inductor_options() -> dict:
     """AOTInductor options of the package: weights left out of the library (the model's own are handed over
-    at load), and ``CompiledDecode``'s choice to store, not recompute, the normed GEMV inputs."""
+    at load), ``CompiledDecode``'s choice to store, not recompute, the normed GEMV inputs, and, where nano's
+    GEMV library is available, direct calls into it (``row_gemv.aot_options``)."""
     from torch._inductor import config as inductor_config
 
     options = {"aot_inductor.package_constants_in_so": False, "aot_inductor.use_runtime_constant_folding": True}
     if hasattr(inductor_config, "realize_cpu_opcount_threshold"):
         options["realize_cpu_opcount_threshold"] = 4
+    if row_gemv.available():
+        options.update(row_gemv.aot_options())
     return options
 
 
 def supported(model: nn.Module) -> str | None:
-    """None when ``AotDecode`` can run ``model``, else why not (one line)."""
+    """None when ``AotDecode`` can run ``model``, else why not (one line): float32 weights, or an int8 model
+    (``quant.Int8Linear``) whose int8 GEMVs are nano's own (``row_gemv``; fbgemm's packed matrices cannot be
+    handed to a compiled library)."""
     if model.lm_head.weight.device.type != "cpu":
         return "ahead-of-time decode is built for CPU"
     floats = {p.dtype for p in model.parameters()}
-    if floats != {torch.float32} or any(type(m).__name__ == "Int8Linear" for m in model.modules()):
+    if floats != {torch.float32}:
         return f"ahead-of-time decode is built for float32 weights, not {', '.join(sorted(map(str, floats)))}"
+    int8 = [m for m in model.modules() if type(m).__name__ == "Int8Linear"]
+    if int8 and (not row_gemv.available() or any(m._packed is not None for m in int8)):
+        return f"ahead-of-time decode of int8 weights needs nano's CPU GEMV library ({row_gemv.reason() or 'unused'})"
     return None
 
 
@@ -80,23 +89,12 @@ def artefact_key(model: nn.Module, cache: HybridCache) -> str:
         "format": FORMAT, "torch": torch.__version__, "code": code_digest(), "config": model.config.to_dict(),
         "batch": cache.batch, "padded": cache.pad_len is not None,
         "cache_dtypes": sorted({str(t.dtype) for t in cache.tensors()}),
-        "weights": sorted({str(p.dtype) for p in model.parameters()}),
-        "cpu": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(), "cpu_model": _cpu_model(),
-        "threads": torch.get_num_threads(), "options": inductor_options(),
+        "weights": sorted({str(t.dtype) for t in (*model.parameters(), *model.buffers())}),
+        "cpu": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(), "cpu_model": row_gemv.cpu_digest(),
+        "threads": torch.get_num_threads(), "options": {k: str(v) for k, v in inductor_options().items()},
+        "row_gemv": row_gemv.source_digest() if row_gemv.available() else None,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-@functools.cache
-def _cpu_model() -> str:
-    """The CPU's model name and feature flags (Linux), as a digest: inductor compiles with ``-march=native``,
-    so a library built on one CPU may not run on another of the same instruction-set level."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
-    return hashlib.sha256("\n".join(sorted(set(lines))).encode()).hexdigest()[:16]
 
 
 class _Step(nn.Module):
@@ -218,6 +216,7 @@ class AotDecode:
         return runner
 
     def _load(self, path: Path):
+        row_gemv.library()  # a library compiled to call nano's GEMVs finds them in it (loaded RTLD_GLOBAL)
         runner = torch._inductor.aoti_load_package(str(path))
         tensors = {f"model.{name}": t for name, t in self.model.named_parameters(remove_duplicate=False)}
         tensors.update((f"model.{name}", t) for name, t in self.model.named_buffers(remove_duplicate=False))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from . import kernels
+from . import kernels, row_gemv
 from .cache import AttentionCache, MambaCache
 from .config import NanoConfig
 
@@ -123,20 +123,30 @@ class GatedGroupRMSNorm(nn.Module):
         return g.view(b, T, inner).mul_(w)  # (b, T, I) float32
 
 
-ROW_DOT_MAX_IN = 3072  # longest weight row the compiled decode step streams with its own loop (else MKL)
+ROW_DOT_MAX_IN = 3072  # longest weight row the compiled decode step streams with inductor's loop (else MKL)
+ROW_GEMV_MIN_IN = 512  # shortest weight row it streams with nano's GEMV (shorter: inductor's loop, fused)
 
 
 def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``, except inside a compiled CPU decode step (``decode.CompiledDecode``,
-    ``aot_decode.AotDecode``), where one-token rows of a weight with rows of at most ``ROW_DOT_MAX_IN`` are
-    written as a row-wise dot product, ``(x[..., None, :] * W).sum(-1)``: inductor lowers that to one
-    vectorised loop streaming W row by row, which on this CPU reads such matrices (the small and medium
-    profiles') 1.1-2x faster than MKL's GEMV, and longer rows (the released 9B's 4480 and more) at only
-    0.5-0.7x MKL's rate (docs/BENCHMARKS.md): those stay ``linear(x)``, as in eager code and prefill.
+    """``linear(x)``, except for one-token rows of a float32 CPU ``nn.Linear`` inside a compiled decode step
+    (``decode.CompiledDecode``, ``aot_decode.AotDecode``). There weights with rows of at least
+    ``ROW_GEMV_MIN_IN`` go through nano's own GEMV, ``torch.ops.nano.row_gemv_f32`` (``row_gemv.py``: eight
+    weight rows streamed side by side, faster than inductor's and MKL's on every such decode shape measured
+    here); shorter rows (the small profile's 320), or every row where that library is not available, through
+    a row-wise dot product, ``(x[..., None, :] * W).sum(-1)``, which inductor lowers to a vectorised loop fused
+    with the RMSNorm before it (faster than a separate call on rows that short; on the medium profile's rows
+    1.1-2x faster than MKL's GEMV), up to rows of ``ROW_DOT_MAX_IN`` (longer rows, the released 9B's 4480 and
+    more, read at 0.5-0.7x MKL's rate there, so without the library those stay ``linear(x)``, as in eager
+    code and prefill). docs/BENCHMARKS.md has the measurements.
     """
     if (x.shape[-2] == 1 and x.device.type == "cpu" and type(linear) is nn.Linear
-            and linear.in_features <= ROW_DOT_MAX_IN and torch.compiler.is_compiling()):
-        y = (x.unsqueeze(-2) * linear.weight).sum(-1)  # (..., 1, out)
+            and torch.compiler.is_compiling()):
+        if linear.in_features >= ROW_GEMV_MIN_IN and row_gemv.usable(x, linear.weight):
+            y = torch.ops.nano.row_gemv_f32(x, linear.weight)
+        elif linear.in_features <= ROW_DOT_MAX_IN:
+            y = (x.unsqueeze(-2) * linear.weight).sum(-1)  # (..., 1, out)
+        else:
+            return linear(x)
         return y if linear.bias is None else y + linear.bias
     return linear(x)
 

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import row_gemv
 from .errors import ConfigError
 
 QUANT_METHOD = "nano-int8"
@@ -99,9 +100,9 @@ class Int8Linear(nn.Module):
     def _pack(self) -> None:
         """Move the int8 values from the ``weight`` buffer into fbgemm's packed matrix (CPU values only)."""
         w = self.weight
-        if w.device.type != "cpu":
+        if w.device.type != "cpu" or w.is_meta:
             return
-        if not fbgemm_available():
+        if row_gemv.available() or not fbgemm_available():  # nano's own GEMV reads the plain int8 values
             return
         with warnings.catch_warnings():  # torch marks its quantized tensors deprecated; fbgemm's ops stay (2.13)
             warnings.simplefilter("ignore", UserWarning)
@@ -129,7 +130,9 @@ class Int8Linear(nn.Module):
         if rows > GEMV_ROWS or x.device.type != "cpu":
             return F.linear(x, self.dequantized().to(x.dtype), self.bias)
         x2 = x.reshape(rows, self.in_features)
-        if self._packed is None:  # no fbgemm in this torch: the weight-only kernel on a bf16 input
+        if self._packed is None and row_gemv.usable(x2.float(), self.weight):  # eager: ctypes; compiled: C shim
+            y = torch.ops.nano.row_gemv_q8(x2.float(), self.weight, self.weight_scale)
+        elif self._packed is None:  # no fbgemm in this torch: the weight-only kernel on a bf16 input
             if self._scale_bf16 is None:
                 self._scale_bf16 = self.weight_scale.to(torch.bfloat16)
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self._scale_bf16)

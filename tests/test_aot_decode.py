@@ -8,19 +8,23 @@ the same shape loads them, as a second run of ``nano generate`` would.
 
 from __future__ import annotations
 
+import zipfile
+
 import pytest
 import torch
 
 from model_utils import decode_model, needs_cxx, random_prompts
-from nanocli_model import aot_decode, save_pretrained
+from nanocli_model import aot_decode, row_gemv, save_pretrained
 from nanocli_model.generation import SamplingParams, generate
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=20)
 
 
 def _model(seed=0, dtype=torch.float32, **overrides):
-    """``decode_model`` cut to one layer of each kind (Mamba, attention, MLP): compiles in two-thirds of the time."""
-    return decode_model(seed, dtype, **{"hybrid_override_pattern": "M*-", **overrides})
+    """``decode_model`` cut to one layer of each kind (Mamba, attention, MLP): compiles in two-thirds of the time.
+    The MLP is wide enough (512) that its down_proj takes nano's own GEMV in a compiled step
+    (``layers.ROW_GEMV_MIN_IN``) while the narrower projections take inductor's row-dot loop: both paths."""
+    return decode_model(seed, dtype, **{"hybrid_override_pattern": "M*-", "intermediate_size": 512, **overrides})
 
 
 def _eager(seed, prompts, **overrides):
@@ -46,6 +50,11 @@ def test_compiled_once_per_batch_shape_and_kept_in_the_directory(library):
     assert step.compile_seconds > 0 and step.calls == 19 + 19
     packages = sorted(p.name for p in directory.iterdir())
     assert len(packages) == 2 and all(p.startswith("decode-") and p.endswith(".pt2") for p in packages)
+    if row_gemv.available():  # the down_proj (rows of 512) calls nano's GEMV through its C shim, once a step
+        for package in directory.iterdir():
+            with zipfile.ZipFile(package) as z:
+                code = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
+            assert code.count("AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_row_gemv_f32(") == 1
 
 
 @needs_cxx
@@ -105,6 +114,9 @@ def test_the_key_names_what_the_compiled_code_depends_on():
     wider = _model(intermediate_size=64)
     assert key != aot_decode.artefact_key(wider, wider.allocate_cache(1, 16))
     assert key != aot_decode.artefact_key(m, m.allocate_cache(2, 16))
+    if row_gemv.available():
+        with row_gemv.use(False):  # a step built without nano's GEMVs
+            assert key != aot_decode.artefact_key(m, cache)
     cache.left_pad(torch.tensor([1]))
     assert key != aot_decode.artefact_key(m, cache)
     threads = torch.get_num_threads()

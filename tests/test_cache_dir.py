@@ -42,11 +42,14 @@ def cache_literals(source: str) -> list[str]:
 
 
 def test_no_other_module_builds_a_cache_path():
-    """Every command reaches the cache through ``resolve.cache_dir``: no second rule anywhere else in nanocli."""
-    assert sorted(cache_literals((ROOT / "nanocli" / "resolve.py").read_text())) == [
+    """Every command reaches the cache through ``resolve.cache_dir`` and the model library through
+    ``nanocli_model.cache_home`` (which ``resolve.cache_dir`` calls): no second rule anywhere else."""
+    rule = ROOT / "nanocli_model" / "__init__.py"
+    assert sorted(cache_literals(rule.read_text())) == [
         ".cache", "NANO_CACHE", "NANO_CACHE", "XDG_CACHE_HOME"]  # the one rule, found
     assert sorted(cache_literals('x = Path.home() / ".cache" / "nano"\ny = os.environ.get("NANO_CACHE")')) == [
         ".cache", "NANO_CACHE"]  # what the check below would catch
-    elsewhere = {str(p.relative_to(ROOT)): found for p in sorted((ROOT / "nanocli").rglob("*.py"))
-                 if p.name != "resolve.py" and (found := cache_literals(p.read_text(encoding="utf-8")))}
+    files = [*(ROOT / "nanocli").rglob("*.py"), *(ROOT / "nanocli_model").rglob("*.py")]
+    elsewhere = {str(p.relative_to(ROOT)): found for p in sorted(files)
+                 if p != rule and (found := cache_literals(p.read_text(encoding="utf-8")))}
     assert elsewhere == {}

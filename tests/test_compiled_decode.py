@@ -35,10 +35,13 @@ def test_row_dot_projection_equals_linear_in_float64():
     assert project(lin, x) is not None and torch.equal(project(lin, x), lin(x))  # eager: nn.Linear itself
 
 
-def test_compiled_steps_keep_mkl_for_long_weight_rows():
-    """Rows longer than ROW_DOT_MAX_IN (the released 9B's 4480 and up) stream faster through MKL than through
-    the row-dot loop: traced, such a projection stays a linear; a short-row one becomes the row-dot."""
-    from nanocli_model.layers import ROW_DOT_MAX_IN
+def test_compiled_steps_choose_the_gemv_by_row_length():
+    """Traced one-token projections: rows of ROW_GEMV_MIN_IN and more go to nano's GEMV where it is available;
+    without it, rows longer than ROW_DOT_MAX_IN (the released 9B's 4480 and up, faster through MKL than through
+    the row-dot loop) stay a linear and shorter ones become the row-dot, as do rows shorter than
+    ROW_GEMV_MIN_IN in any case (inductor fuses the loop with the RMSNorm before it)."""
+    from nanocli_model import row_gemv
+    from nanocli_model.layers import ROW_DOT_MAX_IN, ROW_GEMV_MIN_IN
 
     class Proj(torch.nn.Module):
         def __init__(self, inn):
@@ -52,9 +55,15 @@ def test_compiled_steps_keep_mkl_for_long_weight_rows():
         program = torch.export.export(Proj(inn), (torch.randn(1, 1, inn),), strict=False)
         return {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
 
-    assert "aten.linear.default" in traced_ops(ROW_DOT_MAX_IN + 1)
-    short = traced_ops(ROW_DOT_MAX_IN)
-    assert "aten.linear.default" not in short and "aten.sum.dim_IntList" in short
+    with row_gemv.use(False):
+        assert "aten.linear.default" in traced_ops(ROW_DOT_MAX_IN + 1)
+        short = traced_ops(ROW_DOT_MAX_IN)
+        assert "aten.linear.default" not in short and "aten.sum.dim_IntList" in short
+    if row_gemv.available():
+        for inn in (ROW_GEMV_MIN_IN, ROW_DOT_MAX_IN, ROW_DOT_MAX_IN + 1):
+            assert "nano.row_gemv_f32.default" in traced_ops(inn)
+    shortest = traced_ops(ROW_GEMV_MIN_IN - 1)
+    assert "nano.row_gemv_f32.default" not in shortest and "aten.sum.dim_IntList" in shortest
 
 
 @needs_cxx

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from model_utils import needs_cxx, randomize, tiny_config
-from nanocli_model import NanoForCausalLM, fit, load_pretrained, save_pretrained
+from nanocli_model import NanoForCausalLM, fit, load_pretrained, row_gemv, save_pretrained
 from nanocli_model.errors import CheckpointError, ConfigError
 from nanocli_model.quant import (
     GEMV_ROWS,
@@ -25,7 +25,8 @@ from nanocli_model.quant import (
 )
 
 # Per-channel symmetric int8 rounds each weight by at most scale/2 = max|row|/254. Decode rows (up to
-# GEMV_ROWS) run fbgemm's dynamic int8 GEMM, which also quantizes the input: one asymmetric 7-bit scale per call
+# GEMV_ROWS) run nano's int8 GEMV (row_gemv.py: the input rounded to 16 bits, weight-only to within 1e-4), or,
+# without it, fbgemm's dynamic int8 GEMM, which also quantizes the input: one asymmetric 7-bit scale per call
 # (reduce_range, so AVX2's 16-bit pair sums cannot saturate). Against fp32, for Gaussian rows and inputs, the
 # output's relative (Frobenius) error measures ~0.5-0.8% weight-only (prefill) and ~1.5-2% with the input
 # quantized too (decode). The bound leaves room for that, not for a wrong scale or layout (those are 10-100%).
@@ -56,9 +57,10 @@ def w8a8_reference(x: torch.Tensor, q: Int8Linear, bias: torch.Tensor | None) ->
     return y.reshape(*x.shape[:-1], -1)
 
 
-@pytest.mark.parametrize("rows", [1, GEMV_ROWS, 3 * GEMV_ROWS])  # int8 GEMM (decode) and dequantize + GEMM
+@pytest.mark.parametrize("rows", [1, GEMV_ROWS, 3 * GEMV_ROWS])  # int8 GEMV (decode) and dequantize + GEMM
 @pytest.mark.parametrize("shape,bias", [((64, 256), False), ((384, 96), True)])
-def test_each_quantized_linear_is_within_its_bound_of_fp32(rows, shape, bias):
+@pytest.mark.parametrize("kernel", ["nano", "fbgemm"])
+def test_each_quantized_linear_is_within_its_bound_of_fp32(rows, shape, bias, kernel):
     g = torch.Generator().manual_seed(0)
     out_f, in_f = shape
     lin = nn.Linear(in_f, out_f, bias=bias)
@@ -66,17 +68,23 @@ def test_each_quantized_linear_is_within_its_bound_of_fp32(rows, shape, bias):
         lin.weight.copy_(torch.randn(out_f, in_f, generator=g) / in_f**0.5)
         if bias:
             lin.bias.copy_(torch.randn(out_f, generator=g))
-    q = Int8Linear.from_linear(lin)
+    if kernel == "nano" and not row_gemv.available():
+        pytest.skip(f"no CPU GEMV library: {row_gemv.reason()}")
+    with row_gemv.use(kernel == "nano"):  # the kernel is chosen when the module is built
+        q = Int8Linear.from_linear(lin)
     x = torch.randn(1 if rows <= GEMV_ROWS else 2, rows, in_f, generator=g)
     ref = torch.nn.functional.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
     with torch.no_grad():
         y = q(x)
     assert frob(y, ref) < LAYER_BOUND, frob(y, ref)
-    if rows <= GEMV_ROWS:  # exactly fbgemm's W8A8 arithmetic (float32 accumulation of the scales: ~1e-7)
-        assert frob(y, w8a8_reference(x, q, lin.bias)) < 1e-5
+    dequantized = torch.nn.functional.linear(x.double(), q.dequantized().double(),
+                                             None if lin.bias is None else lin.bias.double())
+    if rows <= GEMV_ROWS and kernel == "nano":  # weight-only int8: the input's 16-bit rounding stays below 1e-4
+        assert q._packed is None and frob(y, dequantized) < 1e-4
+    elif rows <= GEMV_ROWS:  # exactly fbgemm's W8A8 arithmetic (float32 accumulation of the scales: ~1e-7)
+        assert q._packed is not None and frob(y, w8a8_reference(x, q, lin.bias)) < 1e-5
     else:  # the stored int8 weight, dequantized, in one float GEMM
-        assert frob(y, torch.nn.functional.linear(x.double(), q.dequantized().double(),
-                                                  None if lin.bias is None else lin.bias.double())) < 1e-6
+        assert frob(y, dequantized) < 1e-6
     w = q.int8_weight()
     assert w.dtype == q.weight.dtype == torch.int8 and q.weight_scale.dtype == torch.float32
     assert (w.abs() <= 127).all() and (w.abs().amax(1) == 127).all()  # symmetric, full range
@@ -87,11 +95,16 @@ def test_the_int8_values_are_held_once_in_fbgemm_packed_form_and_round_trip():
     holds the values, and state_dict / load_state_dict (copy or assign) carry them both ways."""
     g = torch.Generator().manual_seed(1)
     lin = nn.Linear(48, 40, bias=True)
+    with row_gemv.use(False):  # fbgemm holds the values (nano's GEMV reads a plain buffer: next test)
+        _packed_round_trip(lin, g)
+
+
+def _packed_round_trip(lin, g):
     q = Int8Linear.from_linear(lin)
+    other = Int8Linear(48, 40, bias=True)
     assert q.weight.device.type == "meta" and q.weight.shape == (40, 48) and q.weight.dtype == torch.int8
     sd = q.state_dict()
     assert sd["weight"].device.type == "cpu" and torch.equal(sd["weight"], quantize_rows(lin.weight)[0])
-    other = Int8Linear(48, 40, bias=True)
     other.load_state_dict(sd)  # copy into an existing (packed) module
     x = torch.randn(1, 48, generator=g)
     with torch.no_grad():
@@ -99,6 +112,27 @@ def test_the_int8_values_are_held_once_in_fbgemm_packed_form_and_round_trip():
         sd2 = {k: v.clone() for k, v in sd.items()}
         sd2["weight_scale"] *= 2  # a new scale alone repacks with it
         other.load_state_dict(sd2)
+        torch.testing.assert_close(other(x) - other.bias, 2 * (q(x) - q.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_with_nanos_gemv_the_values_stay_one_plain_buffer_and_round_trip():
+    """With nano's int8 GEMV the values stay a row-major int8 buffer (what the kernel and a compiled step read);
+    state_dict / load_state_dict carry them, and a new scale is used at once."""
+    if not row_gemv.available():
+        pytest.skip(f"no CPU GEMV library: {row_gemv.reason()}")
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(48, 40, bias=True)
+    q = Int8Linear.from_linear(lin)
+    assert q._packed is None and q.weight.device.type == "cpu" and q.weight.stride() == (48, 1)
+    assert torch.equal(q.weight, quantize_rows(lin.weight)[0])
+    other = Int8Linear(48, 40, bias=True)
+    other.load_state_dict(q.state_dict())
+    x = torch.randn(1, 48, generator=g)
+    with torch.no_grad():
+        assert torch.equal(other(x), q(x))
+        sd = {k: v.clone() for k, v in q.state_dict().items()}
+        sd["weight_scale"] *= 2
+        other.load_state_dict(sd)
         torch.testing.assert_close(other(x) - other.bias, 2 * (q(x) - q.bias), rtol=1e-5, atol=1e-5)
 
 
@@ -110,10 +144,11 @@ def test_without_fbgemm_decode_rows_take_the_weight_only_kernel(monkeypatch):
     monkeypatch.setattr(quant, "fbgemm_available", lambda: False)
     g = torch.Generator().manual_seed(2)
     lin = nn.Linear(96, 64, bias=False)
-    q = Int8Linear.from_linear(lin)
+    with row_gemv.use(False):
+        q = Int8Linear.from_linear(lin)
     assert q._packed is None and q.weight.device.type == "cpu"
     x = torch.randn(1, 96, generator=g)
-    with torch.no_grad():
+    with torch.no_grad(), row_gemv.use(False):
         want = torch.nn.functional.linear(x.bfloat16().double(), q.dequantized().double())
         assert frob(q(x), want) < 1e-2  # bf16 output rounding
         assert frob(q(x), torch.nn.functional.linear(x.double(), lin.weight.double())) < LAYER_BOUND
@@ -140,9 +175,15 @@ def test_smoothing_factors_follow_smoothquant_from_the_calibration_inputs():
 
 
 def test_smoothing_cuts_the_decode_error_of_inputs_with_outlier_channels():
-    """The case it exists for: a few input channels 30x the rest make the per-call activation scale coarse for
-    all others. Smoothed on such inputs, the decode (W8A8) error against fp32 drops well below the unsmoothed
-    one, and the smoothed layer still computes exactly W8A8 of x / smooth against W * smooth."""
+    """The case it exists for: a few input channels 30x the rest make fbgemm's per-call activation scale coarse
+    for all others. Smoothed on such inputs, the decode (W8A8) error against fp32 drops well below the
+    unsmoothed one, and the smoothed layer still computes exactly W8A8 of x / smooth against W * smooth. (nano's
+    own int8 GEMV rounds the input to 16 bits: there smoothing neither helps nor hurts.)"""
+    with row_gemv.use(False):
+        _smoothing_case()
+
+
+def _smoothing_case():
     g = torch.Generator().manual_seed(5)
     lin = nn.Linear(256, 128, bias=True)
     with torch.no_grad():

@@ -82,6 +82,15 @@ def test_nano_comes_from_the_installed_wheel(installed):
     assert not Path(module).resolve().is_relative_to(ROOT)
 
 
+def test_the_gemv_source_ships_and_is_found(installed):
+    """nano's CPU decode GEMVs are compiled from a C++ file at first use: the wheel carries it."""
+    bin_dir, env, away = installed
+    result = _run([bin_dir / "python", "-c", "from nanocli_model import row_gemv; print(row_gemv.SOURCE.is_file(), "
+                   "row_gemv.SOURCE.resolve().is_relative_to(__import__('sys').prefix))"], cwd=away, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]
+
+
 def test_profiles_lists_the_shipped_models_and_gpus(installed):
     bin_dir, env, away = installed
     result = _run([bin_dir / "nano", "profiles"], cwd=away, env=env)

@@ -136,8 +136,8 @@ class Context(settings.Group):
     """'left': cut an over-long prompt from the left instead of failing."""
     compile: bool | None = flag(None, name="compile/--no-compile")
     """Compile the decode step: ~2x decode tokens/s on CPU. The first run of a model shape compiles (tens of
-    seconds), later runs load it from the cache in under a second. Default: on for float32 CPU models of
-    >= 32 MiB of weights."""
+    seconds), later runs load it from the cache in under a second. Default: on for float32 and int8 CPU models
+    of >= 32 MiB of weights."""
 
     def check(self) -> None:
         settings.at_least(self, 1, "prefill_chunk", "max_context")
@@ -257,13 +257,14 @@ def load(checkpoint: Checkpoint, compile: bool | None = False, reporter: Reporte
     return Loaded(model, tokenizer, device, name, step, kernels.status(model.device), notes)
 
 
-AUTO_COMPILE_BYTES = 32 * 2**20  # float32 CPU models from this size of weights compile their decode step by default
+AUTO_COMPILE_BYTES = 32 * 2**20  # CPU models from this size of weights compile their decode step by default
 
 
 def auto_compile(model) -> bool:
     """Whether ``nano generate`` compiles the decode step when not told: on CPU, for a model the ahead-of-time
-    step runs (float32) with >= AUTO_COMPILE_BYTES of weights. Below that (the tiny and demo profiles) a
-    token costs a few milliseconds eagerly and the first compile (~20 s) would not pay back for hours.
+    step runs (float32, or int8 with nano's GEMV library) with >= AUTO_COMPILE_BYTES of weights. Below that (the
+    tiny and demo profiles) a token costs a few milliseconds eagerly and the first compile (~20 s) would not pay
+    back for hours.
     Off without a C++ compiler (there is nothing to compile with)."""
     import shutil
 
@@ -271,13 +272,13 @@ def auto_compile(model) -> bool:
 
     if aot_decode.supported(model) is not None:
         return False
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     return weights >= AUTO_COMPILE_BYTES and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
 def compile_decode(model, reporter: Reporter | None = None):
-    """The compiled decode step for ``model``: on CPU in float32 ``AotDecode``, whose compiled library is kept in
-    ``<cache dir>/decode`` for the next run of a model of this shape; else (int8, bf16, a GPU)
+    """The compiled decode step for ``model``: on CPU in float32 or int8 ``AotDecode``, whose compiled library is
+    kept in ``<cache dir>/decode`` for the next run of a model of this shape; else (bf16, a GPU)
     ``CompiledDecode`` (``torch.compile``, compiled again in every process)."""
     from nanocli_model import aot_decode
     from nanocli_model.decode import CompiledDecode

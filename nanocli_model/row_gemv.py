@@ -1,0 +1,206 @@
+"""nano's own CPU decode GEMVs (``csrc/row_gemv.cpp``), built once per machine, as two torch ops.
+
+Decode on a CPU streams every weight once per token, so a token's time is the time of its matrix-vector
+products. Inductor's row-wise dot product and MKL's GEMV both read the decode shapes below the memory's rate
+(docs/BENCHMARKS.md); ``csrc/row_gemv.cpp`` reads eight weight rows side by side with AVX2 FMAs. Two ops:
+
+* ``torch.ops.nano.row_gemv_f32(x, W)``: ``x @ W.T``, W (out, in) float32 row-major.
+* ``torch.ops.nano.row_gemv_q8(x, Q, scale)``: ``(x @ Q.T) * scale``, Q (out, in) int8 row-major, scale (out,)
+  float32: int8 weights times a 16-bit rounding of x per row (weight-only int8 to within 2e-5 of x's largest
+  entry), multiplied and summed in integers (``vpmaddwd``).
+
+x is float32 (..., in); the result float32 (..., out). Eager calls go through ctypes; the ahead-of-time decode
+step (``aot_decode.AotDecode``) calls the library's C shims (``aoti_torch_cpu_row_gemv_*``) directly, through
+inductor's ``aot_inductor.custom_ops_to_c_shims`` (``aot_options``).
+
+The library is compiled with the C++ compiler inductor uses (``$CXX``, else g++), ``-O3 -march=native``,
+against AOTInductor's C shim header only (a few seconds), into ``<cache dir>/kernels/row_gemv-<key>.so`` (a
+temporary name, then renamed), the key hashing the source, torch version, compiler and CPU. ``available()``
+is False where it cannot be built or loaded (no compiler, not x86-64/Linux...), or under
+``NANO_ROW_GEMV=0``; ``reason()`` says why, and callers then use inductor's / MKL's GEMV as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from . import cache_home
+
+SOURCE = Path(__file__).parent / "csrc" / "row_gemv.cpp"
+ENV = "NANO_ROW_GEMV"
+
+_reason: str | None = None
+_enabled = True  # use(False) turns the ops off for a comparison in one process
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
+@functools.cache
+def cpu_digest() -> str:
+    """The CPU's model name and feature flags (Linux), as a digest: code compiled with ``-march=native`` (this
+    library, inductor's) may not run on another CPU of the same instruction-set level."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return hashlib.sha256("\n".join(sorted(set(lines))).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of the kernel source: part of every compiled decode step's key that calls it."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+
+
+def _build(cxx: str) -> Path:
+    torch_dir = Path(torch.__file__).parent
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
+    key = hashlib.sha256("\0".join([source_digest(), torch.__version__, version, cpu_digest(),
+                                    platform.machine()]).encode()).hexdigest()[:24]
+    path = cache_home() / "kernels" / f"row_gemv-{key}.so"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.so")
+    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{torch_dir / 'include'}",
+           str(SOURCE), f"-L{torch_dir / 'lib'}", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(tmp)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "")
+            raise RuntimeError(f"{Path(cxx).name} failed: {last[:200]}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (built first if needed), or None; ``reason()`` then says why."""
+    global _reason
+    _reason = None
+    if os.environ.get(ENV, "1") == "0":
+        _reason = f"{ENV}=0"
+        return None
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        _reason = f"built for x86-64 Linux, not {sys.platform} {platform.machine()}"
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        _reason = "no C++ compiler (set CXX or install g++)"
+        return None
+    try:
+        path = _build(cxx)
+        # global: the ahead-of-time decode libraries resolve aoti_torch_cpu_row_gemv_* from it when loaded
+        lib = ctypes.CDLL(str(path), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _reason = f"the CPU GEMV library did not build: {str(e).splitlines()[0][:200]}"
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.nano_row_gemv_f32.argtypes = [p, i64, i64, p, i64, i64, p]
+    lib.nano_row_gemv_f32.restype = None
+    lib.nano_row_gemv_q8.argtypes = [p, i64, i64, p, p, i64, i64, p]
+    lib.nano_row_gemv_q8.restype = None
+    return lib
+
+
+@torch.compiler.assume_constant_result  # dynamo takes the answer at trace time instead of tracing ctypes
+def available() -> bool:
+    return _enabled and library() is not None
+
+
+@contextlib.contextmanager
+def use(enabled: bool):
+    """``with row_gemv.use(False):`` compiled decode steps built inside use inductor's / MKL's GEMVs (A/B runs)."""
+    global _enabled
+    before, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def reason() -> str | None:
+    """Why the kernels are not used (one line), or None when they are."""
+    library()
+    return _reason if _enabled else "turned off (row_gemv.use(False))"
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``row_gemv_*`` can take this call: CPU, float32 x, a row-major 2-D weight, the library loaded."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.dim() == 2 and weight.stride() == (weight.shape[1], 1) and available())
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+@torch.library.custom_op("nano::row_gemv_f32", mutates_args=())
+def row_gemv_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` through ``nano_row_gemv_f32``: x (..., in) float32, weight (out, in) row-major."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"nano's CPU GEMV library is not available: {reason()}")
+    if weight.dtype != torch.float32 or weight.stride() != (weight.shape[1], 1) or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"row_gemv_f32 takes x (..., {weight.shape[1]}) and a row-major float32 weight, "
+                         f"got {tuple(x.shape)} and {weight.dtype} {tuple(weight.shape)} strides {weight.stride()}")
+    rows = _rows(x.float())
+    y = torch.empty(rows.shape[0], weight.shape[0])
+    lib.nano_row_gemv_f32(rows.data_ptr(), rows.shape[1], rows.shape[0], weight.data_ptr(), weight.shape[0],
+                          weight.shape[1], y.data_ptr())
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@row_gemv_f32.register_fake
+def _row_gemv_f32_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("nano::row_gemv_q8", mutates_args=())
+def row_gemv_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(x @ q.T) * scale`` through ``nano_row_gemv_q8``: q (out, in) int8 row-major, scale (out,) float32."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"nano's CPU GEMV library is not available: {reason()}")
+    if (q.dtype != torch.int8 or q.stride() != (q.shape[1], 1) or x.shape[-1] != q.shape[1]
+            or scale.shape != (q.shape[0],) or scale.dtype != torch.float32 or not scale.is_contiguous()):
+        raise ValueError(f"row_gemv_q8 takes x (..., {q.shape[1]}), a row-major int8 q and a float32 scale per "
+                         f"row, got {tuple(x.shape)}, {q.dtype} {tuple(q.shape)}, {scale.dtype} {tuple(scale.shape)}")
+    rows = _rows(x.float())
+    y = torch.empty(rows.shape[0], q.shape[0])
+    lib.nano_row_gemv_q8(rows.data_ptr(), rows.shape[1], rows.shape[0], q.data_ptr(), scale.data_ptr(), q.shape[0],
+                         q.shape[1], y.data_ptr())
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+@row_gemv_q8.register_fake
+def _row_gemv_q8_fake(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], q.shape[0]), dtype=torch.float32)
+
+
+def aot_options() -> dict:
+    """Inductor options that make an ahead-of-time library call the C shims of both ops directly."""
+    return {"aot_inductor.custom_ops_to_c_shims": {
+        torch.ops.nano.row_gemv_f32.default:
+            ["AOTITorchError aoti_torch_cpu_row_gemv_f32(AtenTensorHandle x, AtenTensorHandle weight, "
+             "AtenTensorHandle* ret0)"],
+        torch.ops.nano.row_gemv_q8.default:
+            ["AOTITorchError aoti_torch_cpu_row_gemv_q8(AtenTensorHandle x, AtenTensorHandle q, "
+             "AtenTensorHandle scale, AtenTensorHandle* ret0)"],
+    }}

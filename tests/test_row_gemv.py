@@ -1,0 +1,154 @@
+"""nano's CPU decode GEMVs (``nanocli_model.row_gemv``, ``csrc/row_gemv.cpp``), held to float64 products and to
+an exact integer emulation of the int8 kernel's arithmetic; their build, their fallback, and the compiled
+decode steps that call them (ahead of time: the C shims; int8 models too)."""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+import torch
+
+from model_utils import decode_model, needs_cxx, random_prompts
+from nanocli_model import aot_decode, row_gemv
+from nanocli_model.generation import SamplingParams, generate
+from nanocli_model.quant import quantize_int8
+
+pytestmark = pytest.mark.skipif(not row_gemv.available(), reason=f"no CPU GEMV library: {row_gemv.reason()}")
+
+# (out, in): whole blocks of 8 rows and of 8 / 16 columns, and every kind of tail (rows % 8, columns % 16,
+# narrower than one vector, one row), and rows longer than the int8 kernel's flush interval (2048)
+SHAPES = [(64, 256), (13, 37), (7, 5), (1, 1), (9, 16), (24, 2050), (40, 4500)]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def q8_emulation(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The int8 kernel's arithmetic in exact integers: each row of x rounded (half to even) to int16 at
+    32767 / max|x| (computed in float32, as the kernel does), products summed exactly, then both scales."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    m = x2.abs().amax(-1, keepdim=True)
+    inv = torch.tensor(32767.0) / m
+    xq = torch.round(x2 * inv).to(torch.int64)
+    acc = (xq[:, None, :] * q.to(torch.int64)[None]).sum(-1)  # exact
+    y = acc.double() * (m.double() / 32767.0) * scale.double()
+    return y.reshape(*x.shape[:-1], q.shape[0])
+
+
+@pytest.mark.parametrize("out_f,in_f", SHAPES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_float32_gemv_equals_a_float64_product(out_f, in_f, batch):
+    g = torch.Generator().manual_seed(out_f * 31 + in_f)
+    x, w = torch.randn(batch, 1, in_f, generator=g), torch.randn(out_f, in_f, generator=g)
+    y = torch.ops.nano.row_gemv_f32(x, w)
+    assert y.shape == (batch, 1, out_f) and y.dtype == torch.float32
+    assert rel(y, x.double() @ w.double().t()) < 1e-6  # float32 sums of in_f products: ~1e-7
+
+
+@pytest.mark.parametrize("out_f,in_f", SHAPES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int8_gemv_equals_its_exact_integer_emulation_and_weight_only_int8(out_f, in_f, batch):
+    g = torch.Generator().manual_seed(out_f * 17 + in_f)
+    x = torch.randn(batch, 1, in_f, generator=g)
+    q = torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8)
+    scale = torch.rand(out_f, generator=g) + 0.01
+    y = torch.ops.nano.row_gemv_q8(x, q, scale)
+    assert y.shape == (batch, 1, out_f)
+    assert rel(y, q8_emulation(x, q, scale)) < 1e-6  # float32 partial sums and scales: ~1e-7
+    # and that is weight-only int8: the 16-bit input rounding is below 1e-4 of the float64 product
+    assert rel(y, (x.double() @ q.double().t()) * scale.double()) < 1e-4
+
+
+def test_int8_sums_do_not_overflow_at_the_extremes():
+    """Every weight 127 and every input at its largest: the int32 partial sums would pass 2^31 after 4,229
+    columns without the kernel's periodic move into float; 9,000 columns give the exact product."""
+    n = 9000
+    q = torch.full((9, n), 127, dtype=torch.int8)
+    x = torch.ones(1, n)
+    y = torch.ops.nano.row_gemv_q8(x, q, torch.ones(9))
+    torch.testing.assert_close(y, torch.full((1, 9), 127.0 * n), rtol=1e-6, atol=0)
+    y = torch.ops.nano.row_gemv_q8(-x, q, torch.ones(9))
+    torch.testing.assert_close(y, torch.full((1, 9), -127.0 * n), rtol=1e-6, atol=0)
+
+
+def test_zero_and_non_finite_inputs():
+    q = torch.randint(-127, 128, (8, 40), dtype=torch.int8)
+    assert torch.equal(torch.ops.nano.row_gemv_q8(torch.zeros(2, 40), q, torch.ones(8)), torch.zeros(2, 8))
+    x = torch.randn(2, 40)
+    x[1, 3] = float("nan")
+    y = torch.ops.nano.row_gemv_q8(x, q, torch.ones(8))
+    assert y[0].isfinite().all() and y[1].isnan().all()  # the bad row only, as a float GEMV gives
+    x[1, 3] = float("inf")
+    assert torch.ops.nano.row_gemv_q8(x, q, torch.ones(8))[1].isnan().all()
+    w = torch.randn(8, 40)
+    assert torch.ops.nano.row_gemv_f32(x[:1], w).isfinite().all()
+
+
+def test_wrong_operands_are_refused_in_one_line():
+    w = torch.randn(16, 32)
+    with pytest.raises(ValueError, match="row-major float32"):
+        torch.ops.nano.row_gemv_f32(torch.randn(1, 32), w.t().contiguous().t())  # column-major
+    with pytest.raises(ValueError, match="row_gemv_f32 takes x"):
+        torch.ops.nano.row_gemv_f32(torch.randn(1, 31), w)
+    with pytest.raises(ValueError, match="int8"):
+        torch.ops.nano.row_gemv_q8(torch.randn(1, 32), w, torch.ones(16))
+    assert not row_gemv.usable(torch.randn(1, 32), w.t().contiguous().t())
+    assert not row_gemv.usable(torch.randn(1, 32, dtype=torch.float64), w)
+
+
+def test_without_a_compiler_or_when_turned_off_it_says_why(monkeypatch, tmp_path):
+    """A failed build is one line and no library file; NANO_ROW_GEMV=0 and use(False) turn it off."""
+    monkeypatch.setenv("NANO_CACHE", str(tmp_path))
+    try:
+        monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+        row_gemv.library.cache_clear()
+        assert row_gemv.library() is None and not row_gemv.available()
+        assert row_gemv.reason().startswith("the CPU GEMV library did not build: false failed")
+        assert "\n" not in row_gemv.reason()
+        assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written
+        monkeypatch.delenv("CXX")
+        monkeypatch.setenv(row_gemv.ENV, "0")
+        row_gemv.library.cache_clear()
+        assert row_gemv.library() is None and row_gemv.reason() == "NANO_ROW_GEMV=0"
+    finally:
+        monkeypatch.undo()
+        row_gemv.library.cache_clear()
+    assert row_gemv.available() and row_gemv.reason() is None
+    with row_gemv.use(False):
+        assert not row_gemv.available() and "use(False)" in row_gemv.reason()
+    assert row_gemv.available()
+
+
+def _shim_calls(directory, name: str) -> int:
+    """How many calls to the C shim ``name`` the wrapper code of the one package in ``directory`` makes."""
+    (package,) = list(directory.iterdir())
+    with zipfile.ZipFile(package) as z:
+        return sum(z.read(n).decode().count(f"AOTI_TORCH_ERROR_CODE_CHECK({name}(") for n in z.namelist() if n.endswith("wrapper.cpp"))
+
+
+@needs_cxx
+def test_an_int8_model_decodes_ahead_of_time_through_the_int8_shim(tmp_path):
+    """An int8 model (smoothed per-channel weights, lm_head too) compiles into a library that calls
+    ``aoti_torch_cpu_row_gemv_q8`` for every projection and decodes what the eager int8 model decodes, its
+    logits within float32 rounding of it."""
+    m = quantize_int8(decode_model(seed=7), calibration=torch.tensor([random_prompts([16, 16], seed=7)[0]]))
+    assert aot_decode.supported(m) is None
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=12)
+    step = aot_decode.AotDecode(m, tmp_path)
+    prompts = random_prompts([9], seed=8)
+    got = generate(m, prompts, greedy, decode_step=step).completions[0].token_ids
+    assert step.compiled and step.built == 1, step.fallback_reason
+    projections = sum(type(mod).__name__ == "Int8Linear" for mod in m.modules())
+    assert _shim_calls(tmp_path, "aoti_torch_cpu_row_gemv_q8") == projections
+    assert got == generate(m, prompts, greedy).completions[0].token_ids
+    with torch.inference_mode():
+        cache, ref_cache = m.allocate_cache(1, 30), m.allocate_cache(1, 30)
+        prompt = torch.tensor(prompts)
+        m(prompt, cache)
+        m(prompt, ref_cache)
+        for t in range(4):
+            tok = torch.tensor([[5 + 11 * t]])
+            assert rel(step(tok, cache), m(tok, ref_cache)) < 1e-5
