@@ -13,7 +13,8 @@ converter (``convert_hf_to_gguf.py`` from llama-cpp-python's sdist, which llama_
 venv) writes it as GGUF at f32 and q8_0 (``llama_cpp_worker.py convert``, run with this python). nano loads the same
 directory through ``load_pretrained`` as ``nano generate`` does (fp32; int8 = per-channel weight-only int8 of the
 projections and lm_head), eager, and unless --no-compile also through the compiled step ``nano generate`` runs:
-``AotDecode`` (compiled ahead of time, nano's CPU default) at fp32, ``CompiledDecode`` (torch.compile) for int8.
+``AotDecode`` (compiled ahead of time, nano's CPU default; fp32, and int8 with nano's GEMVs, row_gemv.py),
+else ``CompiledDecode``.
 llama.cpp runs in a separate python (``llama_cpp_worker.py serve``, llama-cpp-python, n_threads = --threads, KV
 cache in f32 by default, batch = the whole prompt, ubatch 512 as llama-bench), one JSON request a line over a pipe,
 so llama.cpp is never imported here and its runs interleave with nano's: A B C ... A B C, --reps times after a

@@ -9,9 +9,11 @@ keyed by what the compiled code depends on (``artefact_key``: nano's model code,
 torch version, CPU instruction set, thread count). A later run with a model of the same shape loads it in
 milliseconds and hands it the model's own weight tensors (no copy); the step is C++ from end to end.
 
-The step itself is the model's own forward, as ``CompiledDecode`` traces it: projections as row-wise dot
-products (``layers.project``), the element-wise work fused, the weights row-major in a huge-page arena
-(``decode.relayout_linear_weights``). Multi-token calls (prefill) run the eager model. The first
+The step itself is the model's own forward, as ``CompiledDecode`` traces it: projections through nano's own
+GEMVs where its kernel library is available (``row_gemv``: the library calls their C shims directly; rows
+shorter than ``layers.ROW_GEMV_MIN_IN`` as inductor's row-wise dot product), the element-wise work fused, the
+weights row-major in a huge-page arena (``decode.relayout_linear_weights``). int8 models (``quant.Int8Linear``)
+compile too when their int8 GEMVs are nano's (``supported``). Multi-token calls (prefill) run the eager model. The first
 compile of a shape takes about as long as ``torch.compile``'s cold compile; the package is written to a
 temporary name and renamed, so a killed compile leaves nothing half-written. An unreadable package is
 compiled again; where nothing can be compiled (no C++ compiler, an export that fails) the steps run eagerly

@@ -7,16 +7,21 @@ parameters stay in the model's float dtype, and so does everything between the p
 
 The matmul, chosen by measurement (docs/BENCHMARKS.md "int8 decode", 2-core AVX2 CPU, 1 thread):
 
-* one to ``GEMV_ROWS`` rows (decode): fbgemm's dynamic int8 GEMM (``torch.ops.quantized.linear_dynamic`` on the
-  weights packed once by ``linear_prepack``), the one x86 int8 kernel here that reads the weights at a byte each
-  and stays memory-bound: 2.3-3.6x MKL's fp32 GEMV on medium's shapes. It quantizes the input too, to 7-bit
-  uint8 with one scale and zero point per call (per token at batch 1), so decode is W8A8 (~1.5-2% output error
-  per layer vs ~0.5-0.8% weight-only); without fbgemm, ``torch._weight_int8pack_mm`` on a bf16 input
+* one to ``GEMV_ROWS`` rows (decode): nano's own int8 GEMV (``row_gemv.row_gemv_q8``, ``csrc/row_gemv.cpp``) on the
+  plain row-major int8 values: each input row rounded to 16 bits at its own scale, multiplied in int16 pairs and
+  summed in int32, so decode is weight-only int8 to within 1e-4 of the input's largest entry. It reads medium's
+  int8 matrices at 11-13 GB/s, faster than fbgemm's dynamic int8 GEMM (8-11 GB/s), and an ahead-of-time decode
+  step calls it directly (``aot_decode.AotDecode``, nano generate's CPU default). Where that library cannot be
+  built (no C++ compiler, not x86-64 Linux, ``NANO_ROW_GEMV=0``): fbgemm's dynamic int8 GEMM
+  (``torch.ops.quantized.linear_dynamic`` on the weights packed once by ``linear_prepack``), which quantizes the
+  input too, to 7-bit uint8 with one scale and zero point per call, so decode is then W8A8 (~1.5-2% output
+  error per layer vs ~0.5-0.8% weight-only); without fbgemm, ``torch._weight_int8pack_mm`` on a bf16 input
   (weight-only, 1.1-1.5x fp32 here: compute-bound);
 * more rows (prefill): dequantize to float32 and one MKL GEMM (weight-only: the prompt's numerics stay fp32's).
 
-Quantizing the input per call costs most where a few input channels are far larger than the rest (the MLP's
-down_proj reads relu^2 outputs: max/median 10-35 on the trained demo model). So the input is smoothed first, as
+Quantizing the input to 7 bits per call (fbgemm) costs most where a few input channels are far larger than the
+rest (the MLP's down_proj reads relu^2 outputs: max/median 10-35 on the trained demo model). So the input is
+smoothed first, as
 in SmoothQuant (Xiao et al., 2023): each Linear keeps a per-input-channel divisor ``smooth`` and computes
 ``(x / smooth) @ (W * smooth)^T``, the product unchanged, with ``smooth_j = max|x_j|^alpha / max|W_:,j|^(1 -
 alpha)`` (``SMOOTH_ALPHA``) from the fp32 model's inputs on a fixed calibration batch (``CALIBRATION``: random
@@ -27,7 +32,8 @@ calibration is one fp32 prefill of 4,096 tokens at load; a ``--save-quantized`` 
 Not used: torchao's ``Int8WeightOnlyConfig`` (0.18: 1.5-10x slower than fp32 here), ``torch._int_mm`` (int8 x
 int8, ~200x slower than fp32 at decode shapes), and inductor's lowering of a compiled ``(x * q.float()).sum(-1)
 * s`` (8-lane partial int8 loads: ~10x slower than fp32). Under ``CompiledDecode`` the fbgemm call runs as an
-opaque custom op (``nano::int8_gemv``) inside the compiled step.
+opaque custom op (``nano::int8_gemv``) inside the compiled step. The smoothing divisors stay with nano's GEMV
+(the product is unchanged; a 16-bit input needs none), so a saved model decodes either way.
 
 Saved models (``checkpoint.save_pretrained``) store ``<name>.weight`` as I8, ``<name>.weight_scale`` and
 ``<name>.smooth`` as F32,
