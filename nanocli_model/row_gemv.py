@@ -17,7 +17,9 @@ The library is compiled with the C++ compiler inductor uses (``$CXX``, else g++)
 against AOTInductor's C shim header only (a few seconds), into ``<cache dir>/kernels/row_gemv-<key>.so`` (a
 temporary name, then renamed), the key hashing the source, torch version, compiler and CPU. ``available()``
 is False where it cannot be built or loaded (no compiler, not x86-64/Linux...), or under
-``NANO_ROW_GEMV=0``; ``reason()`` says why, and callers then use inductor's / MKL's GEMV as before.
+``NANO_ROW_GEMV=0``; ``reason()`` says why, and callers then use inductor's / MKL's GEMV as before. A library
+file that is not what its build wrote (its sha256 is recorded beside it) is built again, never loaded. Like inductor's own cache, the directory holds code this process runs: keep it as
+private as the rest of ``<cache dir>``.
 """
 
 from __future__ import annotations
@@ -66,16 +68,33 @@ def source_digest() -> str:
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
 
 
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(path: Path) -> bool:
+    """Whether ``path`` is the library its build wrote: its sha256 matches the one recorded beside it (a damaged
+    shared library can crash the process that loads it, so it is checked before ``dlopen``)."""
+    digest = path.with_suffix(".sha256")
+    try:
+        return path.is_file() and digest.read_text().strip() == _file_digest(path)
+    except OSError:
+        return False
+
+
 def _build(cxx: str) -> Path:
+    """The library for this source, torch, compiler and CPU: the one already built, else built now (a temporary
+    name, then renamed; its sha256 recorded beside it first)."""
     torch_dir = Path(torch.__file__).parent
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
     key = hashlib.sha256("\0".join([source_digest(), torch.__version__, version, cpu_digest(),
                                     platform.machine()]).encode()).hexdigest()[:24]
     path = cache_home() / "kernels" / f"row_gemv-{key}.so"
-    if path.is_file():
+    if _intact(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.so")
+    tmp_digest = tmp.with_suffix(".sha256")
     cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{torch_dir / 'include'}",
            str(SOURCE), f"-L{torch_dir / 'lib'}", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(tmp)]
     try:
@@ -83,9 +102,12 @@ def _build(cxx: str) -> Path:
         if done.returncode != 0:
             last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "")
             raise RuntimeError(f"{Path(cxx).name} failed: {last[:200]}")
+        tmp_digest.write_text(_file_digest(tmp) + "\n")
+        os.replace(tmp_digest, path.with_suffix(".sha256"))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_digest.unlink(missing_ok=True)
     return path
 
 
@@ -105,9 +127,8 @@ def library() -> ctypes.CDLL | None:
         _reason = "no C++ compiler (set CXX or install g++)"
         return None
     try:
-        path = _build(cxx)
         # global: the ahead-of-time decode libraries resolve aoti_torch_cpu_row_gemv_* from it when loaded
-        lib = ctypes.CDLL(str(path), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+        lib = ctypes.CDLL(str(_build(cxx)), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _reason = f"the CPU GEMV library did not build: {str(e).splitlines()[0][:200]}"
         return None

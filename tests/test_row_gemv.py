@@ -122,6 +122,22 @@ def test_without_a_compiler_or_when_turned_off_it_says_why(monkeypatch, tmp_path
     assert row_gemv.available()
 
 
+def test_a_damaged_library_file_is_built_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("NANO_CACHE", str(tmp_path))
+    try:
+        built = row_gemv._build(row_gemv._compiler())  # built, not loaded
+        data = built.read_bytes()
+        built.unlink()
+        built.write_bytes(data[:1000])  # truncated under its own name (a new file: nothing has it mapped)
+        row_gemv.library.cache_clear()
+        assert row_gemv.library() is not None and built.stat().st_size == len(data)  # rebuilt, not loaded
+        assert sorted(p.name for p in built.parent.iterdir()) == sorted([built.name, built.with_suffix(".sha256").name])
+    finally:
+        monkeypatch.undo()
+        row_gemv.library.cache_clear()
+    assert row_gemv.available()
+
+
 def _shim_calls(directory, name: str) -> int:
     """How many calls to the C shim ``name`` the wrapper code of the one package in ``directory`` makes."""
     (package,) = list(directory.iterdir())
