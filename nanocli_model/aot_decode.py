@@ -13,9 +13,9 @@ The step itself is the model's own forward, as ``CompiledDecode`` traces it: pro
 GEMVs where its kernel library is available (``row_gemv``: the library calls their C shims directly; rows
 shorter than ``layers.ROW_GEMV_MIN_IN`` as inductor's row-wise dot product), the element-wise work fused, the
 weights row-major in a huge-page arena (``decode.relayout_linear_weights``). int8 models (``quant.Int8Linear``)
-compile too when their int8 GEMVs are nano's (``supported``). Multi-token calls (prefill) run the eager model. The first
-compile of a shape takes about as long as ``torch.compile``'s cold compile; the package is written to a
-temporary name and renamed, so a killed compile leaves nothing half-written. An unreadable package is
+compile too when their int8 GEMVs are nano's (``supported``). Multi-token calls (prefill) run the eager model.
+The first compile of a shape takes about as long as ``torch.compile``'s cold compile; the package is written to
+a temporary name and renamed, so a killed compile leaves nothing half-written. An unreadable package is
 compiled again; where nothing can be compiled (no C++ compiler, an export that fails) the steps run eagerly
 and ``fallback_reason`` says why, in one line.
 
@@ -92,7 +92,8 @@ def artefact_key(model: nn.Module, cache: HybridCache) -> str:
         "batch": cache.batch, "padded": cache.pad_len is not None,
         "cache_dtypes": sorted({str(t.dtype) for t in cache.tensors()}),
         "weights": sorted({str(t.dtype) for t in (*model.parameters(), *model.buffers())}),
-        "cpu": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(), "cpu_model": row_gemv.cpu_digest(),
+        "cpu": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+        "cpu_model": row_gemv.cpu_digest(),
         "threads": torch.get_num_threads(), "options": {k: str(v) for k, v in inductor_options().items()},
         "row_gemv": row_gemv.source_digest() if row_gemv.available() else None,
     }
