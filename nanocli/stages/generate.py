@@ -50,7 +50,7 @@ class Checkpoint(settings.Group):
     """Where the model runs (auto: CUDA when a GPU is visible, else the CPU)."""
     dtype: Literal["auto", "bf16", "fp16", "fp32", "int8"] = "auto"
     """auto (CUDA: as stored; CPU: fp32, or bf16 if only bf16 fits the host's memory), bf16, fp16, fp32 or int8
-    (CPU: weight-only int8 decode through nano's GEMV library, W8A8 through fbgemm without it)."""
+    (CPU: weight-only int8 decode)."""
 
     def check(self) -> None:
         if self.model is None:
