@@ -136,8 +136,8 @@ class Int8Linear(nn.Module):
         if rows > GEMV_ROWS or x.device.type != "cpu":
             return F.linear(x, self.dequantized().to(x.dtype), self.bias)
         x2 = x.reshape(rows, self.in_features)
-        if self._packed is None and row_gemv.usable(x2.float(), self.weight):  # eager: ctypes; compiled: C shim
-            y = torch.ops.nano.row_gemv_q8(x2.float(), self.weight, self.weight_scale)
+        if self._packed is None and row_gemv.usable(x2f := x2.float(), self.weight):  # eager: ctypes; compiled: shim
+            y = torch.ops.nano.row_gemv_q8(x2f, self.weight, self.weight_scale)
         elif self._packed is None:  # no fbgemm in this torch: the weight-only kernel on a bf16 input
             if self._scale_bf16 is None:
                 self._scale_bf16 = self.weight_scale.to(torch.bfloat16)
