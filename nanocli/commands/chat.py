@@ -34,10 +34,10 @@ def start_worker_threads_without_ctrl_c() -> None:
     calls it for ``nano generate -i`` before anything else imports torch (its import starts a thread too)."""
     if not hasattr(signal, "pthread_sigmask"):  # not POSIX
         return
-    import torch
-
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
+        import torch  # inside: importing it starts a thread of its own
+
         torch.ones(1 << 22).sum()  # a parallel region: the OpenMP threads start now, inheriting the mask
         torch.jit.wait(torch.jit.fork(torch.ones(1).sum))  # the inter-op pool too
     finally:
