@@ -11,6 +11,8 @@ MAMBA_SSM_PIN ?= mamba-ssm==2.3.2.post1
 CAUSAL_CONV1D_PIN ?= causal-conv1d==1.7.0
 # make demo DEMO=demo-smoke: every stage at toy size in a minute or so
 DEMO ?= demo
+# make test runs the suite in this many pytest-xdist processes (2: this project's 2-core machines; 0: serially)
+TEST_WORKERS ?= 2
 
 .PHONY: install install-gpu test lint demo clean bench bench-llama soak gpu-check gpu-vendor
 
@@ -33,7 +35,7 @@ install-gpu: install
 	$(BIN)/nano info --kernels
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # The reliability soak (docs/RELIABILITY.md): ~10x the fuzz cases of CI with fresh random draws, and 8 kill
 # chains per stage with 3 SIGKILLs each (about 25 minutes on 2 cores).
