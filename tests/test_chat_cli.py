@@ -181,6 +181,21 @@ class Terminal:
         got, self.pending = self.pending[:end], self.pending[end:]
         return got
 
+    def wait_until_reading(self, timeout: float = 10) -> None:
+        """Wait until the child's main thread sleeps (Linux: /proc/PID/stat, three readings 20 ms apart), as it
+        does in readline's wait for a key. A SIGINT that lands while readline is still handling the previous key
+        sets Python's flag but interrupts no wait, and readline then waits for the next key before Python sees
+        it (CPython's readline; a person's Ctrl-C comes far later than that instant, the test's came at once)."""
+        stat = Path(f"/proc/{self.pid}/stat")
+        if not stat.exists():
+            time.sleep(0.5)
+            return
+        deadline, asleep = time.monotonic() + timeout, 0
+        while asleep < 3 and time.monotonic() < deadline:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            asleep = asleep + 1 if state == "S" else 0
+            time.sleep(0.02)
+
     def line(self, text: str) -> None:
         os.write(self.fd, text.encode() + b"\r")
 
@@ -272,6 +287,7 @@ def test_chat_in_a_terminal(model_dir, tmp_path):
         term.expect("... ")
         os.write(term.fd, b"half a block")
         term.expect("half a block")  # echoed: readline holds the line before the Ctrl-C arrives
+        term.wait_until_reading()
         os.write(term.fd, b"\x03")  # Ctrl-C drops the line (here a block), not the chat
         assert "(Ctrl-D or /exit leaves)" in term.expect("you> ")
         term.line(f"/save {conv}")
