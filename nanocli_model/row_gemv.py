@@ -46,7 +46,10 @@ _reason: str | None = None
 _enabled = True  # use(False) turns the ops off for a comparison in one process
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C++ compiler inductor compiles with on Linux (``$CXX``, else g++: ``torch._inductor.config.cpp.cxx``),
+    as a path, or None. This library is built with it, and ``nano generate`` compiles by default only if it is
+    there."""
     return shutil.which(os.environ.get("CXX") or "g++")
 
 
@@ -122,7 +125,7 @@ def library() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         _reason = f"built for x86-64 Linux, not {sys.platform} {platform.machine()}"
         return None
-    cxx = _compiler()
+    cxx = compiler()
     if cxx is None:
         _reason = "no C++ compiler (set CXX or install g++)"
         return None

@@ -300,6 +300,11 @@ def test_the_default_compiles_float32_cpu_models_over_the_bar_with_a_compiler(mo
     assert not gen.auto_compile(model.to(torch.bfloat16))  # not what the ahead-of-time step runs
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert not gen.auto_compile(model.float())  # nothing to compile with
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    monkeypatch.setenv("CXX", "clang++")
+    assert not gen.auto_compile(model.float())  # inductor would compile with $CXX, which is not there
+    monkeypatch.delenv("CXX")
+    assert gen.auto_compile(model.float())
 
 
 def test_a_failed_compile_falls_back_to_eager_and_says_why(capsys, monkeypatch, model_dir, tmp_path):

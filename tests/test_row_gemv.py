@@ -125,7 +125,7 @@ def test_without_a_compiler_or_when_turned_off_it_says_why(monkeypatch, tmp_path
 def test_a_damaged_library_file_is_built_again(monkeypatch, tmp_path):
     monkeypatch.setenv("NANO_CACHE", str(tmp_path))
     try:
-        built = row_gemv._build(row_gemv._compiler())  # built, not loaded
+        built = row_gemv._build(row_gemv.compiler())  # built, not loaded
         data = built.read_bytes()
         built.unlink()
         built.write_bytes(data[:1000])  # truncated under its own name (a new file: nothing has it mapped)

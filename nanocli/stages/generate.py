@@ -265,15 +265,13 @@ def auto_compile(model) -> bool:
     step runs (float32, or int8 with nano's GEMV library) with >= AUTO_COMPILE_BYTES of weights. Below that (the
     tiny and demo profiles) a token costs a few milliseconds eagerly and the first compile (~20 s) would not pay
     back for hours.
-    Off without a C++ compiler (there is nothing to compile with)."""
-    import shutil
-
-    from nanocli_model import aot_decode
+    Off without the C++ compiler inductor uses (``row_gemv.compiler``: there is nothing to compile with)."""
+    from nanocli_model import aot_decode, row_gemv
 
     if aot_decode.supported(model) is not None:
         return False
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    return weights >= AUTO_COMPILE_BYTES and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    return weights >= AUTO_COMPILE_BYTES and row_gemv.compiler() is not None
 
 
 def compile_decode(model, reporter: Reporter | None = None):
