@@ -198,8 +198,11 @@ void nano_row_gemv_f32(const float* x, int64_t x_stride, int64_t batch, const fl
 // y (batch, out) = (x @ Q^T) * scale, Q (out, in) int8 row-major, scale (out,) float32
 void nano_row_gemv_q8(const float* x, int64_t x_stride, int64_t batch, const int8_t* Q, const float* scale,
                       int64_t out, int64_t in, float* y) {
-  std::vector<int16_t> xq((size_t)(batch * in + 16));
-  std::vector<float> sx((size_t)batch);
+  // x rounded to 16 bits, kept per thread and grown when needed: no allocation on a decode step
+  thread_local std::vector<int16_t> xq;
+  thread_local std::vector<float> sx;
+  if (xq.size() < (size_t)(batch * in + 16)) xq.resize((size_t)(batch * in + 16));
+  if (sx.size() < (size_t)batch) sx.resize((size_t)batch);
   for (int64_t b = 0; b < batch; ++b) sx[b] = quantize_x(x + b * x_stride, in, xq.data() + b * in);
   int64_t r = 0;
   float s8[8];
