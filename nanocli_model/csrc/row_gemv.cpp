@@ -208,7 +208,7 @@ void nano_row_gemv_q8(const float* x, int64_t x_stride, int64_t batch, const int
   float s8[8];
   for (; r + 8 <= out; r += 8)
     for (int64_t b = 0; b < batch; ++b) {
-      if (in < Q8_PREFETCH_MAX_IN)
+      if (b == 0 && in < Q8_PREFETCH_MAX_IN)  // the later rows of x find the block in cache
         dot8_q8<true>(Q + r * in, xq.data() + b * in, in, s8);
       else
         dot8_q8<false>(Q + r * in, xq.data() + b * in, in, s8);
