@@ -85,10 +85,17 @@ def _intact(path: Path) -> bool:
         return False
 
 
+def compile_command(cxx: str, out: Path, *flags: str) -> list[str]:
+    """The command that builds the library into ``out``; ``flags`` go after ``-march=native`` (the tests build
+    the AVX2 form on an AVX-512 CPU with ``-mno-avx512f``)."""
+    torch_dir = Path(torch.__file__).parent
+    return [cxx, "-O3", "-march=native", *flags, "-std=c++17", "-shared", "-fPIC", f"-I{torch_dir / 'include'}",
+            str(SOURCE), f"-L{torch_dir / 'lib'}", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(out)]
+
+
 def _build(cxx: str) -> Path:
     """The library for this source, torch, compiler and CPU: the one already built, else built now (a temporary
     name, then renamed; its sha256 recorded beside it first)."""
-    torch_dir = Path(torch.__file__).parent
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
     key = hashlib.sha256("\0".join([source_digest(), torch.__version__, version, cpu_digest(),
                                     platform.machine()]).encode()).hexdigest()[:24]
@@ -98,10 +105,8 @@ def _build(cxx: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.so")
     tmp_digest = tmp.with_suffix(".sha256")
-    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{torch_dir / 'include'}",
-           str(SOURCE), f"-L{torch_dir / 'lib'}", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(tmp)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(compile_command(cxx, tmp), capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "")
             raise RuntimeError(f"{Path(cxx).name} failed: {last[:200]}")

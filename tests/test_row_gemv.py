@@ -16,9 +16,9 @@ from nanocli_model.quant import quantize_int8
 
 pytestmark = pytest.mark.skipif(not row_gemv.available(), reason=f"no CPU GEMV library: {row_gemv.reason()}")
 
-# (out, in): whole blocks of 8 rows and of 8 / 16 columns, and every kind of tail (rows % 8, columns % 16,
-# narrower than one vector, one row), and rows longer than the int8 kernel's flush interval (2048)
-SHAPES = [(64, 256), (13, 37), (7, 5), (1, 1), (9, 16), (24, 2050), (40, 4500)]
+# (out, in): whole blocks of 8 rows and of 8 / 16 / 32 columns, and every kind of tail (rows % 8, columns % 16
+# and % 32, narrower than one vector, one row), and rows longer than the int8 kernel's flush interval (2048)
+SHAPES = [(64, 256), (13, 37), (7, 5), (1, 1), (9, 16), (16, 48), (24, 2050), (11, 2080), (40, 4500)]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,6 +72,60 @@ def test_int8_sums_do_not_overflow_at_the_extremes():
     torch.testing.assert_close(y, torch.full((1, 9), 127.0 * n), rtol=1e-6, atol=0)
     y = torch.ops.nano.row_gemv_q8(-x, q, torch.ones(9))
     torch.testing.assert_close(y, torch.full((1, 9), -127.0 * n), rtol=1e-6, atol=0)
+
+
+def _raw_library(tmp_path, *flags: str):
+    """The kernel source built with extra compiler ``flags`` into tmp_path and loaded privately (its plain C
+    entry points, outside torch), or a skip when that build is not possible here."""
+    import ctypes
+    import subprocess
+
+    out = tmp_path / f"row_gemv{len(flags)}.so"
+    done = subprocess.run(row_gemv.compile_command(row_gemv.compiler(), out, *flags), capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.skip(f"cannot build the kernels with {flags}: {done.stderr[-200:]}")
+    return ctypes.CDLL(str(out), mode=ctypes.RTLD_LOCAL)
+
+
+def _raw_q8(lib, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    y = torch.empty(x.shape[0], q.shape[0])
+    lib.nano_row_gemv_q8(*(ctypes_ptr(t) for t in (x,)), x.shape[1], x.shape[0], ctypes_ptr(q), ctypes_ptr(scale),
+                         q.shape[0], q.shape[1], ctypes_ptr(y))
+    return y
+
+
+def ctypes_ptr(t: torch.Tensor):
+    import ctypes
+
+    return ctypes.c_void_p(t.data_ptr())
+
+
+@pytest.mark.parametrize("flags", [(), ("-mno-avx512f",), ("-mno-avx2", "-mno-fma")],
+                         ids=["native", "avx2", "plain-cxx"])
+def test_each_instruction_set_form_gives_the_exact_integer_sums(tmp_path, flags):
+    """The int8 loop has an AVX-512 VNNI form (32 columns a step), an AVX2 form and plain C++; -march=native
+    picks one per machine, so each is built here and held to the exact emulation, the extremes included (the
+    float32 form: AVX2 or plain C++, held to float64)."""
+    import ctypes
+
+    lib = _raw_library(tmp_path, *flags)
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.nano_row_gemv_q8.argtypes = [p, i64, i64, p, p, i64, i64, p]
+    lib.nano_row_gemv_f32.argtypes = [p, i64, i64, p, i64, i64, p]
+    for out_f, in_f in SHAPES:
+        g = torch.Generator().manual_seed(out_f * 7 + in_f)
+        x = torch.randn(3, in_f, generator=g)
+        q = torch.randint(-127, 128, (out_f, in_f), generator=g, dtype=torch.int8)
+        scale = torch.rand(out_f, generator=g) + 0.01
+        assert rel(_raw_q8(lib, x, q, scale), q8_emulation(x, q, scale)) < 1e-6, (out_f, in_f)
+        w, y = torch.randn(out_f, in_f, generator=g), torch.empty(3, out_f)
+        lib.nano_row_gemv_f32(ctypes_ptr(x), in_f, 3, ctypes_ptr(w), out_f, in_f, ctypes_ptr(y))
+        # the plain form sums each row serially in float32 (4,500 terms: ~1e-6), the vector forms in 8 lanes
+        assert rel(y, x.double() @ w.double().t()) < (1e-5 if "-mno-avx2" in flags else 1e-6), (out_f, in_f)
+    n = 9000  # every product at its largest: no int32 sum may wrap
+    q, x = torch.full((9, n), 127, dtype=torch.int8), torch.ones(1, n)
+    torch.testing.assert_close(_raw_q8(lib, x, q, torch.ones(9)), torch.full((1, 9), 127.0 * n), rtol=1e-6, atol=0)
 
 
 def test_zero_and_non_finite_inputs():
