@@ -6,7 +6,8 @@
 // functions directly. Decode streams every weight once per token; these loops read eight weight rows side
 // by side with AVX2 FMAs (one 8-wide accumulator a row: eight independent chains) and load x once per eight
 // rows, which measured faster on the decode shapes than four rows with two accumulators each. With AVX-512
-// VNNI (-march=native on such a CPU) the int8 loop takes 32 columns a step in 512-bit registers. Without
+// VNNI (-march=native on such a CPU) the int8 loop on long rows takes 32 columns a step in 512-bit registers.
+// Without
 // AVX2/FMA the plain C++ loops below compute the same sums (the compiler vectorises what it can).
 //
 // float32: y[b, r] = sum_k x[b, k] * W[r, k].
@@ -38,7 +39,7 @@ namespace {
 constexpr int64_t Q8_FLUSH = 2048;
 constexpr int64_t Q8_SCALAR_FLUSH = 256;
 constexpr int64_t Q8_PREFETCH = 32768;
-constexpr int64_t Q8_PREFETCH_MAX_IN = 2048;
+constexpr int64_t Q8_PREFETCH_MAX_IN = 12288;
 
 #ifdef NANO_AVX2
 // (sum of a, sum of b, sum of c, sum of d)
@@ -151,8 +152,10 @@ inline float dot_q8(const int8_t* q, const int16_t* xq, int64_t n) {
 // Eight int8 rows against one int16 row: float sums of the int32 partials, every Q8_FLUSH columns. With
 // PREFETCH, the block Q8_PREFETCH bytes ahead is requested as this one is read (the eight rows are one
 // contiguous run, read here at eight bytes of it per column): rows of fewer than Q8_PREFETCH_MAX_IN bytes end
-// before the hardware prefetchers pick them up (medium's 768-byte rows read at 5-7 GB/s without, 9-11 with;
-// 3072-byte rows read as fast either way).
+// before the hardware prefetchers pick them up. Measured: medium's 768-byte rows at 5-7 GB/s without, 9-11
+// with (an AVX2 CPU at 13-18 GB/s of memory, where 3072-byte rows read as fast either way); on an AMD EPYC
+// (Zen 5, 40 GB/s) 3072- and 4480-byte rows (medium's down_proj; the 9B's hidden size) at 20-24 GB/s without,
+// 35-36 with, 10240 at 26 / 28, 15680-16384 faster without (interleaved runs, 2026-12-07).
 template <bool PREFETCH>
 inline void dot8_q8(const int8_t* q, const int16_t* xq, int64_t n, float* y) {
   float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -165,13 +168,14 @@ inline void dot8_q8(const int8_t* q, const int16_t* xq, int64_t n, float* y) {
     __m256i a[8];
     for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_si256();
 #ifdef NANO_AVX512_VNNI
-    {  // int32 lanes: 16 here, folded into the 8 below; per lane at most Q8_FLUSH / 8 products either way
+    // Long rows only: on the AMD EPYC (Zen 5) this was measured on, the 512-bit loop read medium's 3072- and
+    // 16384-column int8 rows 9-17% faster than the AVX2 loop, its prefetched 768-1536-column rows 12-17%
+    // slower (interleaved runs, 2026-12-07).
+    if (!PREFETCH) {  // int32 lanes: 16 here, folded into the 8 below; per lane at most Q8_FLUSH / 8 products
       __m512i a5[8];
       for (int i = 0; i < 8; ++i) a5[i] = _mm512_setzero_si512();
       for (; k + 32 <= end; k += 32) {
         const __m512i xv = _mm512_loadu_si512((const void*)(xq + k));
-        if (PREFETCH)
-          for (int j = 0; j < 256; j += 64) _mm_prefetch((const char*)q + Q8_PREFETCH + 8 * k + j, _MM_HINT_T0);
         for (int i = 0; i < 8; ++i) {
           const __m512i w16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(q + i * n + k)));
           a5[i] = _mm512_dpwssd_epi32(a5[i], w16, xv);
