@@ -52,7 +52,7 @@ def test_batch_without_output_prints_jsonl_records(capsys, monkeypatch, model_di
 @pytest.mark.parametrize("to_file", [False, True], ids=["stdout", "output"])
 @pytest.mark.parametrize("as_json", [False, True], ids=["jsonl", "json"])
 def test_input_output_json_combinations(capsys, monkeypatch, model_dir, prompts, tmp_path, to_file, as_json):
-    target = tmp_path / "out.jsonl"
+    target = tmp_path / f"out-{'x' * 90}.jsonl"  # longer than a line: the message keeps it whole
     args = ["-m", model_dir, "--input", prompts, *FLAGS] + (["--output", target] if to_file else []) + \
         (["--json"] if as_json else [])
     code, out, err = run(capsys, monkeypatch, *args)
@@ -68,7 +68,7 @@ def test_input_output_json_combinations(capsys, monkeypatch, model_dir, prompts,
             assert written == [{k: v for k, v in o.items() if k not in ("prompt_ids", "generated_ids")}
                                for o in outputs]
     elif to_file:
-        assert out == "" and f"wrote 3 results to {target}" in " ".join(err.split())
+        assert out == "" and f"wrote 3 results to {target}\n" in err  # one line, the path unbroken
     else:
         assert [json.loads(line)["id"] for line in out.splitlines()] == ["first", 1, 2]
     if to_file:

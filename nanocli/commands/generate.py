@@ -105,7 +105,8 @@ def generate(given: dict, inputs: dict, output: dict) -> None:
             raise gen.GenerateError("--save-quantized writes an int8 model: add --dtype int8")
         loaded = gen.load(options, options.compile, ui.Progress())
         saved = gen.save_quantized(loaded, options.model, Path(source.save_quantized))
-        ui.console(stderr=True).print(f"saved the int8 model to {saved}", markup=False, highlight=False)
+        ui.console(stderr=True).print(f"saved the int8 model to {saved}", markup=False, highlight=False,
+                                      soft_wrap=True)  # a path stays whole on one line, however long
         if source.prompt is None and source.file is None:
             return
     text = gen.read_prompt(source.prompt, None if source.file is None else Path(source.file))
@@ -142,7 +143,8 @@ def run_file(options: GenerateOptions, path: Path, output_path: Path | None, as_
             typer.echo(json.dumps(r, ensure_ascii=False))
     show_generation_stats(result)
     if output_path is not None:
-        Console(stderr=True, highlight=False).print(f"wrote {len(records)} results to {output_path}", markup=False)
+        Console(stderr=True, highlight=False).print(f"wrote {len(records)} results to {output_path}", markup=False,
+                                                    soft_wrap=True)  # the path whole, however long
 
 
 def chat_mode(options: GenerateOptions, source: GenerateInput, out: GenerateOutput) -> None:
