@@ -4,6 +4,8 @@ decode steps that call them (ahead of time: the C shims; int8 models too)."""
 
 from __future__ import annotations
 
+import ctypes
+import subprocess
 import zipfile
 
 import pytest
@@ -74,31 +76,29 @@ def test_int8_sums_do_not_overflow_at_the_extremes():
     torch.testing.assert_close(y, torch.full((1, 9), -127.0 * n), rtol=1e-6, atol=0)
 
 
-def _raw_library(tmp_path, *flags: str):
+def _raw_library(tmp_path, *flags: str) -> ctypes.CDLL:
     """The kernel source built with extra compiler ``flags`` into tmp_path and loaded privately (its plain C
     entry points, outside torch), or a skip when that build is not possible here."""
-    import ctypes
-    import subprocess
-
     out = tmp_path / f"row_gemv{len(flags)}.so"
     done = subprocess.run(row_gemv.compile_command(row_gemv.compiler(), out, *flags), capture_output=True,
                           text=True, timeout=300)
     if done.returncode != 0:
         pytest.skip(f"cannot build the kernels with {flags}: {done.stderr[-200:]}")
-    return ctypes.CDLL(str(out), mode=ctypes.RTLD_LOCAL)
+    lib = ctypes.CDLL(str(out), mode=ctypes.RTLD_LOCAL)
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.nano_row_gemv_q8.argtypes = [p, i64, i64, p, p, i64, i64, p]
+    lib.nano_row_gemv_f32.argtypes = [p, i64, i64, p, i64, i64, p]
+    return lib
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
 
 
 def _raw_q8(lib, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x.shape[0], q.shape[0])
-    lib.nano_row_gemv_q8(*(ctypes_ptr(t) for t in (x,)), x.shape[1], x.shape[0], ctypes_ptr(q), ctypes_ptr(scale),
-                         q.shape[0], q.shape[1], ctypes_ptr(y))
+    lib.nano_row_gemv_q8(_ptr(x), x.shape[1], x.shape[0], _ptr(q), _ptr(scale), q.shape[0], q.shape[1], _ptr(y))
     return y
-
-
-def ctypes_ptr(t: torch.Tensor):
-    import ctypes
-
-    return ctypes.c_void_p(t.data_ptr())
 
 
 @pytest.mark.parametrize("flags", [(), ("-mno-avx512f",), ("-mno-avx2", "-mno-fma")],
@@ -107,12 +107,7 @@ def test_each_instruction_set_form_gives_the_exact_integer_sums(tmp_path, flags)
     """The int8 loop has an AVX-512 VNNI form (32 columns a step), an AVX2 form and plain C++; -march=native
     picks one per machine, so each is built here and held to the exact emulation, the extremes included (the
     float32 form: AVX2 or plain C++, held to float64)."""
-    import ctypes
-
     lib = _raw_library(tmp_path, *flags)
-    i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.nano_row_gemv_q8.argtypes = [p, i64, i64, p, p, i64, i64, p]
-    lib.nano_row_gemv_f32.argtypes = [p, i64, i64, p, i64, i64, p]
     for out_f, in_f in SHAPES:
         g = torch.Generator().manual_seed(out_f * 7 + in_f)
         x = torch.randn(3, in_f, generator=g)
@@ -120,7 +115,7 @@ def test_each_instruction_set_form_gives_the_exact_integer_sums(tmp_path, flags)
         scale = torch.rand(out_f, generator=g) + 0.01
         assert rel(_raw_q8(lib, x, q, scale), q8_emulation(x, q, scale)) < 1e-6, (out_f, in_f)
         w, y = torch.randn(out_f, in_f, generator=g), torch.empty(3, out_f)
-        lib.nano_row_gemv_f32(ctypes_ptr(x), in_f, 3, ctypes_ptr(w), out_f, in_f, ctypes_ptr(y))
+        lib.nano_row_gemv_f32(_ptr(x), in_f, 3, _ptr(w), out_f, in_f, _ptr(y))
         # the plain form sums each row serially in float32 (4,500 terms: ~1e-6), the vector forms in 8 lanes
         assert rel(y, x.double() @ w.double().t()) < (1e-5 if "-mno-avx2" in flags else 1e-6), (out_f, in_f)
     n = 9000  # every product at its largest: no int32 sum may wrap

@@ -7,8 +7,7 @@
 // by side with AVX2 FMAs (one 8-wide accumulator a row: eight independent chains) and load x once per eight
 // rows, which measured faster on the decode shapes than four rows with two accumulators each. With AVX-512
 // VNNI (-march=native on such a CPU) the int8 loop on long rows takes 32 columns a step in 512-bit registers.
-// Without
-// AVX2/FMA the plain C++ loops below compute the same sums (the compiler vectorises what it can).
+// Without AVX2/FMA the plain C++ loops below compute the same sums (the compiler vectorises what it can).
 //
 // float32: y[b, r] = sum_k x[b, k] * W[r, k].
 // int8:    y[b, r] = scale[r] * sx[b] * sum_k xq[b, k] * Q[r, k], with xq = round(x / sx) in int16 and
