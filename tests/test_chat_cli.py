@@ -136,7 +136,7 @@ def test_piped_block_is_one_turn(capsys, monkeypatch, model_dir, tmp_path):
 def threads_taking_ctrl_c(pid: int) -> list[int]:
     """The threads of ``pid`` that do not block SIGINT (Linux's /proc; [pid] elsewhere). A Ctrl-C at the prompt
     goes to any one of them: one that is not the main thread swallows it and the prompt waits for the next key
-    (a thread torch's import started once did, seen only on a loaded machine)."""
+    (the thread torch's import starts did, until nano imported torch with SIGINT blocked)."""
     tasks = Path(f"/proc/{pid}/task")
     if not tasks.is_dir():
         return [pid]
