@@ -8,6 +8,8 @@ the same shape loads them, as a second run of ``nano generate`` would.
 
 from __future__ import annotations
 
+import os
+import time
 import zipfile
 
 import pytest
@@ -100,10 +102,29 @@ def test_another_model_of_the_shape_loads_the_library_and_decodes_with_its_own_w
     prompts = random_prompts([9, 3, 6], seed=4)
     m = _model(seed=9)
     step = aot_decode.AotDecode(m, directory)
+    for package in directory.glob("decode-*.pt2"):
+        os.utime(package, (1e9, 1e9))  # used in 2001
     batched = generate(m, prompts, GREEDY, decode_step=step)
+    used = [p for p in directory.glob("decode-*.pt2") if p.stat().st_mtime > 1e9]
+    assert len(used) == 1  # loading marked the batch-3 package used (what prune keeps), not the other
     assert [c.token_ids for c in batched.completions] == _eager(9, prompts)
     assert [c.token_ids for c in batched.completions] != _eager(5, prompts)  # not the compiling model's
     assert (step.built, step.loaded) == (0, 1) and step.compiled
+
+
+def test_prune_keeps_the_most_recently_used_packages_and_drops_a_killed_compiles_leftovers(tmp_path):
+    now = time.time()
+    ages = {f"decode-{i}.pt2": i * 3600 for i in range(5)}  # decode-0 used last
+    ages.update({".decode-7.123.tmp.pt2": 2 * 86400, ".decode-8.456.tmp.pt2": 60, "notes.txt": 10 * 86400})
+    for name, age in ages.items():
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (now - age, now - age))
+    removed = aot_decode.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == [".decode-7.123.tmp.pt2", "decode-2.pt2", "decode-3.pt2",
+                                               "decode-4.pt2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".decode-8.456.tmp.pt2", "decode-0.pt2", "decode-1.pt2",
+                                                          "notes.txt"]  # a compile may still be writing .8
+    assert aot_decode.prune(tmp_path / "missing") == []
 
 
 def test_the_key_names_what_the_compiled_code_depends_on():
