@@ -123,7 +123,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # shifted to a maximum of 0 first (softmax, top-k, top-p and min-p do not change): a temperature as small as
+    # a float allows (1e-45) then gives -inf for every other token, not inf - inf = nan
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
     logits = min_p_filter(logits, params.min_p)

@@ -105,6 +105,8 @@ def test_sample_greedy_and_filtered_draws():
     assert set(draws[:, 0].tolist()) == {0, 1} and set(draws[:, 1].tolist()) == {2, 3}
     hot = sample(LOGITS, SamplingParams(temperature=50.0, top_k=1), g)
     assert hot.tolist() == [0, 2]
+    for cold in (1e-30, 1.401298464324817e-45):  # the smallest float32 above 0 (the fuzz soak's draw): argmax
+        assert sample(LOGITS, SamplingParams(temperature=cold, min_p=0.1), g).tolist() == [0, 2]
 
 
 # ------------------------------------------------------------------------------------- validation
