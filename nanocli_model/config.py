@@ -53,6 +53,7 @@ ALIASES = {
 _DERIVED_KEYS = {"hybrid_override_pattern", "layers_block_type", "layer_types", "num_hidden_layers",
                  "model_type", "architectures", "auto_map", "transformers_version"}
 SSM_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+MAX_SIZE = 1 << 31  # every size field is below this
 
 
 @dataclass
@@ -163,6 +164,8 @@ class NanoConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
+            if value >= MAX_SIZE:  # torch takes sizes as 64-bit integers; no real model comes near 2^31
+                raise ConfigError(f"{name}: {value} is beyond any model (sizes are below 2^31); fix config.json")
         if ATTENTION in self.layer_types and self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_key_value_heads: must divide num_attention_heads ({self.num_attention_heads}), "
                               f"got {self.num_key_value_heads}")

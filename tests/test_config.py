@@ -88,6 +88,8 @@ def test_round_trip_writes_both_spellings():
     ({"num_key_value_heads": 3}, "num_key_value_heads: must divide"),
     ({"n_groups": 3}, "n_groups: must divide"),
     ({"hidden_size": -4}, "hidden_size: must be a positive integer"),
+    ({"vocab_size": 10**30}, f"vocab_size: {10**30} is beyond any model"),  # the fuzz soak drew it: a traceback
+    ({"head_dim": 1 << 31}, "head_dim: 2147483648 is beyond any model"),
     ({"hidden_size": "32"}, "hidden_size must be an integer"),
     ({"expand": "two"}, "expand must be an integer"),
     ({"eos_token_id": "2"}, "eos_token_id must be an integer or a list"),
