@@ -104,7 +104,7 @@ def read_safetensors_header(file: str | Path) -> dict[str, TensorInfo]:
         if not isinstance(entry, dict):
             raise bad(f"entry {name!r} is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in ST_DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in ST_DTYPE_BYTES:  # a list or an object is unhashable
             raise bad(f"tensor {name} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                   for d in shape):

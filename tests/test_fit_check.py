@@ -415,6 +415,7 @@ def write_raw(path: Path, blob: bytes) -> Path:
 
 def corrupt_files(tmp_path: Path) -> list[tuple[Path, str]]:
     ok = json.dumps({"w": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}}).encode()
+    listed = ok.replace(b'"BF16"', b"[]")
     return [
         (write_raw(tmp_path / "short.safetensors", b"\x01\x02"), "8-byte"),
         (write_raw(tmp_path / "huge.safetensors", struct.pack("<Q", 10**12) + b"{}"), "header length"),
@@ -422,6 +423,8 @@ def corrupt_files(tmp_path: Path) -> list[tuple[Path, str]]:
         (write_raw(tmp_path / "dtype.safetensors", struct.pack("<Q", len(ok)) + ok.replace(b"BF16", b"Q4_K")
                    + bytes(8)), "dtype"),
         (write_raw(tmp_path / "trunc.safetensors", struct.pack("<Q", len(ok)) + ok + bytes(4)), "claims bytes"),
+        (write_raw(tmp_path / "listdtype.safetensors", struct.pack("<Q", len(listed)) + listed + bytes(8)),
+         "unknown dtype []"),  # the fuzz soak's draw: unhashable, was a TypeError
     ]
 
 
