@@ -2,7 +2,8 @@
 
 Decode on a CPU streams every weight once per token, so a token's time is the time of its matrix-vector
 products. Inductor's row-wise dot product and MKL's GEMV both read the decode shapes below the memory's rate
-(docs/BENCHMARKS.md); ``csrc/row_gemv.cpp`` reads eight weight rows side by side with AVX2 FMAs. Two ops:
+(docs/BENCHMARKS.md); ``csrc/row_gemv.cpp`` reads eight weight rows side by side with AVX2 FMAs, or, for one
+row of x on an AVX-512 CPU, one weight row at a time (a single sequential stream). Two ops:
 
 * ``torch.ops.nano.row_gemv_f32(x, W)``: ``x @ W.T``, W (out, in) float32 row-major.
 * ``torch.ops.nano.row_gemv_q8(x, Q, scale)``: ``(x @ Q.T) * scale``, Q (out, in) int8 row-major, scale (out,)
