@@ -130,9 +130,8 @@ ROW_GEMV_MIN_IN = 512  # shortest weight row it streams with nano's GEMV (shorte
 def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)``, except for one-token rows of a float32 CPU ``nn.Linear`` inside a compiled decode step
     (``decode.CompiledDecode``, ``aot_decode.AotDecode``). There weights with rows of at least
-    ``ROW_GEMV_MIN_IN`` go through nano's own GEMV, ``torch.ops.nano.row_gemv_f32`` (``row_gemv.py``: eight
-    weight rows streamed side by side, faster than inductor's and MKL's on every such decode shape measured
-    here); shorter rows (the small profile's 320), or every row where that library is not available, through
+    ``ROW_GEMV_MIN_IN`` go through nano's own GEMV, ``torch.ops.nano.row_gemv_f32`` (``row_gemv.py``: faster
+    than inductor's and MKL's on every such decode shape measured here); shorter rows (the small profile's 320), or every row where that library is not available, through
     a row-wise dot product, ``(x[..., None, :] * W).sum(-1)``, which inductor lowers to a vectorised loop fused
     with the RMSNorm before it (faster than a separate call on rows that short; on the medium profile's rows
     1.1-2x faster than MKL's GEMV), up to rows of ``ROW_DOT_MAX_IN`` (longer rows, the released 9B's 4480 and
