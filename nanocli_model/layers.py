@@ -125,14 +125,16 @@ class GatedGroupRMSNorm(nn.Module):
 
 ROW_DOT_MAX_IN = 3072  # longest weight row the compiled decode step streams with inductor's loop (else MKL)
 ROW_GEMV_MIN_IN = 512  # shortest weight row it streams with nano's GEMV (shorter: inductor's loop, fused)
+ROW_GEMV_MIN_IN_ONE_ROW = 256  # the same for one row of x where the GEMV has its one-row loop (AVX-512)
 
 
 def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)``, except for one-token rows of a float32 CPU ``nn.Linear`` inside a compiled decode step
     (``decode.CompiledDecode``, ``aot_decode.AotDecode``). There weights with rows of at least
-    ``ROW_GEMV_MIN_IN`` go through nano's own GEMV, ``torch.ops.nano.row_gemv_f32`` (``row_gemv.py``: faster
-    than inductor's and MKL's on every such decode shape measured here); shorter rows (the small profile's 320), or every row where that library is not available, through
-    a row-wise dot product, ``(x[..., None, :] * W).sum(-1)``, which inductor lowers to a vectorised loop fused
+    ``ROW_GEMV_MIN_IN`` (``ROW_GEMV_MIN_IN_ONE_ROW`` for a single row of x where the library has its one-row
+    loop) go through nano's own GEMV, ``torch.ops.nano.row_gemv_f32`` (``row_gemv.py``: faster than inductor's
+    and MKL's on every such decode shape measured here); shorter rows (the small profile's 320 at batch > 1, or
+    without that loop), or every row where that library is not available, through a row-wise dot product, ``(x[..., None, :] * W).sum(-1)``, which inductor lowers to a vectorised loop fused
     with the RMSNorm before it (faster than a separate call on rows that short; on the medium profile's rows
     1.1-2x faster than MKL's GEMV), up to rows of ``ROW_DOT_MAX_IN`` (longer rows, the released 9B's 4480 and
     more, read at 0.5-0.7x MKL's rate there, so without the library those stay ``linear(x)``, as in eager
@@ -140,7 +142,9 @@ def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """
     if (x.shape[-2] == 1 and x.device.type == "cpu" and type(linear) is nn.Linear
             and torch.compiler.is_compiling()):
-        if linear.in_features >= ROW_GEMV_MIN_IN and row_gemv.usable(x, linear.weight):
+        one_row = x.numel() == x.shape[-1] and row_gemv.one_row_loop()
+        if (linear.in_features >= (ROW_GEMV_MIN_IN_ONE_ROW if one_row else ROW_GEMV_MIN_IN)
+                and row_gemv.usable(x, linear.weight)):
             y = torch.ops.nano.row_gemv_f32(x, linear.weight)
         elif linear.in_features <= ROW_DOT_MAX_IN:
             y = (x.unsqueeze(-2) * linear.weight).sum(-1)  # (..., 1, out)

@@ -146,12 +146,21 @@ def library() -> ctypes.CDLL | None:
     lib.nano_row_gemv_f32.restype = None
     lib.nano_row_gemv_q8.argtypes = [p, i64, i64, p, p, i64, i64, p]
     lib.nano_row_gemv_q8.restype = None
+    lib.nano_row_gemv_f32_one_row_loop.argtypes = []
+    lib.nano_row_gemv_f32_one_row_loop.restype = ctypes.c_int
     return lib
 
 
 @torch.compiler.assume_constant_result  # dynamo takes the answer at trace time instead of tracing ctypes
 def available() -> bool:
     return _enabled and library() is not None
+
+
+@torch.compiler.assume_constant_result
+def one_row_loop() -> bool:
+    """Whether ``row_gemv_f32`` reads one weight row at a time for a single row of x (built with AVX-512): then
+    it is faster than inductor's fused row-dot loop on shorter rows too (``layers.project``)."""
+    return available() and bool(library().nano_row_gemv_f32_one_row_loop())
 
 
 @contextlib.contextmanager

@@ -36,12 +36,13 @@ def test_row_dot_projection_equals_linear_in_float64():
 
 
 def test_compiled_steps_choose_the_gemv_by_row_length():
-    """Traced one-token projections: rows of ROW_GEMV_MIN_IN and more go to nano's GEMV where it is available;
-    without it, rows longer than ROW_DOT_MAX_IN (the released 9B's 4480 and up, faster through MKL than through
-    the row-dot loop) stay a linear and shorter ones become the row-dot, as do rows shorter than
-    ROW_GEMV_MIN_IN in any case (inductor fuses the loop with the RMSNorm before it)."""
+    """Traced one-token projections: rows of ROW_GEMV_MIN_IN and more go to nano's GEMV where it is available
+    (ROW_GEMV_MIN_IN_ONE_ROW and more for one row of x where the library has its one-row loop); without it, rows
+    longer than ROW_DOT_MAX_IN (the released 9B's 4480 and up, faster through MKL than through the row-dot loop)
+    stay a linear and shorter ones become the row-dot, as do rows shorter than those thresholds in any case
+    (inductor fuses the loop with the RMSNorm before it)."""
     from nanocli_model import row_gemv
-    from nanocli_model.layers import ROW_DOT_MAX_IN, ROW_GEMV_MIN_IN
+    from nanocli_model.layers import ROW_DOT_MAX_IN, ROW_GEMV_MIN_IN, ROW_GEMV_MIN_IN_ONE_ROW
 
     class Proj(torch.nn.Module):
         def __init__(self, inn):
@@ -51,19 +52,25 @@ def test_compiled_steps_choose_the_gemv_by_row_length():
         def forward(self, x):
             return project(self.lin, x)
 
-    def traced_ops(inn):
-        program = torch.export.export(Proj(inn), (torch.randn(1, 1, inn),), strict=False)
+    def traced_ops(inn, rows=1):
+        program = torch.export.export(Proj(inn), (torch.randn(rows, 1, inn),), strict=False)
         return {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
 
+    gemv, row_dot = "nano.row_gemv_f32.default", "aten.sum.dim_IntList"
     with row_gemv.use(False):
         assert "aten.linear.default" in traced_ops(ROW_DOT_MAX_IN + 1)
         short = traced_ops(ROW_DOT_MAX_IN)
-        assert "aten.linear.default" not in short and "aten.sum.dim_IntList" in short
+        assert "aten.linear.default" not in short and row_dot in short
+        assert row_dot in traced_ops(ROW_GEMV_MIN_IN_ONE_ROW)  # no one-row loop without the library
     if row_gemv.available():
         for inn in (ROW_GEMV_MIN_IN, ROW_DOT_MAX_IN, ROW_DOT_MAX_IN + 1):
-            assert "nano.row_gemv_f32.default" in traced_ops(inn)
-    shortest = traced_ops(ROW_GEMV_MIN_IN - 1)
-    assert "nano.row_gemv_f32.default" not in shortest and "aten.sum.dim_IntList" in shortest
+            assert gemv in traced_ops(inn) and gemv in traced_ops(inn, rows=3)
+    shortest = traced_ops(ROW_GEMV_MIN_IN - 1, rows=3)
+    assert gemv not in shortest and row_dot in shortest
+    one_row_min = ROW_GEMV_MIN_IN_ONE_ROW if row_gemv.one_row_loop() else ROW_GEMV_MIN_IN
+    assert (gemv in traced_ops(one_row_min)) == row_gemv.available()
+    shortest = traced_ops(one_row_min - 1)
+    assert gemv not in shortest and row_dot in shortest
 
 
 @needs_cxx

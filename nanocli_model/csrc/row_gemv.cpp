@@ -252,6 +252,15 @@ void nano_row_gemv_f32(const float* x, int64_t x_stride, int64_t batch, const fl
     for (int64_t b = 0; b < batch; ++b) y[b * out + r] = dot_f32(W + r * in, x + b * x_stride, in);
 }
 
+// 1 where the float32 GEMV has the one-weight-row loop for a single row of x (AVX-512), else 0
+int nano_row_gemv_f32_one_row_loop(void) {
+#ifdef NANO_AVX512
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // y (batch, out) = (x @ Q^T) * scale, Q (out, in) int8 row-major, scale (out,) float32
 void nano_row_gemv_q8(const float* x, int64_t x_stride, int64_t batch, const int8_t* Q, const float* scale,
                       int64_t out, int64_t in, float* y) {
