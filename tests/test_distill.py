@@ -203,7 +203,8 @@ def test_bf16_autocast_stays_close_to_fp32():
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(kind="sideways"), "forward, reverse"), (dict(temperature=0.0), "> 0"), (dict(kd_ratio=1.5), "[0, 1]"),
+    (dict(kind="sideways"), "forward, reverse"), (dict(temperature=0.0), "at least 0.01"),
+    (dict(temperature=1.4e-45), "at least 0.01"), (dict(temperature=float("nan")), "at least 0.01"), (dict(kd_ratio=1.5), "[0, 1]"),
     (dict(top_k=4, kind="reverse"), "forward KL only"), (dict(top_k=0), "at least 1"),
     (dict(kd_ratio=0.5, labels=None), "needs labels"),
 ])

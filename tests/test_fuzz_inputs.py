@@ -787,7 +787,7 @@ DISTILL_FLAGS = [("--steps", NUMBERS, lambda v: v >= 1), ("--seq-len", NUMBERS, 
                  ("--tokens", NUMBERS, lambda v: v >= 1), ("--heldout-fraction", FLOATS, lambda v: 0 <= v < 0.5),
                  ("--keep-last", NUMBERS, lambda v: v >= 1), ("--save-every", NUMBERS, lambda v: v >= 0),
                  ("--eval-every", NUMBERS, lambda v: v >= 0), ("--eval-batches", NUMBERS, lambda v: v >= 1),
-                 ("--temperature", FLOATS, lambda v: v > 0), ("--kd-ratio", FLOATS, lambda v: 0 <= v <= 1),
+                 ("--temperature", FLOATS, lambda v: v >= 0.01), ("--kd-ratio", FLOATS, lambda v: 0 <= v <= 1),
                  ("--kd-top-k", NUMBERS, lambda v: 1 <= v <= 288), ("--kd-chunk", NUMBERS, lambda v: v >= 1),
                  ("--teacher-dtype", st.sampled_from(["auto", "bf16", "fp64", "", "int8"]), lambda v: True)]
 EVAL_FLAGS = [("--problems", SMALL, lambda v: v >= 0), ("--batch", NUMBERS, lambda v: v >= 1),

@@ -72,7 +72,7 @@ class Loss(settings.Group):
     panel = "Distillation loss"
 
     temperature: float = 1.0
-    """KD temperature T of both models' softmax (the KD term is scaled by T^2)."""
+    """KD temperature T of both models' softmax, at least 0.01 (the KD term is scaled by T^2)."""
     kd_kind: Literal["forward", "reverse"] = "forward"
     """forward KL(teacher || student) or reverse KL(student || teacher)."""
     top_k: int | None = settings.flag(None, name="kd-top-k", deprecated=("--top-k",))

@@ -58,13 +58,17 @@ class KDConfig:
     chunk: int = CHUNK_TOKENS
 
 
+MIN_TEMPERATURE = 0.01  # the KD term scales like T as T -> 0 (0.9 at 0.01 on the tests' pair, 1e-18 at 1e-20, nan at 1e-45)
+
+
 def check_kd_args(temperature: float, kind: str, top_k: int | None, kd_ratio: float, chunk: int,
                   has_labels: bool = True) -> None:
     """The one place the KD settings are validated (``nano distill`` calls it before any work)."""
     if kind not in KINDS:
         raise ConfigError(f"--kd-kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
-    if not temperature > 0:
-        raise ConfigError(f"--temperature must be > 0, got {temperature}")
+    if not temperature >= MIN_TEMPERATURE:
+        raise ConfigError(f"--temperature must be at least {MIN_TEMPERATURE} (got {temperature}): the KD term, "
+                          "scaled by T^2, vanishes below it; to train on the teacher's argmax use --kd-top-k 1")
     if not 0.0 <= kd_ratio <= 1.0:
         raise ConfigError(f"--kd-ratio must be in [0, 1] (1: KD only, 0: CE only), got {kd_ratio}")
     if top_k is not None and top_k < 1:
