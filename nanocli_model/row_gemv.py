@@ -1,22 +1,27 @@
-"""nano's own CPU decode GEMVs (``csrc/row_gemv.cpp``), built once per machine, as two torch ops.
+"""nano's own CPU decode kernels (``csrc/row_gemv.cpp``, ``csrc/decode_attention.cpp``), built once per machine
+into one library, as three torch ops: two GEMVs and the decode attention.
 
 Decode on a CPU streams every weight once per token, so a token's time is the time of its matrix-vector
 products. Inductor's row-wise dot product and MKL's GEMV both read the decode shapes below the memory's rate
 (docs/BENCHMARKS.md); ``csrc/row_gemv.cpp`` reads eight weight rows side by side with AVX2 FMAs, or, for one
-row of x on an AVX-512 CPU, one weight row at a time (a single sequential stream). Two ops:
+row of x on an AVX-512 CPU, one weight row at a time (a single sequential stream). The ops:
 
 * ``torch.ops.nano.row_gemv_f32(x, W)``: ``x @ W.T``, W (out, in) float32 row-major.
 * ``torch.ops.nano.row_gemv_q8(x, Q, scale)``: ``(x @ Q.T) * scale``, Q (out, in) int8 row-major, scale (out,)
   float32: int8 weights times a 16-bit rounding of x per row (weight-only int8 to within 2e-5 of x's largest
   entry), multiplied and summed in integers (``vpmaddwd``).
+* ``torch.ops.nano.decode_attention(q, k, v)``: ``softmax(q k^T / sqrt(d)) v`` for one new token, q (b, kv, R, d)
+  the R query heads that read each KV head, k and v (b, kv, L, d) views of the cache, read in one pass (SDPA
+  took 1.25x as long at 2k cached tokens, 1.9-2.3x at 8k-16k: docs/BENCHMARKS.md).
 
 x is float32 (..., in); the result float32 (..., out). Eager calls go through ctypes; the ahead-of-time decode
-step (``aot_decode.AotDecode``) calls the library's C shims (``aoti_torch_cpu_row_gemv_*``) directly, through
+step (``aot_decode.AotDecode``) calls the library's C shims (``aoti_torch_cpu_row_gemv_*``,
+``aoti_torch_cpu_decode_attention``) directly, through
 inductor's ``aot_inductor.custom_ops_to_c_shims`` (``aot_options``).
 
 The library is compiled with the C++ compiler inductor uses (``$CXX``, else g++), ``-O3 -march=native``,
 against AOTInductor's C shim header only (a few seconds), into ``<cache dir>/kernels/row_gemv-<key>.so`` (a
-temporary name, then renamed), the key hashing the source, torch version, compiler and CPU. ``available()``
+temporary name, then renamed), the key hashing the sources, torch version, compiler and CPU. ``available()``
 is False where it cannot be built or loaded (no compiler, not x86-64/Linux...), or under
 ``NANO_ROW_GEMV=0``; ``reason()`` says why, and callers then use inductor's / MKL's GEMV as before. A library
 file that is not what its build wrote (its sha256 is recorded beside it) is built again, never loaded. Like inductor's own cache, the directory holds code this process runs: keep it as
@@ -41,6 +46,7 @@ import torch
 from . import cache_home
 
 SOURCE = Path(__file__).parent / "csrc" / "row_gemv.cpp"
+SOURCES = (SOURCE, SOURCE.with_name("decode_attention.cpp"))  # one library; the attention kernel: decode_attention
 ENV = "NANO_ROW_GEMV"
 
 _reason: str | None = None
@@ -68,8 +74,8 @@ def cpu_digest() -> str:
 
 @functools.cache
 def source_digest() -> str:
-    """sha256 of the kernel source: part of every compiled decode step's key that calls it."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+    """sha256 of the kernel sources: part of every compiled decode step's key that calls them."""
+    return hashlib.sha256(b"\0".join(path.read_bytes() for path in SOURCES)).hexdigest()
 
 
 def _file_digest(path: Path) -> str:
@@ -91,7 +97,7 @@ def compile_command(cxx: str, out: Path, *flags: str) -> list[str]:
     the AVX2 form on an AVX-512 CPU with ``-mno-avx512f``)."""
     torch_dir = Path(torch.__file__).parent
     return [cxx, "-O3", "-march=native", *flags, "-std=c++17", "-shared", "-fPIC", f"-I{torch_dir / 'include'}",
-            str(SOURCE), f"-L{torch_dir / 'lib'}", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(out)]
+            *map(str, SOURCES), f"-L{torch_dir / 'lib'}", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(out)]
 
 
 def _build(cxx: str) -> Path:
@@ -146,6 +152,9 @@ def library() -> ctypes.CDLL | None:
     lib.nano_row_gemv_f32.restype = None
     lib.nano_row_gemv_q8.argtypes = [p, i64, i64, p, p, i64, i64, p]
     lib.nano_row_gemv_q8.restype = None
+    lib.nano_decode_attention_f32.argtypes = [p, p, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64,
+                                              ctypes.c_float, p]
+    lib.nano_decode_attention_f32.restype = ctypes.c_int
     lib.nano_row_gemv_f32_one_row_loop.argtypes = []
     lib.nano_row_gemv_f32_one_row_loop.restype = ctypes.c_int
     return lib
@@ -233,6 +242,46 @@ def _row_gemv_q8_fake(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> 
     return x.new_empty((*x.shape[:-1], q.shape[0]), dtype=torch.float32)
 
 
+DECODE_ATTENTION_MAX_D = 256  # the longest head the kernel takes (csrc/decode_attention.cpp's MAX_D)
+
+
+def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``decode_attention`` can take this call: CPU float32 (b, heads, R, d) q and (b, heads, L, d) k, v
+    with unit stride along d, d at most DECODE_ATTENTION_MAX_D, the library loaded."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 and t.stride(-1) == 1
+                for t in (q, k, v))
+            and q.shape[-1] <= DECODE_ATTENTION_MAX_D and available())
+
+
+@torch.library.custom_op("nano::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` for decode through ``nano_decode_attention_f32``: q (b, heads, R, d), the R
+    query heads that read each KV head; k, v (b, heads, L, d) (views of a longer cache are read in place).
+    ``F.scaled_dot_product_attention(q, k, v)`` without a mask, read in one pass over the cache."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"nano's CPU kernel library is not available: {reason()}")
+    b, h, r, d = q.shape
+    if (not all(t.dtype == torch.float32 and t.dim() == 4 and t.stride(-1) == 1 for t in (q, k, v))
+            or k.shape != v.shape or k.shape[:2] != (b, h) or k.shape[-1] != d or k.shape[2] < 1
+            or d > DECODE_ATTENTION_MAX_D):
+        raise ValueError(f"decode_attention takes float32 q (b, heads, R, d <= {DECODE_ATTENTION_MAX_D}) and k, v "
+                         f"(b, heads, L, d) with unit stride along d, got {tuple(q.shape)} {q.dtype}, "
+                         f"{tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    ks, vs = k.stride(), v.stride()
+    if lib.nano_decode_attention_f32(q.data_ptr(), k.data_ptr(), ks[0], ks[1], ks[2], v.data_ptr(), vs[0], vs[1],
+                                     vs[2], b, h, r, k.shape[2], d, d ** -0.5, out.data_ptr()):
+        raise ValueError(f"decode_attention refused q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return out
+
+
+@decode_attention.register_fake
+def _decode_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def aot_options() -> dict:
     """Inductor options that make an ahead-of-time library call the C shims of both ops directly."""
     return {"aot_inductor.custom_ops_to_c_shims": {
@@ -242,4 +291,7 @@ def aot_options() -> dict:
         torch.ops.nano.row_gemv_q8.default:
             ["AOTITorchError aoti_torch_cpu_row_gemv_q8(AtenTensorHandle x, AtenTensorHandle q, "
              "AtenTensorHandle scale, AtenTensorHandle* ret0)"],
+        torch.ops.nano.decode_attention.default:
+            ["AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, "
+             "AtenTensorHandle v, AtenTensorHandle* ret0)"],
     }}

@@ -10,6 +10,7 @@ import zipfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model_utils import decode_model, needs_cxx, random_prompts
 from nanocli_model import aot_decode, row_gemv
@@ -88,6 +89,8 @@ def _raw_library(tmp_path, *flags: str) -> ctypes.CDLL:
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.nano_row_gemv_q8.argtypes = [p, i64, i64, p, p, i64, i64, p]
     lib.nano_row_gemv_f32.argtypes = [p, i64, i64, p, i64, i64, p]
+    lib.nano_decode_attention_f32.argtypes = [p, p, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64,
+                                              ctypes.c_float, p]
     return lib
 
 
@@ -106,7 +109,8 @@ def _raw_q8(lib, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
 def test_each_instruction_set_form_gives_the_exact_integer_sums(tmp_path, flags):
     """The int8 loop has an AVX-512 VNNI form (32 columns a step), an AVX2 form and plain C++; -march=native
     picks one per machine, so each is built here and held to the exact emulation, the extremes included (the
-    float32 forms: AVX-512 for one row of x, AVX2, plain C++, held to float64)."""
+    float32 forms: AVX-512 for one row of x, AVX2, plain C++, held to float64; so is the decode attention
+    kernel's AVX-512 and plain form)."""
     lib = _raw_library(tmp_path, *flags)
     for out_f, in_f in SHAPES:
         g = torch.Generator().manual_seed(out_f * 7 + in_f)
@@ -124,6 +128,13 @@ def test_each_instruction_set_form_gives_the_exact_integer_sums(tmp_path, flags)
     n = 9000  # every product at its largest: no int32 sum may wrap
     q, x = torch.full((9, n), 127, dtype=torch.int8), torch.ones(1, n)
     torch.testing.assert_close(_raw_q8(lib, x, q, torch.ones(9)), torch.full((1, 9), 127.0 * n), rtol=1e-6, atol=0)
+    for b, h, r, L, d in ATTENTION_SHAPES:  # the decode attention kernel, built into the same library
+        q, k, v = _attention_operands(b, h, r, L, d)
+        out = torch.empty_like(q)
+        ks, vs = k.stride(), v.stride()
+        assert lib.nano_decode_attention_f32(_ptr(q), _ptr(k), ks[0], ks[1], ks[2], _ptr(v), vs[0], vs[1], vs[2], b,
+                                             h, r, L, d, ctypes.c_float(d ** -0.5), _ptr(out)) == 0
+        assert rel(out, _sdpa64(q, k, v)) < 2e-6, (b, h, r, L, d)
 
 
 def test_zero_and_non_finite_inputs():
@@ -149,6 +160,74 @@ def test_wrong_operands_are_refused_in_one_line():
         torch.ops.nano.row_gemv_q8(torch.randn(1, 32), w, torch.ones(16))
     assert not row_gemv.usable(torch.randn(1, 32), w.t().contiguous().t())
     assert not row_gemv.usable(torch.randn(1, 32, dtype=torch.float64), w)
+
+
+# (batch, KV heads, query heads per KV head R, cached tokens L, head dim d): one key, one query, d below one vector,
+# d not a multiple of 16, the released models' 128 and the kernel's largest 256, keys in blocks of 4 and their tails
+ATTENTION_SHAPES = [(1, 4, 3, 300, 64), (1, 1, 1, 1, 8), (2, 2, 5, 17, 128), (3, 2, 2, 101, 37), (1, 2, 3, 33, 256),
+                    (1, 1, 7, 6, 16), (2, 3, 1, 7, 17), (1, 2, 5, 1030, 128)]
+
+
+def _attention_operands(b, h, r, L, d, seed=0):
+    """q (b, h, r, d) and k, v (b, h, L, d) as views of a longer cache (strided, as a decode step reads them)."""
+    g = torch.Generator().manual_seed(seed + 97 * L + d)
+    cache = torch.randn(2, b, h, L + 9, d, generator=g)
+    return 2 * torch.randn(b, h, r, d, generator=g), cache[0].narrow(2, 0, L), cache[1].narrow(2, 0, L)
+
+
+def _sdpa64(q, k, v):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+
+
+@pytest.mark.parametrize("b,h,r,L,d", ATTENTION_SHAPES)
+def test_decode_attention_equals_a_float64_sdpa(b, h, r, L, d):
+    q, k, v = _attention_operands(b, h, r, L, d)
+    out = torch.ops.nano.decode_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    assert rel(out, _sdpa64(q, k, v)) < 2e-6  # float32 sums (SDPA in float32: ~1e-6 here too)
+
+
+def test_decode_attention_softmax_extremes_and_non_finite_rows():
+    """Scores far apart (weights that underflow to 0 and one near 1), then a nan and an inf: the rows they reach
+    are nan, as SDPA's are, and the other rows are untouched."""
+    q, k, v = _attention_operands(1, 2, 3, 50, 32)
+    q = q * 40  # scores spread over thousands: most softmax weights are exactly 0
+    torch.testing.assert_close(torch.ops.nano.decode_attention(q, k, v).double(), _sdpa64(q, k, v), rtol=2e-5,
+                               atol=2e-6)
+    q[0, 1, 2, 5] = float("nan")
+    q[0, 0, 0, 0] = float("inf")
+    out, ref = torch.ops.nano.decode_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any(dim=-1).sum() == 2
+    assert rel(out[0, 1, :2], _sdpa64(q, k, v)[0, 1, :2]) < 2e-6
+    q, k, v = _attention_operands(1, 2, 3, 50, 32)
+    k[0, 1, 3, 7] = float("nan")  # one score of each query of head 1, early in the row: every row of that head
+    out = torch.ops.nano.decode_attention(q, k, v)
+    assert out[0, 1].isnan().all() and out[0, 0].isfinite().all()
+
+
+def test_decode_attention_softmax_weights_to_a_few_ulp():
+    """Two keys, scores 0 and x (x from -30 to 30): the output is the weight of the second value, exp(x) /
+    (1 + exp(x)), which holds the kernel's exp to float32 rounding across the range (2-3 ulp)."""
+    x = torch.linspace(-30, 30, 16 * 15, dtype=torch.float64)  # 15 query heads for each of 16 KV heads
+    q = torch.zeros(1, 16, 15, 16)
+    q[..., 0] = (4 * x).view(16, 15).float()  # score x: q . e_0 / sqrt(16)
+    k, v = torch.zeros(1, 16, 2, 16), torch.zeros(1, 16, 2, 16)
+    k[:, :, 1, 0], v[:, :, 1, :] = 1.0, 1.0
+    got = torch.ops.nano.decode_attention(q, k, v)[..., 0].double().flatten()
+    expected = torch.sigmoid(q[..., 0].double().flatten() / 4)
+    assert ((got - expected).abs() / expected).max() < 3e-7  # measured 1.5e-7; SDPA's own: 1.1e-7
+
+
+def test_decode_attention_refuses_what_it_does_not_take():
+    q, k, v = _attention_operands(1, 2, 3, 10, 16)
+    with pytest.raises(ValueError, match="decode_attention takes"):
+        torch.ops.nano.decode_attention(q, k[:, :1], v[:, :1])  # other head count
+    with pytest.raises(ValueError, match="decode_attention takes"):
+        torch.ops.nano.decode_attention(q.double(), k.double(), v.double())
+    big = torch.randn(1, 1, 1, 300)
+    assert not row_gemv.attention_usable(big, big, big)  # a head longer than the kernel's 256: SDPA
+    assert not row_gemv.attention_usable(q, k.transpose(-1, -2), v)
+    assert row_gemv.attention_usable(q, k, v)
 
 
 def test_without_a_compiler_or_when_turned_off_it_says_why(monkeypatch, tmp_path):
@@ -222,3 +301,24 @@ def test_an_int8_model_decodes_ahead_of_time_through_the_int8_shim(tmp_path):
             tok = torch.tensor([[5 + 11 * t]])
             # float32 reassociation in the fused step can move an input across a 16-bit rounding step (3e-5)
             assert rel(step(tok, cache), m(tok, ref_cache)) < 2e-4
+
+
+@needs_cxx
+def test_a_float32_step_compiled_ahead_of_time_calls_the_attention_kernel(tmp_path):
+    """A float32 model's ahead-of-time step calls ``aoti_torch_cpu_decode_attention`` once per attention layer
+    and decodes greedily what the eager model (SDPA) decodes, its logits within float32 rounding of it."""
+    m = decode_model(seed=3, hybrid_override_pattern="M*-*")  # two attention layers
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=12)
+    step = aot_decode.AotDecode(m, tmp_path)
+    prompts = random_prompts([10], seed=4)
+    got = generate(m, prompts, greedy, decode_step=step).completions[0].token_ids
+    assert step.compiled and step.built == 1, step.fallback_reason
+    assert _shim_calls(tmp_path, "aoti_torch_cpu_decode_attention") == 2
+    assert got == generate(m, prompts, greedy).completions[0].token_ids
+    with torch.inference_mode():
+        cache, ref_cache = m.allocate_cache(1, 40), m.allocate_cache(1, 40)
+        m(torch.tensor(prompts), cache)
+        m(torch.tensor(prompts), ref_cache)
+        for t in range(4):
+            tok = torch.tensor([[3 + 7 * t]])
+            assert rel(step(tok, cache), m(tok, ref_cache)) < 1e-5

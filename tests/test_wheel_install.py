@@ -82,11 +82,11 @@ def test_nano_comes_from_the_installed_wheel(installed):
     assert not Path(module).resolve().is_relative_to(ROOT)
 
 
-def test_the_gemv_source_ships_and_is_found(installed):
-    """nano's CPU decode GEMVs are compiled from a C++ file at first use: the wheel carries it."""
+def test_the_kernel_sources_ship_and_are_found(installed):
+    """nano's CPU decode kernels are compiled from C++ files at first use: the wheel carries them."""
     bin_dir, env, away = installed
-    result = _run([bin_dir / "python", "-c", "from nanocli_model import row_gemv; print(row_gemv.SOURCE.is_file(), "
-                   "row_gemv.SOURCE.resolve().is_relative_to(__import__('sys').prefix))"], cwd=away, env=env)
+    result = _run([bin_dir / "python", "-c", "import sys; from nanocli_model import row_gemv; print(*(p.is_file() and "
+                   "p.resolve().is_relative_to(sys.prefix) for p in row_gemv.SOURCES))"], cwd=away, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "True"]
 
