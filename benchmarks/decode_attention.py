@@ -1,0 +1,87 @@
+"""Decode attention on the CPU: nano's one-pass kernel (``torch.ops.nano.decode_attention``, csrc/decode_attention.cpp,
+what a compiled decode step runs) vs ``F.scaled_dot_product_attention`` (what eager decode runs), float32.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/decode_attention.py
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/decode_attention.py --lengths 2304 16384 --heads 8:5:128
+
+One call = one new token's attention in one layer: q (1, kv, R, d) against the layer's cache narrowed to L tokens,
+(1, kv, L, d) views of a cache allocated for the longest length, as ``Attention._decode`` passes them. A decode
+step streams all its weights between two visits to a layer, so the cache is read from memory, not from a cache:
+each pass calls on enough separate caches to fill ~256 MB (far beyond the 32 MB L3). The two ways alternate
+pass by pass (A B A B); best and median of --passes, as microseconds a call and GB/s of K and V read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nanocli_model import row_gemv
+
+# (kv heads, query heads per kv head, head dim): small, medium, the released 9B-v2
+HEADS = {"small": (1, 5, 64), "medium": (4, 3, 64), "9b": (8, 5, 128)}
+
+
+def caches(kv: int, R: int, d: int, length: int, fill: int) -> list[tuple[torch.Tensor, ...]]:
+    """(q, k, v) triples whose K and V together fill ~``fill`` bytes; k, v narrowed views of longer caches."""
+    per = 2 * kv * length * d * 4
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(max(1, fill // per)):
+        kc, vc = (torch.randn(1, kv, length + 64, d, generator=gen) for _ in range(2))
+        q = torch.randn(1, kv, R, d, generator=gen)
+        out.append((q, kc.narrow(2, 0, length), vc.narrow(2, 0, length)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[256, 2304, 8192, 16384])
+    ap.add_argument("--heads", nargs="+", default=["small", "medium", "9b"],
+                    help="profile names or kv:R:d (kv heads, query heads per kv head, head dim)")
+    ap.add_argument("--passes", type=int, default=9)
+    ap.add_argument("--fill-mb", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if row_gemv.reason():
+        raise SystemExit(f"nano's kernel library is unavailable here: {row_gemv.reason()}")
+    print(f"threads={args.threads}  ~{args.fill_mb} MB of K and V a pass  best / median of {args.passes} passes")
+    print("| heads (kv x R x d) | cached tokens | caches | SDPA us/call | nano us/call | SDPA GB/s | nano GB/s | "
+          "nano / SDPA (medians) | max abs diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for spec in args.heads:
+        kv, R, d = HEADS[spec] if spec in HEADS else (int(x) for x in spec.split(":"))
+        for length in args.lengths:
+            triples = caches(kv, R, d, length, args.fill_mb << 20)
+            q, k, v = triples[0]
+            if not row_gemv.attention_usable(q, k, v):
+                raise SystemExit(f"decode_attention does not take kv {kv} R {R} d {d}")
+            ways = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+                    "nano": torch.ops.nano.decode_attention}
+            diff = (ways["sdpa"](q, k, v) - ways["nano"](q, k, v)).abs().max().item()
+            times: dict[str, list[float]] = {w: [] for w in ways}
+            with torch.inference_mode():
+                for f in ways.values():  # warm-up
+                    for t in triples:
+                        f(*t)
+                for _ in range(args.passes):
+                    for name, f in ways.items():
+                        t0 = time.perf_counter()
+                        for t in triples:
+                            f(*t)
+                        times[name].append((time.perf_counter() - t0) / len(triples))
+            nbytes = 2 * kv * length * d * 4
+            cell = {w: (min(ts), statistics.median(ts)) for w, ts in times.items()}
+            us = {w: f"{b * 1e6:.1f} / {m * 1e6:.1f}" for w, (b, m) in cell.items()}
+            gbs = {w: f"{nbytes / b / 1e9:.1f} / {nbytes / m / 1e9:.1f}" for w, (b, m) in cell.items()}
+            print(f"| {kv} x {R} x {d} | {length} | {len(triples)} | {us['sdpa']} | {us['nano']} | {gbs['sdpa']} | "
+                  f"{gbs['nano']} | {cell['sdpa'][1] / cell['nano'][1]:.2f}x | {diff:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
