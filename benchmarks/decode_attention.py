@@ -54,8 +54,14 @@ def main() -> None:
     print("| heads (kv x R x d) | cached tokens | caches | SDPA us/call | nano us/call | SDPA GB/s | nano GB/s | "
           "nano / SDPA (medians) | max abs diff |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    shapes = []
     for spec in args.heads:
-        kv, R, d = HEADS[spec] if spec in HEADS else (int(x) for x in spec.split(":"))
+        try:
+            shapes.append(HEADS[spec] if spec in HEADS else tuple(int(x) for x in spec.split(":")))
+            assert len(shapes[-1]) == 3 and min(shapes[-1]) > 0
+        except (ValueError, AssertionError):
+            ap.error(f"--heads {spec!r}: give {', '.join(HEADS)} or kv:R:d, three positive integers")
+    for kv, R, d in shapes:
         for length in args.lengths:
             triples = caches(kv, R, d, length, args.fill_mb << 20)
             q, k, v = triples[0]
