@@ -253,6 +253,7 @@ AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHan
   for (int i = 0; i < 4; ++i)
     if (vs[i] != (i == 2 ? L : ks[i]) || (i != 2 && ks[i] != (i == 3 ? D : qs[i]))) return 1;
   if (kst[3] != 1 || vst[3] != 1) return 1;
+  if (D > MAX_D || D < 1 || L < 1 || R < 1) return 1;  // what the kernel refuses, refused before allocating
   int64_t osizes[4] = {B, H, R, D}, ostrides[4] = {H * R * D, R * D, D, 1};
   if (aoti_torch_empty_strided(4, osizes, ostrides, aoti_torch_dtype_float32(), aoti_torch_device_type_cpu(), 0,
                                ret0))
