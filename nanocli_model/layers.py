@@ -341,17 +341,20 @@ class Attention(nn.Module):
 
         GQA without repeating K/V: the R = n_heads / n_kv query heads that read one KV head are laid out
         as R query rows of that head, so SDPA runs on (b, kv, R, d) queries against (b, kv, L, d) keys. Inside a
-        compiled CPU decode step (float32, no left padding) nano's own kernel computes the same in one pass over
-        the cache, 1.25-2.2x faster than SDPA from 2k cached tokens up (docs/BENCHMARKS.md).
+        compiled CPU decode step (float32; left-padded batches too, with an int64 ``pad``) nano's own kernel
+        computes the same in one pass over the cache, 1.8-2.2x faster than SDPA from 2k cached tokens up
+        (docs/BENCHMARKS.md).
         """
         b, d = x.shape[0], self.head_dim
         q = project(self.q_proj, x).view(b, self.n_kv, self.n_heads // self.n_kv, d)  # (b, kv, R, d): head kv*R + r
         cache.k.select(2, start).copy_(project(self.k_proj, x).view(b, self.n_kv, d))
         cache.v.select(2, start).copy_(project(self.v_proj, x).view(b, self.n_kv, d))
         k, v = cache.k.narrow(2, 0, start + 1), cache.v.narrow(2, 0, start + 1)  # (b, kv, L, d) views
-        if pad is None and torch.compiler.is_compiling() and row_gemv.attention_usable(q, k, v):
-            # inside a compiled CPU decode step: nano's kernel, one pass over the cache (row_gemv.decode_attention)
-            out = torch.ops.nano.decode_attention(q, k, v)  # (b, kv, R, d)
+        if torch.compiler.is_compiling() and row_gemv.attention_usable(q, k, v, pad):
+            # inside a compiled CPU decode step: nano's kernel, one pass over the cache (row_gemv.decode_attention);
+            # a left-padded row skips its padding keys, as the mask below would
+            out = (torch.ops.nano.decode_attention(q, k, v) if pad is None
+                   else torch.ops.nano.decode_attention_padded(q, k, v, pad))  # (b, kv, R, d)
         else:
             mask = None if pad is None else padded_causal_mask(pad, start, 1)  # (b, 1, 1, L): padding is no key
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, kv, R, d)

@@ -1,5 +1,5 @@
 """nano's own CPU decode kernels (``csrc/row_gemv.cpp``, ``csrc/decode_attention.cpp``), built once per machine
-into one library, as three torch ops: two GEMVs and the decode attention.
+into one library, as four torch ops: two GEMVs and the decode attention (plain and left-padded).
 
 Decode on a CPU streams every weight once per token, so a token's time is the time of its matrix-vector
 products. Inductor's row-wise dot product and MKL's GEMV both read the decode shapes below the memory's rate
@@ -12,11 +12,12 @@ row of x on an AVX-512 CPU, one weight row at a time (a single sequential stream
   entry), multiplied and summed in integers (``vpmaddwd``).
 * ``torch.ops.nano.decode_attention(q, k, v)``: ``softmax(q k^T / sqrt(d)) v`` for one new token, q (b, kv, R, d)
   the R query heads that read each KV head, k and v (b, kv, L, d) views of the cache, read in one pass (SDPA
-  took 1.25x as long at 2k cached tokens, 1.9-2.3x at 8k-16k: docs/BENCHMARKS.md).
+  took 1.8-2.2x as long from 2k cached tokens up: docs/BENCHMARKS.md). ``decode_attention_padded(q, k, v, pad)``:
+  the same for a left-padded batch, row b skipping its first ``pad[b]`` keys.
 
 x is float32 (..., in); the result float32 (..., out). Eager calls go through ctypes; the ahead-of-time decode
 step (``aot_decode.AotDecode``) calls the library's C shims (``aoti_torch_cpu_row_gemv_*``,
-``aoti_torch_cpu_decode_attention``) directly, through
+``aoti_torch_cpu_decode_attention[_padded]``) directly, through
 inductor's ``aot_inductor.custom_ops_to_c_shims`` (``aot_options``).
 
 The library is compiled with the C++ compiler inductor uses (``$CXX``, else g++), ``-O3 -march=native``,
@@ -153,7 +154,7 @@ def library() -> ctypes.CDLL | None:
     lib.nano_row_gemv_q8.argtypes = [p, i64, i64, p, p, i64, i64, p]
     lib.nano_row_gemv_q8.restype = None
     lib.nano_decode_attention_f32.argtypes = [p, p, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64,
-                                              ctypes.c_float, p]
+                                              ctypes.c_float, p, p]
     lib.nano_decode_attention_f32.restype = ctypes.c_int
     lib.nano_row_gemv_f32_one_row_loop.argtypes = []
     lib.nano_row_gemv_f32_one_row_loop.restype = ctypes.c_int
@@ -245,12 +246,19 @@ def _row_gemv_q8_fake(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> 
 DECODE_ATTENTION_MAX_D = 256  # the longest head the kernel takes (csrc/decode_attention.cpp's MAX_D)
 
 
-def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether ``decode_attention`` can take this call: CPU float32 (b, heads, R, d) q and (b, heads, L, d) k, v
-    with unit stride along d, d at most DECODE_ATTENTION_MAX_D, the library loaded."""
+def _pad_usable(pad: torch.Tensor, batch: int) -> bool:
+    return (pad.device.type == "cpu" and pad.dtype == torch.int64 and pad.dim() == 1 and pad.shape[0] == batch
+            and (batch == 1 or pad.stride(0) == 1))
+
+
+def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None = None) -> bool:
+    """Whether ``decode_attention`` (``decode_attention_padded`` with ``pad``) can take this call: CPU float32
+    (b, heads, R, d) q and (b, heads, L, d) k, v with unit stride along d, d at most DECODE_ATTENTION_MAX_D, pad
+    (b,) int64 contiguous, the library loaded."""
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 and t.stride(-1) == 1
                 for t in (q, k, v))
-            and q.shape[-1] <= DECODE_ATTENTION_MAX_D and available())
+            and q.shape[-1] <= DECODE_ATTENTION_MAX_D and (pad is None or _pad_usable(pad, q.shape[0]))
+            and available())
 
 
 @torch.library.custom_op("nano::decode_attention", mutates_args=())
@@ -258,6 +266,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """``softmax(q k^T / sqrt(d)) v`` for decode through ``nano_decode_attention_f32``: q (b, heads, R, d), the R
     query heads that read each KV head; k, v (b, heads, L, d) (views of a longer cache are read in place).
     ``F.scaled_dot_product_attention(q, k, v)`` without a mask, read in one pass over the cache."""
+    return _decode_attention(q, k, v, None)
+
+
+@torch.library.custom_op("nano::decode_attention_padded", mutates_args=())
+def decode_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """``decode_attention`` for a left-padded batch: row b's first ``pad[b]`` keys are padding it does not see
+    (``pad`` (b,) int64, the cache's ``pad_len``); its last key, the new token's own, it always sees. SDPA with
+    ``layers.padded_causal_mask(pad, L - 1, 1)``, read in one pass over the real keys."""
+    if not _pad_usable(pad, q.shape[0]):
+        raise ValueError(f"decode_attention_padded takes pad as a contiguous (batch,) int64 CPU tensor, got "
+                         f"{tuple(pad.shape)} {pad.dtype}")
+    return _decode_attention(q, k, v, pad)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
     lib = library()
     if lib is None:
         raise RuntimeError(f"nano's CPU kernel library is not available: {reason()}")
@@ -272,13 +295,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     out = torch.empty_like(q)
     ks, vs = k.stride(), v.stride()
     if lib.nano_decode_attention_f32(q.data_ptr(), k.data_ptr(), ks[0], ks[1], ks[2], v.data_ptr(), vs[0], vs[1],
-                                     vs[2], b, h, r, k.shape[2], d, d ** -0.5, out.data_ptr()):
+                                     vs[2], b, h, r, k.shape[2], d, d ** -0.5, out.data_ptr(),
+                                     None if pad is None else pad.data_ptr()):
         raise ValueError(f"decode_attention refused q {tuple(q.shape)}, k {tuple(k.shape)}")
     return out
 
 
 @decode_attention.register_fake
 def _decode_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@decode_attention_padded.register_fake
+def _decode_attention_padded_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -294,4 +323,7 @@ def aot_options() -> dict:
         torch.ops.nano.decode_attention.default:
             ["AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, "
              "AtenTensorHandle v, AtenTensorHandle* ret0)"],
+        torch.ops.nano.decode_attention_padded.default:
+            ["AOTITorchError aoti_torch_cpu_decode_attention_padded(AtenTensorHandle q, AtenTensorHandle k, "
+             "AtenTensorHandle v, AtenTensorHandle pad, AtenTensorHandle* ret0)"],
     }}

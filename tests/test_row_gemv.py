@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from model_utils import decode_model, needs_cxx, random_prompts
 from nanocli_model import aot_decode, row_gemv
 from nanocli_model.generation import SamplingParams, generate
+from nanocli_model.layers import padded_causal_mask
 from nanocli_model.quant import quantize_int8
 
 pytestmark = pytest.mark.skipif(not row_gemv.available(), reason=f"no CPU GEMV library: {row_gemv.reason()}")
@@ -90,7 +91,7 @@ def _raw_library(tmp_path, *flags: str) -> ctypes.CDLL:
     lib.nano_row_gemv_q8.argtypes = [p, i64, i64, p, p, i64, i64, p]
     lib.nano_row_gemv_f32.argtypes = [p, i64, i64, p, i64, i64, p]
     lib.nano_decode_attention_f32.argtypes = [p, p, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64,
-                                              ctypes.c_float, p]
+                                              ctypes.c_float, p, p]
     return lib
 
 
@@ -133,8 +134,12 @@ def test_each_instruction_set_form_gives_the_exact_integer_sums(tmp_path, flags)
         out = torch.empty_like(q)
         ks, vs = k.stride(), v.stride()
         assert lib.nano_decode_attention_f32(_ptr(q), _ptr(k), ks[0], ks[1], ks[2], _ptr(v), vs[0], vs[1], vs[2], b,
-                                             h, r, L, d, ctypes.c_float(d ** -0.5), _ptr(out)) == 0
+                                             h, r, L, d, ctypes.c_float(d ** -0.5), _ptr(out), None) == 0
         assert rel(out, _sdpa64(q, k, v)) < 2e-6, (b, h, r, L, d)
+        pad = _pads(b, L)
+        assert lib.nano_decode_attention_f32(_ptr(q), _ptr(k), ks[0], ks[1], ks[2], _ptr(v), vs[0], vs[1], vs[2], b,
+                                             h, r, L, d, ctypes.c_float(d ** -0.5), _ptr(out), _ptr(pad)) == 0
+        assert rel(out, _sdpa64(q, k, v, pad)) < 2e-6, (b, h, r, L, d, pad)
 
 
 def test_zero_and_non_finite_inputs():
@@ -175,8 +180,17 @@ def _attention_operands(b, h, r, L, d, seed=0):
     return 2 * torch.randn(b, h, r, d, generator=g), cache[0].narrow(2, 0, L), cache[1].narrow(2, 0, L)
 
 
-def _sdpa64(q, k, v):
-    return F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+def _sdpa64(q, k, v, pad=None):
+    """SDPA in float64; with ``pad``, under the decode step's own mask (``layers.padded_causal_mask`` at the
+    last position: row b skips its first pad[b] keys and always sees the last)."""
+    mask = None if pad is None else padded_causal_mask(pad, k.shape[2] - 1, 1)
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+
+
+def _pads(b: int, L: int) -> torch.Tensor:
+    """Left-padding lengths for b rows of L keys: none, some, all but the last key, and past the end (a row
+    whose query still sees its own key)."""
+    return torch.tensor([0, L // 3, L - 1, L + 4][:b] + [L // 2] * max(0, b - 4), dtype=torch.long)
 
 
 @pytest.mark.parametrize("b,h,r,L,d", ATTENTION_SHAPES)
@@ -185,6 +199,21 @@ def test_decode_attention_equals_a_float64_sdpa(b, h, r, L, d):
     out = torch.ops.nano.decode_attention(q, k, v)
     assert out.shape == q.shape and out.dtype == torch.float32
     assert rel(out, _sdpa64(q, k, v)) < 2e-6  # float32 sums (SDPA in float32: ~1e-6 here too)
+
+
+@pytest.mark.parametrize("b,h,r,L,d", [s for s in ATTENTION_SHAPES if s[0] > 1] + [(4, 2, 3, 70, 64)])
+def test_padded_decode_attention_equals_a_float64_masked_sdpa(b, h, r, L, d):
+    """A left-padded batch: each row reads only its real keys, as SDPA under the decode step's padding mask."""
+    q, k, v = _attention_operands(b, h, r, L, d)
+    pad = _pads(b, L)
+    out = torch.ops.nano.decode_attention_padded(q, k, v, pad)
+    assert rel(out, _sdpa64(q, k, v, pad)) < 2e-6
+    no_pad = torch.ops.nano.decode_attention_padded(q, k, v, torch.zeros(b, dtype=torch.long))
+    torch.testing.assert_close(no_pad, torch.ops.nano.decode_attention(q, k, v), rtol=0, atol=0)
+    k2, v2 = k.clone(), v.clone()  # the padding keys are not read: nan and huge ones there change nothing
+    for i, n in enumerate(pad.clamp(max=L - 1).tolist()):
+        k2[i, :, :n], v2[i, :, :n] = float("nan"), 1e30
+    torch.testing.assert_close(torch.ops.nano.decode_attention_padded(q, k2, v2, pad), out, rtol=0, atol=0)
 
 
 def test_decode_attention_softmax_extremes_and_non_finite_rows():
@@ -224,6 +253,12 @@ def test_decode_attention_refuses_what_it_does_not_take():
         torch.ops.nano.decode_attention(q, k[:, :1], v[:, :1])  # other head count
     with pytest.raises(ValueError, match="decode_attention takes"):
         torch.ops.nano.decode_attention(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="pad as a contiguous"):
+        torch.ops.nano.decode_attention_padded(q, k, v, torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="pad as a contiguous"):
+        torch.ops.nano.decode_attention_padded(q, k, v, torch.zeros(2, dtype=torch.long))  # batch is 1
+    assert not row_gemv.attention_usable(q, k, v, torch.zeros(1, dtype=torch.int32))
+    assert row_gemv.attention_usable(q, k, v, torch.zeros(1, dtype=torch.long))
     big = torch.randn(1, 1, 1, 300)
     assert not row_gemv.attention_usable(big, big, big)  # a head longer than the kernel's 256: SDPA
     assert not row_gemv.attention_usable(q, k.transpose(-1, -2), v)
@@ -322,3 +357,20 @@ def test_a_float32_step_compiled_ahead_of_time_calls_the_attention_kernel(tmp_pa
         for t in range(4):
             tok = torch.tensor([[3 + 7 * t]])
             assert rel(step(tok, cache), m(tok, ref_cache)) < 1e-5
+
+
+@needs_cxx
+def test_a_left_padded_batch_compiled_ahead_of_time_calls_the_padded_attention_kernel(tmp_path):
+    """A batch of prompts of three lengths (left-padded) compiles into a step that calls
+    ``aoti_torch_cpu_decode_attention_padded`` once per attention layer, and greedy decodes what the eager model
+    decodes for each prompt alone (no padding, SDPA)."""
+    m = decode_model(seed=3, hybrid_override_pattern="M*-*")  # two attention layers
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=10)
+    step = aot_decode.AotDecode(m, tmp_path)
+    prompts = random_prompts([11, 3, 7], seed=6)
+    batched = generate(m, prompts, greedy, decode_step=step)
+    assert step.compiled and step.built == 1, step.fallback_reason
+    assert _shim_calls(tmp_path, "aoti_torch_cpu_decode_attention_padded") == 2
+    assert _shim_calls(tmp_path, "aoti_torch_cpu_decode_attention") == 0
+    alone = [generate(m, [p], greedy).completions[0].token_ids for p in prompts]
+    assert [c.token_ids for c in batched.completions] == alone

@@ -198,46 +198,53 @@ extern "C" {
 
 // out (batch, heads, R, d) = softmax(scale * q k^T) v for each (batch row, KV head): q (batch, heads, R, d)
 // contiguous; k and v (batch, heads, L, d) with unit stride along d and strides (sb, sh, sl) otherwise (views of
-// a longer cache). Returns 0, or 1 when d is above MAX_D (nothing written).
+// a longer cache). pad (batch,), or null: batch row b's first pad[b] keys are left padding, which its query does
+// not see (it always sees the last key, its own: padded_causal_mask at the decode position L - 1). Returns 0, or
+// 1 when d is above MAX_D (nothing written).
 int nano_decode_attention_f32(const float* q, const float* k, int64_t k_sb, int64_t k_sh, int64_t k_sl,
                               const float* v, int64_t v_sb, int64_t v_sh, int64_t v_sl, int64_t batch,
-                              int64_t heads, int64_t R, int64_t L, int64_t d, float scale, float* out) {
+                              int64_t heads, int64_t R, int64_t L, int64_t d, float scale, float* out,
+                              const int64_t* pad) {
   if (d > MAX_D || d < 1 || L < 1 || R < 1) return 1;
   thread_local std::vector<float> buffer, totals;  // the R x L scores, R sums; kept per thread: no allocation
   if (buffer.size() < (size_t)(R * L)) buffer.resize((size_t)(R * L));
   if (totals.size() < (size_t)R) totals.resize((size_t)R);
   float* s = buffer.data();
   const int64_t block = std::max<int64_t>(1, VALUE_BLOCK_BYTES / (4 * d));  // values read from L1 for every query
-  for (int64_t b = 0; b < batch; ++b)
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t skip = pad == nullptr ? 0 : std::min(std::max<int64_t>(pad[b], 0), L - 1);  // padding keys
+    const int64_t n = L - skip;  // the keys this row's query sees
     for (int64_t h = 0; h < heads; ++h) {
       const float* qh = q + (b * heads + h) * R * d;
-      const float* kh = k + b * k_sb + h * k_sh;
-      const float* vh = v + b * v_sb + h * v_sh;
+      const float* kh = k + b * k_sb + h * k_sh + skip * k_sl;
+      const float* vh = v + b * v_sb + h * v_sh + skip * v_sl;
       float* oh = out + (b * heads + h) * R * d;
-      scores(qh, kh, k_sl, R, L, d, scale, s);
+      scores(qh, kh, k_sl, R, n, d, scale, s);
       for (int64_t r = 0; r < R; ++r) {
-        const float m = row_max(s + r * L, L);
+        const float m = row_max(s + r * n, n);
         // a nan or an infinite score makes the row nan, as SDPA's softmax does (a nan score that row_max
         // passed over gives a nan total through its exp)
         totals[r] = std::isnan(m) || std::isinf(m) ? std::numeric_limits<float>::quiet_NaN()
-                                                   : exp_and_sum(s + r * L, L, m);
+                                                   : exp_and_sum(s + r * n, n, m);
         std::fill(oh + r * d, oh + (r + 1) * d, 0.f);
       }
-      for (int64_t j = 0; j < L; j += block)
+      for (int64_t j = 0; j < n; j += block)
         for (int64_t r = 0; r < R; ++r)
-          if (!std::isnan(totals[r])) accumulate(s + r * L + j, vh + j * v_sl, v_sl, std::min(block, L - j), d, oh + r * d);
+          if (!std::isnan(totals[r])) accumulate(s + r * n + j, vh + j * v_sl, v_sl, std::min(block, n - j), d, oh + r * d);
       for (int64_t r = 0; r < R; ++r) {
         const float inv = 1.f / totals[r];  // nan for a nan row
         for (int64_t c = 0; c < d; ++c) oh[r * d + c] = std::isnan(inv) ? inv : oh[r * d + c] * inv;
       }
     }
+  }
   return 0;
 }
 
-// The AOTInductor C shim of nano::decode_attention(q, k, v): q (b, heads, R, d) contiguous, k and v
-// (b, heads, L, d) with unit stride along d, all float32; scale 1 / sqrt(d), as SDPA's default.
-AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v,
-                                               AtenTensorHandle* ret0) {
+// The AOTInductor C shims of nano::decode_attention(q, k, v) and nano::decode_attention_padded(q, k, v, pad): q
+// (b, heads, R, d) contiguous, k and v (b, heads, L, d) with unit stride along d, all float32; pad (b,) int64
+// contiguous, or none; scale 1 / sqrt(d), as SDPA's default.
+static AOTITorchError decode_attention_shim(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v,
+                                            AtenTensorHandle pad, AtenTensorHandle* ret0) {
   int64_t nd, *qs, *qst, *ks, *kst, *vs, *vst;
   int32_t dq, dk, dv;
   if (aoti_torch_get_dtype(q, &dq) || aoti_torch_get_dtype(k, &dk) || aoti_torch_get_dtype(v, &dv)) return 1;
@@ -254,6 +261,15 @@ AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHan
     if (vs[i] != (i == 2 ? L : ks[i]) || (i != 2 && ks[i] != (i == 3 ? D : qs[i]))) return 1;
   if (kst[3] != 1 || vst[3] != 1) return 1;
   if (D > MAX_D || D < 1 || L < 1 || R < 1) return 1;  // what the kernel refuses, refused before allocating
+  void* pp = nullptr;
+  if (pad != nullptr) {
+    int32_t dp;
+    int64_t *ps, *pst;
+    if (aoti_torch_get_dtype(pad, &dp) || dp != aoti_torch_dtype_int64() || aoti_torch_get_dim(pad, &nd) ||
+        nd != 1 || aoti_torch_get_sizes(pad, &ps) || ps[0] != B || aoti_torch_get_strides(pad, &pst) ||
+        (B > 1 && pst[0] != 1) || aoti_torch_get_data_ptr(pad, &pp))
+      return 1;
+  }
   int64_t osizes[4] = {B, H, R, D}, ostrides[4] = {H * R * D, R * D, D, 1};
   if (aoti_torch_empty_strided(4, osizes, ostrides, aoti_torch_dtype_float32(), aoti_torch_device_type_cpu(), 0,
                                ret0))
@@ -263,7 +279,18 @@ AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHan
       aoti_torch_get_data_ptr(*ret0, &op))
     return 1;
   return nano_decode_attention_f32((const float*)qp, (const float*)kp, kst[0], kst[1], kst[2], (const float*)vp,
-                                   vst[0], vst[1], vst[2], B, H, R, L, D, 1.f / std::sqrt((float)D), (float*)op);
+                                   vst[0], vst[1], vst[2], B, H, R, L, D, 1.f / std::sqrt((float)D), (float*)op,
+                                   (const int64_t*)pp);
+}
+
+AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v,
+                                               AtenTensorHandle* ret0) {
+  return decode_attention_shim(q, k, v, nullptr, ret0);
+}
+
+AOTITorchError aoti_torch_cpu_decode_attention_padded(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v,
+                                                      AtenTensorHandle pad, AtenTensorHandle* ret0) {
+  return decode_attention_shim(q, k, v, pad, ret0);
 }
 
 }  // extern "C"
