@@ -311,19 +311,18 @@ def _decode_attention_padded_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def _shim(name: str, *inputs: str) -> list[str]:
+    """The C declaration of the library's shim ``aoti_torch_cpu_<name>``: tensor ``inputs``, one tensor out."""
+    return [f"AOTITorchError aoti_torch_cpu_{name}(" + "".join(f"AtenTensorHandle {a}, " for a in inputs)
+            + "AtenTensorHandle* ret0)"]
+
+
 def aot_options() -> dict:
-    """Inductor options that make an ahead-of-time library call the C shims of both ops directly."""
+    """Inductor options that make an ahead-of-time library call each op's C shim directly."""
+    ops = torch.ops.nano
     return {"aot_inductor.custom_ops_to_c_shims": {
-        torch.ops.nano.row_gemv_f32.default:
-            ["AOTITorchError aoti_torch_cpu_row_gemv_f32(AtenTensorHandle x, AtenTensorHandle weight, "
-             "AtenTensorHandle* ret0)"],
-        torch.ops.nano.row_gemv_q8.default:
-            ["AOTITorchError aoti_torch_cpu_row_gemv_q8(AtenTensorHandle x, AtenTensorHandle q, "
-             "AtenTensorHandle scale, AtenTensorHandle* ret0)"],
-        torch.ops.nano.decode_attention.default:
-            ["AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, "
-             "AtenTensorHandle v, AtenTensorHandle* ret0)"],
-        torch.ops.nano.decode_attention_padded.default:
-            ["AOTITorchError aoti_torch_cpu_decode_attention_padded(AtenTensorHandle q, AtenTensorHandle k, "
-             "AtenTensorHandle v, AtenTensorHandle pad, AtenTensorHandle* ret0)"],
+        ops.row_gemv_f32.default: _shim("row_gemv_f32", "x", "weight"),
+        ops.row_gemv_q8.default: _shim("row_gemv_q8", "x", "q", "scale"),
+        ops.decode_attention.default: _shim("decode_attention", "q", "k", "v"),
+        ops.decode_attention_padded.default: _shim("decode_attention_padded", "q", "k", "v", "pad"),
     }}
