@@ -11,6 +11,7 @@
 // Per (batch row, KV head): pass 1 reads each key once for all R queries (R dot products of length d), pass 2
 // exponentiates (s - max) in place and sums, pass 3 reads each value once per query (from L2: a head's values are
 // L d floats). The float32 sums run in 16 lanes (AVX-512) or whatever the compiler makes of the plain loops.
+// A left-padded batch row starts at its first real key (pad[b]): the padding keys are never read.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
