@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cpu_fastpath, reference
+from . import cpu_fastpath, reference, row_gemv
 
 _forced: str | None = None
 
@@ -277,6 +277,9 @@ def ssd_step(state, x, dt_raw, dt_bias, A, B, C, D, dt_limit):
     Returns y (b,H,P) float32."""
     dt = reference.discretize_dt(dt_raw, dt_bias, dt_limit)  # (b, H) float32, clamp included
     if not _use_ssd(x):
+        if torch.compiler.is_compiling() and row_gemv.ssm_usable(state, x, dt, A, B, C, D):
+            # inside a compiled CPU decode step: nano's kernel reads and writes the state once (row_gemv.ssm_step)
+            return torch.ops.nano.ssm_step(state, x, dt, A, B, C, D)
         return cpu_fastpath.ssd_step(state, x, dt, A, B, C, D)
     step = _ssd_ops()[0]["step"]
     b, H, P = x.shape

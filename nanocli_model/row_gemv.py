@@ -1,5 +1,6 @@
-"""nano's own CPU decode kernels (``csrc/row_gemv.cpp``, ``csrc/decode_attention.cpp``), built once per machine
-into one library, as four torch ops: two GEMVs and the decode attention (plain and left-padded).
+"""nano's own CPU decode kernels (``csrc/row_gemv.cpp``, ``csrc/decode_attention.cpp``, ``csrc/ssm_step.cpp``),
+built once per machine into one library, as five torch ops: two GEMVs, the decode attention (plain and
+left-padded) and the Mamba-2 state update.
 
 Decode on a CPU streams every weight once per token, so a token's time is the time of its matrix-vector
 products. Inductor's row-wise dot product and MKL's GEMV both read the decode shapes below the memory's rate
@@ -14,10 +15,14 @@ row of x on an AVX-512 CPU, one weight row at a time (a single sequential stream
   the R query heads that read each KV head, k and v (b, kv, L, d) views of the cache, read in one pass (SDPA
   took 1.8-2.2x as long from 2k cached tokens up: docs/BENCHMARKS.md). ``decode_attention_padded(q, k, v, pad)``:
   the same for a left-padded batch, row b skipping its first ``pad[b]`` keys.
+* ``torch.ops.nano.ssm_step(state, x, dt, A, B, C, D)``: one token of the Mamba-2 recurrence (``reference.ssd_step``
+  with dt already discretized), the float32 state (b, H, P, N) updated in place in one pass: each state row read
+  once, written once and dotted with C while in registers (inductor's fused update wrote a temporary, copied it
+  into the cache and read it again).
 
 x is float32 (..., in); the result float32 (..., out). Eager calls go through ctypes; the ahead-of-time decode
 step (``aot_decode.AotDecode``) calls the library's C shims (``aoti_torch_cpu_row_gemv_*``,
-``aoti_torch_cpu_decode_attention[_padded]``) directly, through
+``aoti_torch_cpu_decode_attention[_padded]``, ``aoti_torch_cpu_ssm_step``) directly, through
 inductor's ``aot_inductor.custom_ops_to_c_shims`` (``aot_options``).
 
 The library is compiled with the C++ compiler inductor uses (``$CXX``, else g++), ``-O3 -march=native``,
@@ -47,7 +52,7 @@ import torch
 from . import cache_home
 
 SOURCE = Path(__file__).parent / "csrc" / "row_gemv.cpp"
-SOURCES = (SOURCE, SOURCE.with_name("decode_attention.cpp"))  # one library; the attention kernel: decode_attention
+SOURCES = (SOURCE, SOURCE.with_name("decode_attention.cpp"), SOURCE.with_name("ssm_step.cpp"))  # one library
 ENV = "NANO_ROW_GEMV"
 
 _reason: str | None = None
@@ -156,6 +161,8 @@ def library() -> ctypes.CDLL | None:
     lib.nano_decode_attention_f32.argtypes = [p, p, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64,
                                               ctypes.c_float, p, p]
     lib.nano_decode_attention_f32.restype = ctypes.c_int
+    lib.nano_ssm_step_f32.argtypes = [p, p, i64, p, i64, p, p, i64, p, i64, p, i64, i64, i64, i64, i64, p]
+    lib.nano_ssm_step_f32.restype = ctypes.c_int
     lib.nano_row_gemv_f32_one_row_loop.argtypes = []
     lib.nano_row_gemv_f32_one_row_loop.restype = ctypes.c_int
     return lib
@@ -311,6 +318,52 @@ def _decode_attention_padded_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def ssm_usable(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+               C: torch.Tensor, D: torch.Tensor | None) -> bool:
+    """Whether ``ssm_step`` can take this call: CPU float32 throughout, a contiguous state (b, H, P, N), x (b, H, P),
+    dt (b, H), A and D (H,), B and C (b, G, N) with ``ssm_step``'s strides, the library loaded."""
+    if D is None or not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (state, x, dt, A, B, C, D)):
+        return False
+    if state.dim() != 4 or not state.is_contiguous() or x.dim() != 3 or dt.dim() != 2 or B.dim() != 3:
+        return False
+    b, H, P, N = state.shape
+    G = B.shape[1]
+    return (x.shape == (b, H, P) and _inner(x) and dt.shape == (b, H) and (H == 1 or dt.stride(1) == 1)
+            and A.shape == (H,) and D.shape == (H,) and (H == 1 or (A.stride(0) == 1 and D.stride(0) == 1))
+            and G >= 1 and H % G == 0 and all(t.shape == (b, G, N) and _inner(t) for t in (B, C)) and available())
+
+
+def _inner(t: torch.Tensor) -> bool:
+    """A 3-D t laid out as rows of its last two dimensions: unit stride last, row stride the row length."""
+    return t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == t.shape[2])
+
+
+@torch.library.custom_op("nano::ssm_step", mutates_args=("state",))
+def ssm_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+             C: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """One token of the Mamba-2 recurrence through ``nano_ssm_step_f32``; ``state`` updated in place, y (b, H, P)
+    float32 returned. Shapes and layouts: ``ssm_usable``."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"nano's CPU kernel library is not available: {reason()}")
+    if not ssm_usable(state, x, dt, A, B, C, D):
+        raise ValueError(f"ssm_step takes a contiguous float32 state (b, H, P, N), x (b, H, P), dt (b, H), A and D "
+                         f"(H,), B and C (b, G, N), got state {tuple(state.shape)} {state.dtype}, x {tuple(x.shape)}, "
+                         f"dt {tuple(dt.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}")
+    b, H, P, N = state.shape
+    y = torch.empty(b, H, P)
+    if lib.nano_ssm_step_f32(state.data_ptr(), x.data_ptr(), x.stride(0), dt.data_ptr(), dt.stride(0), A.data_ptr(),
+                             B.data_ptr(), B.stride(0), C.data_ptr(), C.stride(0), D.data_ptr(), b, H, B.shape[1],
+                             P, N, y.data_ptr()) != 0:
+        raise ValueError(f"ssm_step refused state {tuple(state.shape)}, B {tuple(B.shape)}")
+    return y
+
+
+@ssm_step.register_fake
+def _ssm_step_fake(state, x, dt, A, B, C, D) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.float32)  # contiguous
+
+
 def _shim(name: str, *inputs: str) -> list[str]:
     """The C declaration of the library's shim ``aoti_torch_cpu_<name>``: tensor ``inputs``, one tensor out."""
     return [f"AOTITorchError aoti_torch_cpu_{name}(" + "".join(f"AtenTensorHandle {a}, " for a in inputs)
@@ -325,4 +378,5 @@ def aot_options() -> dict:
         ops.row_gemv_q8.default: _shim("row_gemv_q8", "x", "q", "scale"),
         ops.decode_attention.default: _shim("decode_attention", "q", "k", "v"),
         ops.decode_attention_padded.default: _shim("decode_attention_padded", "q", "k", "v", "pad"),
+        ops.ssm_step.default: _shim("ssm_step", "state", "x", "dt", "A", "B", "C", "D"),
     }}

@@ -1,6 +1,7 @@
-"""nano's CPU decode GEMVs (``nanocli_model.row_gemv``, ``csrc/row_gemv.cpp``), held to float64 products and to
-an exact integer emulation of the int8 kernel's arithmetic; their build, their fallback, and the compiled
-decode steps that call them (ahead of time: the C shims; int8 models too)."""
+"""nano's CPU decode kernels (``nanocli_model.row_gemv``, ``csrc/*.cpp``): the GEMVs held to float64 products and to
+an exact integer emulation of the int8 kernel's arithmetic, the decode attention to a float64 SDPA, the Mamba-2
+state update to the float64 recurrence; their build, their fallback, and the compiled decode steps that call them
+(ahead of time: the C shims; int8 models too)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from model_utils import decode_model, needs_cxx, random_prompts
-from nanocli_model import aot_decode, row_gemv
+from nanocli_model import aot_decode, reference, row_gemv
 from nanocli_model.generation import SamplingParams, generate
 from nanocli_model.layers import padded_causal_mask
 from nanocli_model.quant import quantize_int8
@@ -92,6 +93,7 @@ def _raw_library(tmp_path, *flags: str) -> ctypes.CDLL:
     lib.nano_row_gemv_f32.argtypes = [p, i64, i64, p, i64, i64, p]
     lib.nano_decode_attention_f32.argtypes = [p, p, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64,
                                               ctypes.c_float, p, p]
+    lib.nano_ssm_step_f32.argtypes = [p, p, i64, p, i64, p, p, i64, p, i64, p, i64, i64, i64, i64, i64, p]
     return lib
 
 
@@ -111,7 +113,7 @@ def test_each_instruction_set_form_gives_the_exact_integer_sums(tmp_path, flags)
     """The int8 loop has an AVX-512 VNNI form (32 columns a step), an AVX2 form and plain C++; -march=native
     picks one per machine, so each is built here and held to the exact emulation, the extremes included (the
     float32 forms: AVX-512 for one row of x, AVX2, plain C++, held to float64; so is the decode attention
-    kernel's AVX-512 and plain form)."""
+    kernel's and the Mamba-2 state update's AVX-512 and plain forms)."""
     lib = _raw_library(tmp_path, *flags)
     for out_f, in_f in SHAPES:
         g = torch.Generator().manual_seed(out_f * 7 + in_f)
@@ -140,6 +142,13 @@ def test_each_instruction_set_form_gives_the_exact_integer_sums(tmp_path, flags)
         assert lib.nano_decode_attention_f32(_ptr(q), _ptr(k), ks[0], ks[1], ks[2], _ptr(v), vs[0], vs[1], vs[2], b,
                                              h, r, L, d, ctypes.c_float(d ** -0.5), _ptr(out), _ptr(pad)) == 0
         assert rel(out, _sdpa64(q, k, v, pad)) < 2e-6, (b, h, r, L, d, pad)
+    for b, H, G, P, N in SSM_SHAPES:  # the Mamba-2 state update, in the same library
+        state, x, dt, A, B, C, D = _ssm_operands(b, H, G, P, N)
+        y64, s64 = _ssm64(state, x, dt, A, B, C, D)
+        y = torch.empty(b, H, P)
+        assert lib.nano_ssm_step_f32(_ptr(state), _ptr(x), x.stride(0), _ptr(dt), dt.stride(0), _ptr(A), _ptr(B),
+                                     B.stride(0), _ptr(C), C.stride(0), _ptr(D), b, H, G, P, N, _ptr(y)) == 0
+        assert rel(state, s64) < 1e-6 and rel(y, y64) < 2e-6, (b, H, G, P, N)
 
 
 def test_zero_and_non_finite_inputs():
@@ -265,6 +274,74 @@ def test_decode_attention_refuses_what_it_does_not_take():
     assert row_gemv.attention_usable(q, k, v)
 
 
+# (batch, heads H, groups G, head dim P, state N): the medium profile's and the 9B's layouts (128-float state rows,
+# whole vectors), rows not a multiple of 16 and shorter than one vector, one head, a batch of three
+SSM_SHAPES = [(1, 32, 2, 48, 128), (1, 128, 8, 64, 128), (3, 4, 2, 5, 37), (2, 6, 3, 16, 16), (1, 1, 1, 1, 1),
+              (2, 8, 1, 3, 40)]
+
+
+def _ssm_operands(b, H, G, P, N, seed=0):
+    """state (b, H, P, N); x, B, C as the decode step's split leaves them: views of one row per batch row (x | B | C,
+    and more after); dt (b, H) discretized (positive), A < 0, D (H,)."""
+    g = torch.Generator().manual_seed(seed + 31 * H + N)
+    row = torch.randn(b, H * P + 2 * G * N + 5, generator=g)
+    x = row[:, :H * P].view(b, H, P)
+    B, C = (row[:, H * P + i * G * N:H * P + (i + 1) * G * N].view(b, G, N) for i in (0, 1))
+    dt = torch.rand(b, H, generator=g) * 0.5 + 0.01
+    A = -(torch.rand(H, generator=g) * 4 + 0.1)
+    return torch.randn(b, H, P, N, generator=g), x, dt, A, B, C, torch.randn(H, generator=g)
+
+
+def _ssm64(state, x, dt, A, B, C, D):
+    """(y, the next state) of the recurrence in float64 (``reference.ssd_step``)."""
+    s = state.double()
+    return reference.ssd_step(s, *(t.double() for t in (x, dt, A, B, C, D))), s
+
+
+@pytest.mark.parametrize("b,H,G,P,N", SSM_SHAPES)
+def test_ssm_step_equals_the_float64_recurrence(b, H, G, P, N):
+    """One token: the state updated in place (the same storage) and y, both to float32 rounding of float64."""
+    state, x, dt, A, B, C, D = _ssm_operands(b, H, G, P, N)
+    y64, s64 = _ssm64(state, x, dt, A, B, C, D)
+    storage = state.data_ptr()
+    y = torch.ops.nano.ssm_step(state, x, dt, A, B, C, D)
+    assert y.shape == (b, H, P) and y.dtype == torch.float32 and state.data_ptr() == storage
+    assert rel(state, s64) < 1e-6 and rel(y, y64) < 2e-6
+    for _ in range(5):  # and token after token: the recurrence carried in the kernel's own state
+        y64, s64 = _ssm64(s64, x, dt, A, B, C, D)
+        y = torch.ops.nano.ssm_step(state, x, dt, A, B, C, D)
+    assert rel(state, s64) < 2e-6 and rel(y, y64) < 4e-6
+
+
+def test_ssm_step_keeps_a_nan_where_it_lands():
+    """A nan in one state entry reaches that entry and its row's y only; the rest is the clean run, bit for bit."""
+    state, x, dt, A, B, C, D = _ssm_operands(2, 4, 2, 5, 37)
+    clean, bad = state.clone(), state.clone()
+    bad[1, 2, 3, 30] = float("nan")
+    y, y_bad = torch.ops.nano.ssm_step(clean, x, dt, A, B, C, D), torch.ops.nano.ssm_step(bad, x, dt, A, B, C, D)
+    assert bad.isnan().sum() == 1 and bad[1, 2, 3, 30].isnan()
+    assert y_bad.isnan().sum() == 1 and y_bad[1, 2, 3].isnan()
+    keep = ~bad.isnan()
+    assert torch.equal(bad[keep], clean[keep]) and torch.equal(y_bad[~y_bad.isnan()], y[~y_bad.isnan()])
+
+
+def test_ssm_step_refuses_what_it_does_not_take():
+    state, x, dt, A, B, C, D = _ssm_operands(1, 4, 2, 5, 16)
+    assert row_gemv.ssm_usable(state, x, dt, A, B, C, D)
+    refused = [
+        (state.double(), x, dt, A, B, C, D),  # another dtype
+        (state.transpose(2, 3).contiguous().transpose(2, 3), x, dt, A, B, C, D),  # a state not contiguous
+        (state, x.transpose(1, 2).contiguous().transpose(1, 2), dt, A, B, C, D),  # x's channels not adjacent
+        (state, x, dt, A, B[:, :1].expand(1, 3, 16), C[:, :1].expand(1, 3, 16), D),  # 3 groups of 4 heads
+        (state, x, dt, A[:2], B, C, D),  # A for other heads
+    ]
+    for args in refused:
+        assert not row_gemv.ssm_usable(*args)
+        with pytest.raises(ValueError, match="ssm_step takes"):
+            torch.ops.nano.ssm_step(*args)
+    assert not row_gemv.ssm_usable(state, x, dt, A, B, C, None)  # no D: the model's own update
+
+
 def test_without_a_compiler_or_when_turned_off_it_says_why(monkeypatch, tmp_path):
     """A failed build is one line and no library file; NANO_ROW_GEMV=0 and use(False) turn it off."""
     monkeypatch.setenv("NANO_CACHE", str(tmp_path))
@@ -341,7 +418,7 @@ def test_an_int8_model_decodes_ahead_of_time_through_the_int8_shim(tmp_path):
 @needs_cxx
 def test_a_float32_step_compiled_ahead_of_time_calls_the_attention_kernel(tmp_path):
     """A float32 model's ahead-of-time step calls ``aoti_torch_cpu_decode_attention`` once per attention layer
-    and decodes greedily what the eager model (SDPA) decodes, its logits within float32 rounding of it."""
+    and ``aoti_torch_cpu_ssm_step`` once per Mamba layer, and decodes greedily what the eager model (SDPA) decodes, its logits within float32 rounding of it."""
     m = decode_model(seed=3, hybrid_override_pattern="M*-*")  # two attention layers
     greedy = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=12)
     step = aot_decode.AotDecode(m, tmp_path)
@@ -349,6 +426,7 @@ def test_a_float32_step_compiled_ahead_of_time_calls_the_attention_kernel(tmp_pa
     got = generate(m, prompts, greedy, decode_step=step).completions[0].token_ids
     assert step.compiled and step.built == 1, step.fallback_reason
     assert _shim_calls(tmp_path, "aoti_torch_cpu_decode_attention") == 2
+    assert _shim_calls(tmp_path, "aoti_torch_cpu_ssm_step") == 1  # the Mamba layer's state update
     assert got == generate(m, prompts, greedy).completions[0].token_ids
     with torch.inference_mode():
         cache, ref_cache = m.allocate_cache(1, 40), m.allocate_cache(1, 40)
@@ -372,5 +450,6 @@ def test_a_left_padded_batch_compiled_ahead_of_time_calls_the_padded_attention_k
     assert step.compiled and step.built == 1, step.fallback_reason
     assert _shim_calls(tmp_path, "aoti_torch_cpu_decode_attention_padded") == 2
     assert _shim_calls(tmp_path, "aoti_torch_cpu_decode_attention") == 0
+    assert _shim_calls(tmp_path, "aoti_torch_cpu_ssm_step") == 1  # a batch of 3: strided x, B, C per row
     alone = [generate(m, [p], greedy).completions[0].token_ids for p in prompts]
     assert [c.token_ids for c in batched.completions] == alone
