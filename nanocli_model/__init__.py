@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from pathlib import Path
 
 from . import memory
@@ -26,7 +27,7 @@ _LAZY = {
     "load_pretrained": "checkpoint", "save_pretrained": "checkpoint",
 }
 
-__all__ = ["NanoConfig", "memory", "cache_home", "NanoError", "ConfigError", "CheckpointError", "CacheError", *_LAZY]
+__all__ = ["NanoConfig", "memory", "cache_home", "mark_used", "prune_kept", "NanoError", "ConfigError", "CheckpointError", "CacheError", *_LAZY]
 __version__ = "0.1.0"
 
 
@@ -39,6 +40,43 @@ def cache_home() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "nano"
+
+
+STALE_TMP_SECONDS = 24 * 3600  # a temporary file this old in a cache directory was left by a killed build
+
+
+def mark_used(path: Path) -> None:
+    """A kept file's modification time is when it was last used, for ``prune_kept`` (read-only: left as it is)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def prune_kept(directory: Path, stem: str, suffix: str, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` most recently used ``<stem>-*<suffix>`` files in ``directory``, and temporary
+    ``.<stem>-*`` files a killed build left (older than a day); the paths deleted. A process that has a deleted
+    file open or mapped keeps it; one about to load it builds it again."""
+    now, removed, kept = time.time(), [], []
+    for p in Path(directory).glob(f"*{stem}-*"):
+        try:
+            mtime = p.stat().st_mtime
+        except OSError:  # deleted meanwhile
+            continue
+        if p.name.startswith("."):
+            if ".tmp" in p.name and now - mtime > STALE_TMP_SECONDS:
+                removed.append(p)
+        elif p.name.startswith(f"{stem}-") and p.name.endswith(suffix):
+            kept.append((mtime, p))
+    removed += [p for _, p in sorted(kept, reverse=True)[keep:]]
+    gone = []
+    for p in removed:
+        try:
+            p.unlink(missing_ok=True)
+            gone.append(p)
+        except OSError:  # a read-only directory: kept as it is
+            pass
+    return gone
 
 
 def __getattr__(name: str):

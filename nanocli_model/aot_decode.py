@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import row_gemv
+from . import mark_used, prune_kept, row_gemv
 from .cache import AttentionCache, HybridCache, MambaCache
 from .decode import compile_failure_line, relayout_linear_weights
 
@@ -49,7 +49,6 @@ FORMAT = 1  # bump when the package's inputs or their meaning change
 MIN_POSITIONS = 2  # export treats a dimension of size 0 or 1 as a constant: a step sees >= 1 cached token
 MAX_LEN = 1 << 24
 KEEP_PACKAGES = 16  # the most recently used packages a directory keeps (a shape each: a few MB for medium)
-STALE_TMP_SECONDS = 24 * 3600  # a temporary package this old was left by a killed compile
 
 
 @functools.cache
@@ -142,39 +141,11 @@ def _kinds(cache: HybridCache) -> list[str]:
             else "none" for layer in cache.layers]
 
 
-def _mark_used(path: Path) -> None:
-    """A package's modification time is when it was last used, for ``prune`` (a read-only directory: left)."""
-    try:
-        os.utime(path)
-    except OSError:
-        pass
-
-
 def prune(directory: Path, keep: int = KEEP_PACKAGES) -> list[Path]:
     """Delete all but the ``keep`` most recently used packages in ``directory``, and temporary packages a killed
     compile left (older than a day); the paths deleted. A process that loaded a package has its library
     already; one about to load a deleted package compiles it again."""
-    now, removed = time.time(), []
-    packages = []
-    for p in Path(directory).glob("*decode-*.pt2"):
-        try:
-            mtime = p.stat().st_mtime
-        except OSError:  # deleted meanwhile
-            continue
-        if p.name.startswith("."):
-            if now - mtime > STALE_TMP_SECONDS:
-                removed.append(p)
-        elif p.name.startswith("decode-"):
-            packages.append((mtime, p))
-    removed += [p for _, p in sorted(packages, reverse=True)[keep:]]
-    gone = []
-    for p in removed:
-        try:
-            p.unlink(missing_ok=True)
-            gone.append(p)
-        except OSError:  # a read-only directory: kept as it is
-            pass
-    return gone
+    return prune_kept(directory, "decode", ".pt2", keep)
 
 
 class AotDecode:
@@ -242,7 +213,7 @@ class AotDecode:
                 try:
                     runner = self._load(path)
                     self.loaded += 1
-                    _mark_used(path)
+                    mark_used(path)
                 except Exception as e:  # a truncated or foreign file: compile it again
                     why = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
                     self.notes.append(f"compiled decode step {path} unreadable ({why}): compiled again")

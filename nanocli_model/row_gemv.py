@@ -27,7 +27,8 @@ inductor's ``aot_inductor.custom_ops_to_c_shims`` (``aot_options``).
 
 The library is compiled with the C++ compiler inductor uses (``$CXX``, else g++), ``-O3 -march=native``,
 against AOTInductor's C shim header only (a few seconds), into ``<cache dir>/kernels/row_gemv-<key>.so`` (a
-temporary name, then renamed), the key hashing the sources, torch version, compiler and CPU. ``available()``
+temporary name, then renamed), the key hashing the sources, torch version, compiler and CPU; a build deletes all
+but the ``KEEP_LIBRARIES`` most recently used libraries there. ``available()``
 is False where it cannot be built or loaded (no compiler, not x86-64/Linux...), or under
 ``NANO_ROW_GEMV=0``; ``reason()`` says why, and callers then use inductor's / MKL's GEMV as before. A library
 file that is not what its build wrote (its sha256 is recorded beside it) is built again, never loaded. Like inductor's own cache, the directory holds code this process runs: keep it as
@@ -49,11 +50,12 @@ from pathlib import Path
 
 import torch
 
-from . import cache_home
+from . import cache_home, mark_used, prune_kept
 
 SOURCE = Path(__file__).parent / "csrc" / "row_gemv.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("decode_attention.cpp"), SOURCE.with_name("ssm_step.cpp"))  # one library
 ENV = "NANO_ROW_GEMV"
+KEEP_LIBRARIES = 8  # the most recently used builds <cache dir>/kernels keeps (each source, torch, compiler, CPU)
 
 _reason: str | None = None
 _enabled = True  # use(False) turns the ops off for a comparison in one process
@@ -114,6 +116,7 @@ def _build(cxx: str) -> Path:
                                     platform.machine()]).encode()).hexdigest()[:24]
     path = cache_home() / "kernels" / f"row_gemv-{key}.so"
     if _intact(path):
+        mark_used(path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.so")
@@ -129,6 +132,8 @@ def _build(cxx: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
         tmp_digest.unlink(missing_ok=True)
+    for old in prune_kept(path.parent, "row_gemv", ".so", KEEP_LIBRARIES):  # other sources, torch versions, CPUs
+        old.with_suffix(".sha256").unlink(missing_ok=True)
     return path
 
 

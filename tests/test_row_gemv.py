@@ -6,7 +6,9 @@ state update to the float64 recurrence; their build, their fallback, and the com
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
+import time
 import zipfile
 
 import pytest
@@ -379,6 +381,29 @@ def test_a_damaged_library_file_is_built_again(monkeypatch, tmp_path):
         monkeypatch.undo()
         row_gemv.library.cache_clear()
     assert row_gemv.available()
+
+
+def test_a_build_keeps_the_most_recently_used_libraries(monkeypatch, tmp_path):
+    """Builds for other sources, torch versions or CPUs pile up in <cache dir>/kernels: a build keeps the
+    KEEP_LIBRARIES most recently used (with their digests; loading one marks it used) and a killed build's old
+    leftovers go."""
+    monkeypatch.setenv("NANO_CACHE", str(tmp_path))
+    kernels, now = tmp_path / "kernels", time.time()
+    kernels.mkdir()
+    names = {f"row_gemv-old{i}": i * 3600 for i in range(row_gemv.KEEP_LIBRARIES + 3)}  # old0 used last
+    for stem, age in names.items():
+        for suffix in (".so", ".sha256"):
+            (kernels / f"{stem}{suffix}").write_bytes(b"x")
+            os.utime(kernels / f"{stem}{suffix}", (now - age, now - age))
+    for name, age in ((".row_gemv-k.1.tmp.so", 2 * 86400), (".row_gemv-k.2.tmp.so", 60), ("notes.txt", 9 * 86400)):
+        (kernels / name).write_bytes(b"x")
+        os.utime(kernels / name, (now - age, now - age))
+    built = row_gemv._build(row_gemv.compiler())
+    kept = [f"row_gemv-old{i}" for i in range(row_gemv.KEEP_LIBRARIES - 1)] + [built.stem]
+    assert sorted(p.name for p in kernels.iterdir()) == sorted(
+        [f"{stem}{suffix}" for stem in kept for suffix in (".so", ".sha256")] + [".row_gemv-k.2.tmp.so", "notes.txt"])
+    os.utime(built, (now - 9 * 86400, now - 9 * 86400))
+    assert row_gemv._build(row_gemv.compiler()) == built and built.stat().st_mtime > now - 60  # loaded: marked used
 
 
 def _shim_calls(directory, name: str) -> int:
