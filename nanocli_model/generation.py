@@ -70,7 +70,9 @@ class SamplingParams:
 
 # ------------------------------------------------------------------------------ logits processors
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' rule for tokens already seen: positive logits / penalty, negative ones * penalty.
+    """transformers' rule for tokens already seen: positive logits / penalty, negative ones * penalty, saturating
+    at the dtype's largest finite value (a penalty of 1e-45 would otherwise turn a logit into inf, and a sampled
+    row with an inf into nan).
 
     ``logits`` (b, V) float; ``seen`` (b, V) bool mask of tokens present, or (b, n) int64 token ids.
     """
@@ -78,7 +80,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     if seen.dtype != torch.bool:
         seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seen, True)  # (b, V)
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    big = torch.finfo(logits.dtype).max
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty).clamp(-big, big)
     return torch.where(seen, penalised, logits)
 
 

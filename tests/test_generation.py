@@ -161,6 +161,21 @@ def test_greedy_equals_transformers_generate(tmp_path, pattern, groups, heads, c
         assert got.completions[0].token_ids == expected
 
 
+def test_an_extreme_repetition_penalty_saturates_instead_of_sampling_nan():
+    """Any penalty > 0 is valid (transformers' rule): 1e-45 sends a seen positive logit past float32's range and
+    1e38 a seen negative one. The penalised logits stay finite, and sampling draws among the seen positive ones."""
+    logits = torch.tensor([[2.0, -10.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, True, False]])
+    big = torch.finfo(torch.float32).max
+    tiny = apply_repetition_penalty(logits, seen, 1.4e-45)
+    assert tiny.isfinite().all() and tiny[0, 0] == tiny[0, 2] == big and -1e-40 < tiny[0, 1] < 0 and tiny[0, 3] == 3
+    huge = apply_repetition_penalty(logits, seen, 1e38)  # -10 * 1e38 is past float32's range
+    assert huge.isfinite().all() and huge[0, 1] == -big and 0 < huge[0, 0] < 1e-37 and huge[0, 3] == 3
+    params = SamplingParams(temperature=0.6, top_p=0.95, repetition_penalty=1.4e-45, seed=0)
+    draws = {sample(logits, params, torch.Generator().manual_seed(i), seen).item() for i in range(40)}
+    assert draws == {0, 2}
+
+
 def test_greedy_with_repetition_penalty_equals_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     m = _model(seed=11)
