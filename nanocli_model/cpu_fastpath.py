@@ -113,27 +113,33 @@ def _ssd_chunked_forward(x, dt, A, B, C, chunk_size, D, initial_state, keep: boo
     #    L[i, j] = exp(dA_cs[i] - dA_cs[j]) for j <= i, else 0 (as mamba-ssm's kernels compute it).
     #    (In float32 the difference of two cumulative sums loses ~|dA_cs| * 1e-7 in the exponent; with
     #    realistic dt and A this is far below the model's tolerance, and float64 inputs stay exact.)
+    #    The future (j > i) is set to 0 before the exp and masked after it: exp(-inf) runs several times slower
+    #    than exp of a finite value in torch's CPU kernel (measured 6.7x on the Zen 5).
     CB = Cc @ Bc.transpose(-1, -2)  # (c, b, G, Q, Q), shared by the R heads of a group
-    L = (dA_cs[..., :, None] - dA_cs[..., None, :]).masked_fill_(_upper_mask(Q, x.device), float("-inf")).exp_()
-    M = L * CB[:, :, :, None] if keep else L.mul_(CB[:, :, :, None])  # (c, b, G, R, Q, Q)
+    upper = _upper_mask(Q, x.device)
+    L = (dA_cs[..., :, None] - dA_cs[..., None, :]).masked_fill_(upper, 0.0).exp_()  # 1 above the diagonal
+    if keep:  # the backward reads L as the causal mask too
+        M = L.masked_fill_(upper, 0.0) * CB[:, :, :, None]
+    else:  # (the group's CB, R times smaller, carries the mask)
+        M = L.mul_(CB.masked_fill_(upper, 0.0)[:, :, :, None])  # (c, b, G, R, Q, Q)
     y_diag = M @ xdt  # (c, b, G, R, Q, P)
 
     # 2-3. The state entering each chunk, chunk by chunk: h_{c+1} = exp(dA_cs[c, -1]) h_c + S_c with the chunk's
-    #    own contribution S_c = sum_l exp(dA_cs[-1] - dA_cs[l]) x_l dt_l B_l^T, one (R*P, Q) @ (Q, N) matmul per
-    #    (batch, group) added in place (c is T/Q, small).
+    #    own contribution S_c = sum_l exp(dA_cs[-1] - dA_cs[l]) x_l dt_l B_l^T: every chunk's S_c in one batched
+    #    (R*P, Q) @ (Q, N) matmul, written where the states go, then one multiply-add per chunk in place.
     decay_to_end = (dA_cs[..., -1:] - dA_cs).exp()  # (c, b, G, R, Q)
     xdt_dec = torch.empty(nc, b, G, R, P, Q, dtype=acc, device=x.device)
     torch.mul(xdt.transpose(-1, -2), decay_to_end[..., None, :], out=xdt_dec)  # (c, b, G, R, P, Q)
     chunk_decay = dA_cs[..., -1, None, None].exp()  # (c, b, G, R, 1, 1)
-    start_states = torch.empty(nc, b, G, R, P, N, dtype=acc, device=x.device)  # the state entering chunk c
+    states = torch.empty(nc + 1, b, G, R, P, N, dtype=acc, device=x.device)  # entering chunk c; [nc]: the last
     if initial_state is not None:
-        start_states[0] = initial_state.reshape(b, G, R, P, N)
+        states[0] = initial_state.reshape(b, G, R, P, N)
     else:
-        start_states[0] = 0.0
+        states[0] = 0.0
+    torch.bmm(xdt_dec.view(nc * b * G, R * P, Q), Bc.view(nc * b * G, Q, N), out=states[1:].view(nc * b * G, R * P, N))
     for c in range(nc):
-        state = start_states[c + 1] if c + 1 < nc else torch.empty_like(start_states[0])  # (b, G, R, P, N)
-        torch.mul(start_states[c], chunk_decay[c], out=state)
-        state.view(b * G, R * P, N).baddbmm_(xdt_dec[c].view(b * G, R * P, Q), Bc[c].view(b * G, Q, N))
+        states[c + 1].addcmul_(states[c], chunk_decay[c])  # h_{c+1} = S_c + exp(dA_cs[c, -1]) h_c
+    start_states, state = states[:nc], states[nc].clone()  # (a clone: the final state keeps no chunk states alive)
 
     # 4. Output from the entering state: y_off[l] = exp(dA_cs[l]) * C_l h_start, as one
     #    (Q, N) @ (N, R*P) matmul per (chunk, batch, group); accumulated straight into the (b, T, H, P) layout.
