@@ -27,7 +27,8 @@ _LAZY = {
     "load_pretrained": "checkpoint", "save_pretrained": "checkpoint",
 }
 
-__all__ = ["NanoConfig", "memory", "cache_home", "mark_used", "prune_kept", "NanoError", "ConfigError", "CheckpointError", "CacheError", *_LAZY]
+__all__ = ["NanoConfig", "memory", "cache_home", "mark_used", "prune_kept", "NanoError", "ConfigError",
+           "CheckpointError", "CacheError", *_LAZY]
 __version__ = "0.1.0"
 
 
